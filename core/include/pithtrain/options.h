@@ -1,0 +1,57 @@
+// A typed, validated view of one TOML table: how the core and plugins read their settings.
+// Every key read is recorded (with its default when absent); a key in the file that nobody read is an
+// unknown key, reported by check_unknown_keys() with the file, line and the nearest valid key.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace pithtrain {
+
+class Options {
+ public:
+  // Parses a TOML file; throws Error naming the file and line on a syntax error.
+  static Options from_file(const std::string& path);
+  // Parses TOML text; `source_name` stands for the file in messages.
+  static Options from_string(const std::string& text, const std::string& source_name);
+
+  // Applies a `--set dotted.key=value` override. The value is parsed as a TOML value; if that fails it
+  // is taken as a string, so `--set model.moe.router.plugin=aux_free` needs no quotes.
+  void set_override(const std::string& assignment);
+
+  // Readers: return the value at `key` (relative to this view), or `fallback` when absent. A present
+  // value of the wrong type throws Error. Integers are accepted where a number is asked for.
+  double number(const std::string& key, double fallback);
+  int64_t integer(const std::string& key, int64_t fallback);
+  bool boolean(const std::string& key, bool fallback);
+  std::string text(const std::string& key, const std::string& fallback);
+  std::vector<std::string> text_list(const std::string& key, const std::vector<std::string>& fallback);
+  // Required readers: throw Error naming the missing key and the table to add it to.
+  double required_number(const std::string& key);
+  int64_t required_integer(const std::string& key);
+  std::string required_text(const std::string& key);
+
+  bool has(const std::string& key) const;
+  // A view of the sub-table `key` (absent tables read as empty, so every key takes its default).
+  Options table(const std::string& key) const;
+  // The dotted path of this view from the root ("model.moe.router"), "" for the root.
+  const std::string& path() const;
+  // The file (or "--set") and line where `key` was written, for messages: "configs/tiny.toml:12".
+  std::string where(const std::string& key) const;
+
+  // Throws Error for the first key under this view that no reader asked for, naming the file, line,
+  // key and the nearest key that is valid in the same table. `owner` describes who reads the table
+  // ("router plugin 'aux_free'") and is named in the message.
+  void check_unknown_keys(const std::string& owner = "pithtrain") const;
+  // Every value read so far (defaults included) as TOML text: the resolved config.
+  std::string resolved_toml() const;
+
+ private:
+  struct State;
+  Options(std::shared_ptr<State> state, std::string path);
+  std::shared_ptr<State> state_;
+  std::string path_;
+};
+
+}  // namespace pithtrain

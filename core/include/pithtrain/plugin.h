@@ -1,0 +1,97 @@
+// The plugin ABI: the descriptor every plugin .so returns from its one exported C symbol, and the
+// context a factory receives. Fields are only ever appended; kPluginAbiVersion goes up when they change.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <torch/headeronly/version.h>
+
+#include "pithtrain/error.h"
+#include "pithtrain/options.h"
+
+namespace spdlog { class logger; }
+
+namespace pithtrain {
+
+inline constexpr uint32_t kPluginAbiVersion = 1;
+// The LibTorch version the including code is built against; the loader refuses a plugin whose
+// string differs from the core's, because tensors cross the boundary as C++ objects.
+inline constexpr const char* kTorchVersion = TORCH_VERSION;
+
+// A trainable tensor with the name it is saved under and whether weight decay applies to it.
+struct Parameter {
+  std::string name;
+  at::Tensor tensor;
+  bool weight_decay = true;
+};
+
+// State saved with the model that is not trained by the optimizer (e.g. the aux_free routing bias).
+struct NamedTensor {
+  std::string name;
+  at::Tensor tensor;
+};
+
+// Model dimensions every plugin may need. A router or experts plugin reads the moe fields.
+struct ModelDims {
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t num_experts = 0;
+  int64_t top_k = 0;
+  int64_t expert_hidden_size = 0;  // inner width of one routed expert's SwiGLU
+  int64_t seq_len = 0;
+  double rope_theta = 10000.0;
+  double init_std = 0.02;
+};
+
+// What a factory gets besides its own TOML table: never the whole config.
+struct PluginContext {
+  ModelDims dims;
+  int64_t layer_index = -1;            // the decoder layer this instance serves; -1 when none
+  c10::Device device = c10::kCPU;
+  c10::ScalarType dtype = c10::kFloat;  // dtype of parameters the plugin creates
+  spdlog::logger* logger = nullptr;     // the core's logger (pithtrain::logger())
+  std::vector<Parameter> parameters;    // optimizer plugins: the parameters to update
+};
+
+class Router;
+class Experts;
+class Attention;
+class Optimizer;
+class Schedule;
+
+// The plain descriptor returned by `extern "C" const PluginDescriptor* pithtrain_plugin()`.
+// Exactly one make_* factory is set: the one of `kind`. Factories may throw; the core catches.
+struct PluginDescriptor {
+  uint32_t abi_version;       // always first: read before anything else is trusted
+  const char* kind;           // "router", "experts", "attention", "optimizer", "schedule"
+  const char* name;           // equals the folder name and the file name's suffix
+  const char* version;        // the plugin's own version
+  const char* description;    // one line, shown by `pithtrain plugins`
+  const char* torch_version;  // kTorchVersion as the plugin was compiled
+  std::unique_ptr<Router> (*make_router)(Options& options, const PluginContext& context);
+  std::unique_ptr<Experts> (*make_experts)(Options& options, const PluginContext& context);
+  std::unique_ptr<Attention> (*make_attention)(Options& options, const PluginContext& context);
+  std::unique_ptr<Optimizer> (*make_optimizer)(Options& options, const PluginContext& context);
+  std::unique_ptr<Schedule> (*make_schedule)(Options& options, const PluginContext& context);
+};
+
+// The fixed entry symbol name; `grep -r pithtrain_plugin plugins/` lists every plugin.
+inline constexpr const char* kPluginEntrySymbol = "pithtrain_plugin";
+
+// The core's logger, for plugins that log (include <spdlog/spdlog.h> to use it).
+spdlog::logger& logger();
+
+}  // namespace pithtrain
+
+// Marks a plugin's entry symbol for export (plugins are built with hidden visibility):
+//   PITHTRAIN_PLUGIN_EXPORT const pithtrain::PluginDescriptor* pithtrain_plugin() { ... }
+#define PITHTRAIN_PLUGIN_EXPORT extern "C" __attribute__((visibility("default")))

@@ -1,0 +1,170 @@
+// Token files: text -> packed uint16 tokens, and validated memory-mapped reading.
+#include "data.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <ATen/ATen.h>
+
+#include "pithtrain/error.h"
+
+namespace pithtrain {
+namespace fs = std::filesystem;
+
+namespace {
+
+uint64_t fnv1a(const uint8_t* bytes, size_t count, uint64_t hash = 1469598103934665603ull) {
+  for (size_t i = 0; i < count; ++i) hash = (hash ^ bytes[i]) * 1099511628211ull;
+  return hash;
+}
+
+std::vector<fs::path> list_inputs(const std::vector<std::string>& inputs) {
+  std::vector<fs::path> files;
+  for (const auto& input : inputs) {
+    if (fs::is_directory(input)) {
+      std::vector<fs::path> found;
+      for (const auto& entry : fs::recursive_directory_iterator(input)) {
+        // Skip symlinks (fortune's *.u8 aliases) and index files (*.dat).
+        if (entry.is_symlink() || !entry.is_regular_file() || entry.path().extension() == ".dat") continue;
+        found.push_back(entry.path());
+      }
+      std::sort(found.begin(), found.end());
+      files.insert(files.end(), found.begin(), found.end());
+    } else if (fs::is_regular_file(input)) {
+      files.emplace_back(input);
+    } else {
+      throw Error("data input '" + input + "': no such file or folder");
+    }
+  }
+  if (files.empty()) throw Error("no input text files found in the given inputs");
+  return files;
+}
+
+}  // namespace
+
+ConvertStats convert_text(const std::vector<std::string>& inputs, const std::string& format,
+                          const std::string& output) {
+  if (format != "text" && format != "fortune")
+    throw Error("data format '" + format + "' is unknown; use 'text' (a file is a document) or 'fortune'");
+  ConvertStats stats;
+  std::vector<uint16_t> tokens;
+  auto add_document = [&](const std::string& text) {
+    if (text.find_first_not_of(" \t\r\n") == std::string::npos) return;
+    for (unsigned char byte : text) tokens.push_back(byte);
+    tokens.push_back(kEndOfDocument);
+    ++stats.documents;
+  };
+  for (const auto& file : list_inputs(inputs)) {
+    std::ifstream stream(file, std::ios::binary);
+    std::stringstream buffer;
+    buffer << stream.rdbuf();
+    std::string content = buffer.str();
+    if (content.find('\0') != std::string::npos) continue;  // not text
+    ++stats.files;
+    if (format == "text") {
+      add_document(content);
+      continue;
+    }
+    std::istringstream lines(content);
+    std::string line, document;
+    while (std::getline(lines, line)) {
+      if (line == "%") {
+        add_document(document);
+        document.clear();
+      } else {
+        document += line + "\n";
+      }
+    }
+    add_document(document);
+  }
+  stats.tokens = tokens.size();
+
+  TokenFileHeader header{};
+  std::memcpy(header.magic, "PTTOKENS", 8);
+  header.format_version = 1;
+  header.bytes_per_token = 2;
+  header.vocab_size = kByteVocabSize;
+  header.tokenizer = 1;
+  header.num_tokens = tokens.size();
+  header.num_documents = stats.documents;
+  header.checksum = fnv1a(reinterpret_cast<const uint8_t*>(tokens.data()), tokens.size() * 2);
+
+  fs::path target(output);
+  if (target.has_parent_path()) fs::create_directories(target.parent_path());
+  fs::path temporary = target.string() + ".tmp";
+  {
+    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
+    if (!out) throw Error("cannot write '" + temporary.string() + "': check the folder exists and is writable");
+    out.write(reinterpret_cast<const char*>(&header), sizeof(header));
+    out.write(reinterpret_cast<const char*>(tokens.data()), static_cast<std::streamsize>(tokens.size() * 2));
+    if (!out) throw Error("writing '" + temporary.string() + "' failed (disk full?)");
+  }
+  fs::rename(temporary, target);
+  return stats;
+}
+
+TokenDataset::TokenDataset(const std::string& path) : path_(path) {
+  const std::string fix = "; rebuild it with `pithtrain data --format fortune --out " + path + " <text files>`";
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error("dataset '" + path + "': cannot open (" + std::strerror(errno) + ")" + fix);
+  struct stat info {};
+  ::fstat(fd, &info);
+  mapping_size_ = static_cast<size_t>(info.st_size);
+  if (mapping_size_ < sizeof(TokenFileHeader)) {
+    ::close(fd);
+    throw Error("dataset '" + path + "': " + std::to_string(mapping_size_) + " bytes, too short for a token file" + fix);
+  }
+  mapping_ = ::mmap(nullptr, mapping_size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (mapping_ == MAP_FAILED) {
+    mapping_ = nullptr;
+    throw Error("dataset '" + path + "': mmap failed");
+  }
+  std::memcpy(&header_, mapping_, sizeof(header_));
+  auto fail = [&](const std::string& what) {
+    ::munmap(mapping_, mapping_size_);
+    mapping_ = nullptr;
+    throw Error("dataset '" + path + "': " + what + fix);
+  };
+  if (std::memcmp(header_.magic, "PTTOKENS", 8) != 0) fail("not a PithTrain token file (bad magic)");
+  if (header_.format_version != 1) fail("format version " + std::to_string(header_.format_version) + ", this pithtrain reads 1");
+  if (header_.bytes_per_token != 2) fail("unsupported token width " + std::to_string(header_.bytes_per_token));
+  uint64_t expected = sizeof(TokenFileHeader) + header_.num_tokens * 2;
+  if (expected != mapping_size_)
+    fail("size is " + std::to_string(mapping_size_) + " bytes but the header promises " + std::to_string(expected) +
+         " (truncated or corrupt)");
+  tokens_ = reinterpret_cast<const uint16_t*>(static_cast<const char*>(mapping_) + sizeof(TokenFileHeader));
+  if (fnv1a(reinterpret_cast<const uint8_t*>(tokens_), header_.num_tokens * 2) != header_.checksum)
+    fail("checksum mismatch (corrupt)");
+  if (header_.num_tokens > 0 && *std::max_element(tokens_, tokens_ + header_.num_tokens) >= header_.vocab_size)
+    fail("holds a token >= its vocab_size " + std::to_string(header_.vocab_size));
+}
+
+TokenDataset::~TokenDataset() {
+  if (mapping_ != nullptr) ::munmap(mapping_, mapping_size_);
+}
+
+at::Tensor TokenDataset::sample(int64_t batch, int64_t length, uint64_t begin, uint64_t end,
+                                std::mt19937_64& generator) const {
+  if (end > size() || begin + static_cast<uint64_t>(length) > end)
+    throw Error("dataset '" + path_ + "': the range [" + std::to_string(begin) + ", " + std::to_string(end) +
+                ") is too small for windows of " + std::to_string(length) + " tokens; use more data or a shorter seq_len");
+  std::uniform_int_distribution<uint64_t> offset(begin, end - static_cast<uint64_t>(length));
+  at::Tensor windows = at::empty({batch, length}, at::kLong);
+  int64_t* out = windows.data_ptr<int64_t>();
+  for (int64_t row = 0; row < batch; ++row) {
+    const uint16_t* start = tokens_ + offset(generator);
+    for (int64_t i = 0; i < length; ++i) out[row * length + i] = start[i];
+  }
+  return windows;
+}
+
+}  // namespace pithtrain

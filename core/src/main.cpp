@@ -1,0 +1,177 @@
+// The `pithtrain` command line: train (default), plugins, plugin check, data.
+#include <cstring>
+#include <iostream>
+#include <sstream>
+
+#include <spdlog/spdlog.h>
+
+#include "data.h"
+#include "embedded_config.h"
+#include "pithtrain/conformance.h"
+#include "registry.h"
+#include "trainer.h"
+
+using namespace pithtrain;
+
+namespace {
+
+const char* kTrainHelp = R"(usage: pithtrain [--config FILE] [--plugins A.so,B.so] [--set dotted.key=value]... [--out RUN_DIR]
+       pithtrain plugins [--json] [--plugins A.so,...]
+       pithtrain plugin check FILE.so
+       pithtrain data --out FILE [--format fortune|text] INPUT...
+
+Trains the MoE model described by the TOML config (default: the embedded configs/tiny.toml).
+  --config FILE      TOML config (docs/config.md lists every key)
+  --plugins LIST     comma-separated plugin files to load; a bare name is looked up on the plugin search
+                     path (the build's plugin folder, $PITHTRAIN_PLUGIN_PATH, config plugins.paths)
+  --set KEY=VALUE    override one config key, e.g. --set model.moe.router.plugin=aux_free (repeatable)
+  --out RUN_DIR      where config.toml, metrics.jsonl and model.safetensors go (default runs/<name>-<time>)
+  --help             this text; `pithtrain COMMAND --help` for a subcommand
+)";
+
+const char* kPluginsHelp = R"(usage: pithtrain plugins [--json] [--plugins A.so,...] [--config FILE]
+Lists every plugin on the search path: kind, name, version, file and description.
+  --json     one JSON array for machines
+)";
+
+const char* kCheckHelp = R"(usage: pithtrain plugin check FILE.so
+Loads one plugin file and runs the conformance suite of its kind (docs/plugins.md), printing each check
+with PASS or FAIL. Exits 0 only if every check passes.
+)";
+
+const char* kDataHelp = R"(usage: pithtrain data --out FILE [--format fortune|text] INPUT...
+Converts text files (or folders of them) into a packed token file (docs/data.md), byte-level tokens.
+  --out FILE         the token file to write (written to FILE.tmp, renamed when complete)
+  --format FORMAT    fortune: documents separated by lines holding only '%' (default); text: one file, one document
+)";
+
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> items;
+  std::stringstream stream(text);
+  std::string item;
+  while (std::getline(stream, item, ','))
+    if (!item.empty()) items.push_back(item);
+  return items;
+}
+
+std::string json_escape(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+struct Arguments {
+  std::string config, out, format = "fortune";
+  std::vector<std::string> plugins, sets, positional;
+  bool json = false, help = false;
+};
+
+Arguments parse(int argc, char** argv, int first) {
+  Arguments args;
+  for (int i = first; i < argc; ++i) {
+    std::string arg = argv[i];
+    auto value = [&](const std::string& flag) -> std::string {
+      if (i + 1 >= argc) throw Error(flag + " needs a value (see --help)");
+      return argv[++i];
+    };
+    if (arg == "--help" || arg == "-h") args.help = true;
+    else if (arg == "--json") args.json = true;
+    else if (arg == "--config") args.config = value(arg);
+    else if (arg == "--out") args.out = value(arg);
+    else if (arg == "--format") args.format = value(arg);
+    else if (arg == "--set") args.sets.push_back(value(arg));
+    else if (arg == "--plugins") for (auto& item : split_commas(value(arg))) args.plugins.push_back(item);
+    else if (arg.rfind("--", 0) == 0) throw Error("unknown option '" + arg + "' (see --help)");
+    else args.positional.push_back(arg);
+  }
+  return args;
+}
+
+Options load_config(const Arguments& args) {
+  Options options = args.config.empty() ? Options::from_string(kEmbeddedTinyConfig, "(embedded configs/tiny.toml)")
+                                        : Options::from_file(args.config);
+  for (const auto& assignment : args.sets) options.set_override(assignment);
+  return options;
+}
+
+int command_plugins(const Arguments& args) {
+  if (args.help) return std::cout << kPluginsHelp, 0;
+  Options options = load_config(args);
+  PluginRegistry registry(default_search_dirs(options.table("plugins").text_list("paths", {})), args.plugins);
+  auto plugins = registry.load_all();
+  if (args.json) {
+    std::cout << "[";
+    for (size_t i = 0; i < plugins.size(); ++i) {
+      const auto* d = plugins[i]->descriptor;
+      std::cout << (i ? "," : "") << "\n  {\"kind\":\"" << d->kind << "\",\"name\":\"" << d->name << "\",\"version\":\""
+                << d->version << "\",\"file\":\"" << json_escape(plugins[i]->file.string()) << "\",\"description\":\""
+                << json_escape(d->description) << "\"}";
+    }
+    std::cout << "\n]\n";
+    return 0;
+  }
+  std::cout << "search path:";
+  for (const auto& dir : registry.search_dirs()) std::cout << " " << dir.string();
+  std::cout << "\n";
+  for (const auto* plugin : plugins) {
+    const auto* d = plugin->descriptor;
+    std::printf("%-10s %-14s v%-7s %s\n           %s\n", d->kind, d->name, d->version, plugin->file.c_str(), d->description);
+  }
+  return 0;
+}
+
+int command_plugin_check(const Arguments& args) {
+  if (args.help || args.positional.size() != 2 || args.positional[0] != "check")
+    return std::cout << kCheckHelp, args.help ? 0 : 2;
+  LoadedPlugin plugin = load_plugin_file(args.positional[1]);
+  std::cout << "checking " << plugin.kind() << " plugin '" << plugin.name() << "' v" << plugin.descriptor->version
+            << " (" << plugin.file.string() << ")\n";
+  int failed = 0;
+  auto results = run_conformance(*plugin.descriptor);
+  for (const auto& result : results) {
+    std::cout << (result.passed ? "  PASS  " : "  FAIL  ") << result.name << ": " << result.detail << "\n";
+    failed += !result.passed;
+  }
+  std::cout << results.size() - failed << " passed, " << failed << " failed\n";
+  return failed == 0 ? 0 : 1;
+}
+
+int command_data(const Arguments& args) {
+  if (args.help) return std::cout << kDataHelp, 0;
+  if (args.out.empty() || args.positional.empty()) throw Error("data: needs --out FILE and at least one INPUT (see --help)");
+  ConvertStats stats = convert_text(args.positional, args.format, args.out);
+  std::cout << "wrote " << args.out << ": " << stats.tokens << " tokens, " << stats.documents << " documents from "
+            << stats.files << " files (byte-level, vocab " << kByteVocabSize << ")\n";
+  return 0;
+}
+
+int command_train(const Arguments& args) {
+  if (args.help) return std::cout << kTrainHelp, 0;
+  if (!args.positional.empty()) throw Error("unexpected argument '" + args.positional[0] + "' (see --help)");
+  RunSettings settings;
+  settings.plugin_files = args.plugins;
+  settings.out_dir = args.out;
+  Trainer trainer(load_config(args), settings);
+  trainer.run();
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    std::string command = argc > 1 ? argv[1] : "";
+    if (command == "plugins") return command_plugins(parse(argc, argv, 2));
+    if (command == "plugin") return command_plugin_check(parse(argc, argv, 2));
+    if (command == "data") return command_data(parse(argc, argv, 2));
+    if (!command.empty() && command[0] != '-')
+      throw Error("unknown command '" + command + "'; commands: plugins, plugin check, data (or none, to train)");
+    return command_train(parse(argc, argv, 1));
+  } catch (const std::exception& error) {
+    std::cerr << "pithtrain: error: " << error.what() << "\n";
+    return 1;
+  }
+}

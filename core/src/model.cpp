@@ -1,0 +1,170 @@
+// Model assembly and the forward pass: embedding -> layers (attention, MoE or dense FFN) -> LM head.
+#include "model.h"
+
+#include <ATen/ATen.h>
+
+#include "pithtrain/nn.h"
+
+namespace pithtrain {
+
+Model::Model(Options options, PluginRegistry& registry, PluginContext context) : context_(std::move(context)) {
+  ModelDims& dims = context_.dims;
+  dims.vocab_size = options.required_integer("vocab_size");
+  dims.hidden_size = options.required_integer("hidden_size");
+  dims.num_layers = options.required_integer("num_layers");
+  dims.num_heads = options.required_integer("num_heads");
+  dims.num_kv_heads = options.integer("num_kv_heads", dims.num_heads);
+  dims.head_dim = options.integer("head_dim", dims.num_heads > 0 ? dims.hidden_size / dims.num_heads : 0);
+  dims.rope_theta = options.number("rope_theta", 10000.0);
+  dims.init_std = options.number("init_std", 0.02);
+  norm_eps_ = options.number("norm_eps", 1e-5);
+  const int64_t dense_hidden_size = options.integer("dense_hidden_size", 4 * dims.hidden_size);
+  const int64_t first_dense_layers = options.integer("first_dense_layers", 0);
+
+  Options moe = options.table("moe");
+  dims.num_experts = moe.integer("num_experts", 8);
+  dims.top_k = moe.integer("top_k", 2);
+  dims.expert_hidden_size = moe.integer("expert_hidden_size", dims.hidden_size);
+  const int64_t shared_experts = moe.integer("shared_experts", 0);
+
+  auto check = [&](bool ok, const std::string& key, const std::string& rule) {
+    if (!ok) throw Error(options.where(key) + ": model." + key + " " + rule);
+  };
+  check(dims.vocab_size > 0 && dims.hidden_size > 0 && dims.num_layers > 0, "hidden_size",
+        "vocab_size, hidden_size and num_layers must be positive");
+  check(dims.num_heads > 0 && dims.num_kv_heads > 0 && dims.num_heads % dims.num_kv_heads == 0, "num_kv_heads",
+        "must divide num_heads");
+  check(dims.head_dim > 0 && dims.head_dim % 2 == 0, "head_dim", "must be positive and even (rotary pairs)");
+  check(first_dense_layers >= 0 && first_dense_layers <= dims.num_layers, "first_dense_layers",
+        "must be between 0 and num_layers");
+  if (dims.num_experts < 1 || dims.top_k < 1 || dims.top_k > dims.num_experts)
+    throw Error(moe.where("top_k") + ": model.moe.top_k must be between 1 and num_experts (" +
+                std::to_string(dims.num_experts) + ")");
+
+  Options attention_options = options.table("attention");
+  Options router_options = moe.table("router");
+  Options experts_options = moe.table("experts");
+  const LoadedPlugin& attention_plugin = registry.get("attention", attention_options.text("plugin", "gqa"));
+  manifest_.push_back({"model.attention.plugin", &attention_plugin});
+  const LoadedPlugin* router_plugin = nullptr;
+  const LoadedPlugin* experts_plugin = nullptr;
+  if (first_dense_layers < dims.num_layers) {
+    router_plugin = &registry.get("router", router_options.text("plugin", "topk_softmax"));
+    experts_plugin = &registry.get("experts", experts_options.text("plugin", "grouped"));
+    manifest_.push_back({"model.moe.router.plugin", router_plugin});
+    manifest_.push_back({"model.moe.experts.plugin", experts_plugin});
+  }
+
+  const double std = dims.init_std;
+  auto ones = [&](int64_t size) {
+    return at::ones({size}, at::TensorOptions().dtype(context_.dtype).device(context_.device)).requires_grad_(true);
+  };
+  embedding_ = normal_parameter({dims.vocab_size, dims.hidden_size}, std, context_);
+  for (int64_t index = 0; index < dims.num_layers; ++index) {
+    PluginContext layer_context = context_;
+    layer_context.layer_index = index;
+    DecoderLayer layer;
+    layer.attention_norm = ones(dims.hidden_size);
+    layer.ffn_norm = ones(dims.hidden_size);
+    layer.attention = make_attention(attention_plugin, attention_options, layer_context);
+    int64_t ffn_inner = 0;
+    if (index < first_dense_layers) {
+      ffn_inner = dense_hidden_size;
+    } else {
+      layer.router = make_router(*router_plugin, router_options, layer_context);
+      layer.experts = make_experts(*experts_plugin, experts_options, layer_context);
+      ffn_inner = shared_experts * dims.expert_hidden_size;
+    }
+    if (ffn_inner > 0) {
+      layer.ffn_gate_proj = normal_parameter({ffn_inner, dims.hidden_size}, std, context_);
+      layer.ffn_up_proj = normal_parameter({ffn_inner, dims.hidden_size}, std, context_);
+      // Output projections are scaled down with depth (GPT-2 style) so the residual stream stays O(1).
+      layer.ffn_down_proj = normal_parameter({dims.hidden_size, ffn_inner}, std / std::sqrt(2.0 * dims.num_layers), context_);
+    }
+    layers_.push_back(std::move(layer));
+  }
+  final_norm_ = ones(dims.hidden_size);
+  lm_head_ = normal_parameter({dims.vocab_size, dims.hidden_size}, std, context_);
+}
+
+int64_t Model::num_moe_layers() const {
+  int64_t count = 0;
+  for (const auto& layer : layers_) count += layer.router != nullptr;
+  return count;
+}
+
+ModelOutput Model::forward(const at::Tensor& tokens) {
+  const int64_t batch = tokens.size(0), seq = tokens.size(1) - 1, hidden = context_.dims.hidden_size;
+  at::Tensor inputs = tokens.narrow(1, 0, seq).to(context_.device);   // [B, S]
+  at::Tensor targets = tokens.narrow(1, 1, seq).to(context_.device);  // [B, S]
+  at::Tensor positions = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(context_.device));  // [S]
+
+  ModelOutput output;
+  output.aux_loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(context_.device));
+  at::Tensor x = at::embedding(embedding_, inputs);  // [B, S, H]
+  for (auto& layer : layers_) {
+    x = x + layer.attention->forward(rms_norm(x, layer.attention_norm, norm_eps_), positions);
+    at::Tensor normed = rms_norm(x, layer.ffn_norm, norm_eps_).reshape({batch * seq, hidden});  // [T, H]
+    at::Tensor ffn_out;                                                                          // [T, H]
+    if (layer.router) {
+      Routing routing = layer.router->route(normed);
+      ffn_out = layer.experts->forward(normed, routing);
+      output.aux_loss = output.aux_loss + routing.aux_loss.to(at::kFloat);
+      output.tokens_per_expert.push_back(routing.tokens_per_expert.detach());
+    }
+    if (layer.ffn_gate_proj.defined()) {
+      at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);
+      ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
+    }
+    x = x + ffn_out.view({batch, seq, hidden});
+  }
+  at::Tensor logits = at::linear(rms_norm(x, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
+  output.cross_entropy = at::cross_entropy_loss(logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
+  output.loss = output.cross_entropy + output.aux_loss;
+  return output;
+}
+
+std::vector<Parameter> Model::parameters() const {
+  std::vector<Parameter> result;
+  result.push_back({"embedding.weight", embedding_, true});
+  for (size_t index = 0; index < layers_.size(); ++index) {
+    const DecoderLayer& layer = layers_[index];
+    const std::string prefix = "layers." + std::to_string(index) + ".";
+    result.push_back({prefix + "attention_norm.weight", layer.attention_norm, false});
+    for (auto& parameter : layer.attention->parameters())
+      result.push_back({prefix + "attention." + parameter.name, parameter.tensor, parameter.weight_decay});
+    result.push_back({prefix + "ffn_norm.weight", layer.ffn_norm, false});
+    if (layer.router) {
+      for (auto& parameter : layer.router->parameters())
+        result.push_back({prefix + "router." + parameter.name, parameter.tensor, parameter.weight_decay});
+      for (auto& parameter : layer.experts->parameters())
+        result.push_back({prefix + "experts." + parameter.name, parameter.tensor, parameter.weight_decay});
+    }
+    if (layer.ffn_gate_proj.defined()) {
+      const std::string ffn = prefix + (layer.router ? "shared_experts." : "mlp.");
+      result.push_back({ffn + "gate_proj", layer.ffn_gate_proj, true});
+      result.push_back({ffn + "up_proj", layer.ffn_up_proj, true});
+      result.push_back({ffn + "down_proj", layer.ffn_down_proj, true});
+    }
+  }
+  result.push_back({"final_norm.weight", final_norm_, false});
+  result.push_back({"lm_head.weight", lm_head_, true});
+  return result;
+}
+
+std::vector<NamedTensor> Model::state() const {
+  std::vector<NamedTensor> result;
+  for (auto& parameter : parameters()) result.push_back({parameter.name, parameter.tensor});
+  for (size_t index = 0; index < layers_.size(); ++index)
+    if (layers_[index].router)
+      for (auto& buffer : layers_[index].router->buffers())
+        result.push_back({"layers." + std::to_string(index) + ".router." + buffer.name, buffer.tensor});
+  return result;
+}
+
+void Model::after_optimizer_step() {
+  for (auto& layer : layers_)
+    if (layer.router) layer.router->after_optimizer_step();
+}
+
+}  // namespace pithtrain

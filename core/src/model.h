@@ -1,0 +1,65 @@
+// The decoder-only MoE transformer the core assembles from plugins (DESIGN.md, "Data flow").
+// Dimension legend: B batch, S sequence, H hidden_size, V vocab_size, E experts, T = B * S tokens.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pithtrain/attention.h"
+#include "pithtrain/experts.h"
+#include "pithtrain/router.h"
+#include "registry.h"
+
+namespace pithtrain {
+
+// One chosen component, for the start-up manifest.
+struct ManifestEntry {
+  std::string config_key;  // "model.moe.router.plugin"
+  const LoadedPlugin* plugin;
+};
+
+struct ModelOutput {
+  at::Tensor loss;           // [] cross_entropy + aux_loss
+  at::Tensor cross_entropy;  // []
+  at::Tensor aux_loss;       // [] sum of the routers' losses
+  std::vector<at::Tensor> tokens_per_expert;  // per MoE layer, [E] int64
+};
+
+struct DecoderLayer {
+  at::Tensor attention_norm;  // [H]
+  at::Tensor ffn_norm;        // [H]
+  std::unique_ptr<Attention> attention;
+  std::unique_ptr<Router> router;    // null on dense layers
+  std::unique_ptr<Experts> experts;  // null on dense layers
+  // The dense FFN on dense layers; the shared experts (fused into one SwiGLU) on MoE layers; else undefined.
+  at::Tensor ffn_gate_proj, ffn_up_proj, ffn_down_proj;  // [inner, H], [inner, H], [H, inner]
+};
+
+class Model {
+ public:
+  // Reads the [model] table of `options`, loads the chosen plugins through `registry` and builds one
+  // instance per layer. `context` supplies device, dtype and logger; its dims are filled here.
+  Model(Options options, PluginRegistry& registry, PluginContext context);
+
+  // tokens [B, S + 1] int64: inputs are tokens[:, :-1], targets tokens[:, 1:].
+  ModelOutput forward(const at::Tensor& tokens);
+  std::vector<Parameter> parameters() const;
+  // Parameters and router buffers, by name: what a model file holds.
+  std::vector<NamedTensor> state() const;
+  void after_optimizer_step();
+
+  const ModelDims& dims() const { return context_.dims; }
+  const std::vector<ManifestEntry>& manifest() const { return manifest_; }
+  int64_t num_moe_layers() const;
+
+ private:
+  PluginContext context_;
+  double norm_eps_ = 1e-5;
+  at::Tensor embedding_;   // [V, H]
+  std::vector<DecoderLayer> layers_;
+  at::Tensor final_norm_;  // [H]
+  at::Tensor lm_head_;     // [V, H]
+  std::vector<ManifestEntry> manifest_;
+};
+
+}  // namespace pithtrain

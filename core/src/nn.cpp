@@ -1,0 +1,50 @@
+// Shared building blocks (see pithtrain/nn.h) and the core's logger.
+#include "pithtrain/nn.h"
+
+#include <ATen/ATen.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+namespace pithtrain {
+
+spdlog::logger& logger() {
+  static std::shared_ptr<spdlog::logger> instance = [] {
+    auto created = spdlog::stdout_color_mt("pithtrain");
+    created->set_pattern("%^[%H:%M:%S %l]%$ %v");
+    return created;
+  }();
+  return *instance;
+}
+
+at::Tensor normal_parameter(at::IntArrayRef shape, double std, const PluginContext& context) {
+  at::Tensor tensor = at::empty(shape, at::TensorOptions().dtype(context.dtype).device(context.device));
+  tensor.normal_(0.0, std);
+  return tensor.requires_grad_(true);
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor x32 = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
+  at::Tensor normalized = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return normalized.to(x.scalar_type()) * weight;
+}
+
+at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
+                  const at::Tensor& down_proj) {
+  return at::linear(at::silu(at::linear(x, gate_proj)) * at::linear(x, up_proj), down_proj);
+}
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta) {
+  const int64_t head_dim = x.size(-1);
+  const int64_t half = head_dim / 2;
+  auto float_options = at::TensorOptions().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
+                           .device(x.device());
+  at::Tensor inverse_frequency = at::pow(theta, -at::arange(0, half, float_options) * 2.0 / head_dim);  // [half]
+  at::Tensor angles = positions.to(float_options.dtype()).unsqueeze(1) * inverse_frequency.unsqueeze(0);  // [seq, half]
+  at::Tensor cos = at::cat({angles.cos(), angles.cos()}, -1).unsqueeze(0).unsqueeze(2);  // [1, seq, 1, head_dim]
+  at::Tensor sin = at::cat({angles.sin(), angles.sin()}, -1).unsqueeze(0).unsqueeze(2);
+  at::Tensor x_float = x.to(float_options.dtype());
+  at::Tensor rotated = at::cat({-x_float.narrow(-1, half, half), x_float.narrow(-1, 0, half)}, -1);
+  return (x_float * cos + rotated * sin).to(x.scalar_type());
+}
+
+}  // namespace pithtrain

@@ -1,0 +1,58 @@
+// GroupedExperts: permute tokens so each expert's are contiguous, run each expert on its slice, unpermute.
+// The layout a grouped GEMM kernel wants; numerically the same as `loop`.
+#include <ATen/ATen.h>
+
+#include "pithtrain/experts.h"
+#include "pithtrain/nn.h"
+
+namespace pithtrain {
+namespace {
+
+class GroupedExperts final : public Experts {
+ public:
+  explicit GroupedExperts(const PluginContext& context) : dims_(context.dims) {
+    const int64_t experts = dims_.num_experts, inner = dims_.expert_hidden_size, hidden = dims_.hidden_size;
+    gate_proj_ = normal_parameter({experts, inner, hidden}, dims_.init_std, context);
+    up_proj_ = normal_parameter({experts, inner, hidden}, dims_.init_std, context);
+    down_proj_ = normal_parameter({experts, hidden, inner}, dims_.init_std / std::sqrt(2.0 * std::max<int64_t>(1, dims_.num_layers)), context);
+  }
+
+  at::Tensor forward(const at::Tensor& hidden, const Routing& routing) override {
+    const int64_t k = routing.expert_ids.size(1);
+    at::Tensor flat_ids = routing.expert_ids.reshape(-1);                                // [T * k]
+    // A stable sort keeps (token, slot) order within each expert, as the loop visits them.
+    at::Tensor order = std::get<1>(at::sort(flat_ids, /*stable=*/true, 0, false));        // [T * k]
+    at::Tensor source_token = at::floor_divide(order, k);                                  // [T * k]
+    at::Tensor permuted = hidden.index_select(0, source_token);                           // [T * k, H]
+    at::Tensor permuted_weights = routing.weights.reshape(-1).index_select(0, order);     // [T * k]
+    at::Tensor counts = at::bincount(flat_ids, {}, dims_.num_experts).to(at::kCPU);       // [E]
+    const int64_t* tokens_per_expert = counts.data_ptr<int64_t>();
+    std::vector<at::Tensor> outputs;
+    int64_t offset = 0;
+    for (int64_t expert = 0; expert < dims_.num_experts; ++expert) {
+      const int64_t count = tokens_per_expert[expert];
+      if (count == 0) continue;
+      outputs.push_back(swiglu(permuted.narrow(0, offset, count), gate_proj_[expert], up_proj_[expert], down_proj_[expert]));
+      offset += count;
+    }
+    at::Tensor expert_out = at::cat(outputs, 0) * permuted_weights.unsqueeze(1);  // [T * k, H]
+    return at::zeros_like(hidden).index_add(0, source_token, expert_out);        // [T, H]
+  }
+
+  std::vector<Parameter> parameters() override {
+    return {{"gate_proj", gate_proj_, true}, {"up_proj", up_proj_, true}, {"down_proj", down_proj_, true}};
+  }
+
+ private:
+  ModelDims dims_;
+  at::Tensor gate_proj_, up_proj_;  // [E, inner, H]
+  at::Tensor down_proj_;            // [E, H, inner]
+};
+
+}  // namespace
+
+std::unique_ptr<Experts> make_grouped_experts(Options&, const PluginContext& context) {
+  return std::make_unique<GroupedExperts>(context);
+}
+
+}  // namespace pithtrain

@@ -1,0 +1,67 @@
+// AdamW (Loshchilov & Hutter, arXiv:1711.05101): Adam moments with weight decay applied to the weights
+// directly, p <- p * (1 - lr * weight_decay), skipped for parameters marked weight_decay = false.
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include "pithtrain/optimizer.h"
+
+namespace pithtrain {
+namespace {
+
+class AdamW final : public Optimizer {
+ public:
+  AdamW(Options& options, const PluginContext& context) : parameters_(context.parameters) {
+    beta1_ = options.number("beta1", 0.9);
+    beta2_ = options.number("beta2", 0.95);
+    eps_ = options.number("eps", 1e-8);
+    weight_decay_ = options.number("weight_decay", 0.1);
+    if (!(beta1_ >= 0 && beta1_ < 1 && beta2_ >= 0 && beta2_ < 1))
+      throw Error(options.where("beta1") + ": beta1 and beta2 must be in [0, 1)");
+    for (const auto& parameter : parameters_) {
+      exp_avg_.push_back(at::zeros_like(parameter.tensor, at::MemoryFormat::Contiguous).detach());
+      exp_avg_sq_.push_back(at::zeros_like(parameter.tensor, at::MemoryFormat::Contiguous).detach());
+      steps_.push_back(at::zeros({}, at::kLong));
+    }
+  }
+
+  void step(double lr) override {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < parameters_.size(); ++i) {
+      at::Tensor param = parameters_[i].tensor;
+      const at::Tensor& grad = param.grad();
+      if (!grad.defined()) continue;
+      steps_[i] += 1;
+      const double step = static_cast<double>(steps_[i].item<int64_t>());
+      if (parameters_[i].weight_decay && weight_decay_ != 0) param.mul_(1.0 - lr * weight_decay_);
+      exp_avg_[i].mul_(beta1_).add_(grad, 1.0 - beta1_);
+      exp_avg_sq_[i].mul_(beta2_).addcmul_(grad, grad, 1.0 - beta2_);
+      const double bias_correction1 = 1.0 - std::pow(beta1_, step);
+      const double bias_correction2 = 1.0 - std::pow(beta2_, step);
+      at::Tensor denominator = (exp_avg_sq_[i].sqrt() / std::sqrt(bias_correction2)).add_(eps_);
+      param.addcdiv_(exp_avg_[i], denominator, -lr / bias_correction1);
+    }
+  }
+
+  std::vector<NamedTensor> state() override {
+    std::vector<NamedTensor> result;
+    for (size_t i = 0; i < parameters_.size(); ++i) {
+      result.push_back({parameters_[i].name + ".exp_avg", exp_avg_[i]});
+      result.push_back({parameters_[i].name + ".exp_avg_sq", exp_avg_sq_[i]});
+      result.push_back({parameters_[i].name + ".step", steps_[i]});
+    }
+    return result;
+  }
+
+ private:
+  std::vector<Parameter> parameters_;
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_, steps_;
+  double beta1_ = 0.9, beta2_ = 0.95, eps_ = 1e-8, weight_decay_ = 0.1;
+};
+
+}  // namespace
+
+std::unique_ptr<Optimizer> make_adamw_optimizer(Options& options, const PluginContext& context) {
+  return std::make_unique<AdamW>(options, context);
+}
+
+}  // namespace pithtrain

@@ -1,0 +1,65 @@
+// AuxFreeRouter: DeepSeek-V3's auxiliary-loss-free load balancing (arXiv:2412.19437, section 2.1.2).
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include "pithtrain/nn.h"
+#include "pithtrain/router.h"
+
+namespace pithtrain {
+namespace {
+
+class AuxFreeRouter final : public Router {
+ public:
+  AuxFreeRouter(Options& options, const PluginContext& context) : dims_(context.dims) {
+    update_rate_ = options.number("update_rate", 1e-3);
+    scaling_factor_ = options.number("routed_scaling_factor", 1.0);
+    if (update_rate_ < 0) throw Error(options.where("update_rate") + ": update_rate must be >= 0");
+    gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
+    auto options_of = at::TensorOptions().device(context.device);
+    bias_ = at::zeros({dims_.num_experts}, options_of.dtype(context.dtype == at::kDouble ? at::kDouble : at::kFloat));
+    load_ = at::zeros({dims_.num_experts}, options_of.dtype(at::kLong));
+  }
+
+  Routing route(const at::Tensor& hidden) override {
+    const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor scores = at::sigmoid(at::linear(hidden, gate_).to(compute_dtype));  // [T, E]
+    // The bias steers only which experts are chosen; the gate weights come from the unbiased scores.
+    at::Tensor expert_ids = std::get<1>(at::topk(scores.detach() + bias_, dims_.top_k, -1));  // [T, k]
+    at::Tensor chosen = scores.gather(1, expert_ids);                                         // [T, k]
+    at::Tensor weights = chosen / (chosen.sum(-1, /*keepdim=*/true) + 1e-20) * scaling_factor_;
+    Routing routing;
+    routing.expert_ids = expert_ids;
+    routing.weights = weights.to(hidden.scalar_type());
+    routing.tokens_per_expert = at::bincount(expert_ids.reshape(-1), {}, dims_.num_experts);  // [E]
+    routing.aux_loss = at::zeros({}, at::TensorOptions().dtype(compute_dtype).device(hidden.device()));
+    if (at::GradMode::is_enabled()) load_ += routing.tokens_per_expert;  // training: count toward the update
+    return routing;
+  }
+
+  // bias_e += update_rate * sign(mean_load - load_e), over the load of the step just taken.
+  void after_optimizer_step() override {
+    at::NoGradGuard no_grad;
+    at::Tensor load = load_.to(bias_.scalar_type());
+    if (load.sum().item<double>() > 0) bias_ += update_rate_ * at::sign(load.mean() - load);
+    load_.zero_();
+  }
+
+  std::vector<Parameter> parameters() override { return {{"gate.weight", gate_, true}}; }
+  std::vector<NamedTensor> buffers() override { return {{"expert_bias", bias_}}; }
+
+ private:
+  ModelDims dims_;
+  double update_rate_ = 1e-3;
+  double scaling_factor_ = 1.0;
+  at::Tensor gate_;  // [E, H]
+  at::Tensor bias_;  // [E] routing bias, saved with the model
+  at::Tensor load_;  // [E] tokens routed to each expert since the last optimizer step
+};
+
+}  // namespace
+
+std::unique_ptr<Router> make_aux_free_router(Options& options, const PluginContext& context) {
+  return std::make_unique<AuxFreeRouter>(options, context);
+}
+
+}  // namespace pithtrain

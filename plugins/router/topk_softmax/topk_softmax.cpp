@@ -1,0 +1,50 @@
+// TopKSoftmaxRouter: softmax gate, top-k choice, Switch-Transformer load-balancing loss.
+#include <ATen/ATen.h>
+
+#include "pithtrain/nn.h"
+#include "pithtrain/router.h"
+
+namespace pithtrain {
+namespace {
+
+class TopKSoftmaxRouter final : public Router {
+ public:
+  TopKSoftmaxRouter(Options& options, const PluginContext& context) : dims_(context.dims) {
+    renormalize_ = options.boolean("renormalize", true);
+    aux_loss_coeff_ = options.number("aux_loss_coeff", 0.01);
+    if (aux_loss_coeff_ < 0) throw Error(options.where("aux_loss_coeff") + ": aux_loss_coeff must be >= 0");
+    gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
+  }
+
+  Routing route(const at::Tensor& hidden) override {
+    const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor probs = at::softmax(at::linear(hidden, gate_).to(compute_dtype), -1);  // [T, E]
+    auto [weights, expert_ids] = at::topk(probs, dims_.top_k, -1);                    // [T, k]
+    if (renormalize_) weights = weights / weights.sum(-1, /*keepdim=*/true);
+    Routing routing;
+    routing.expert_ids = expert_ids;
+    routing.weights = weights.to(hidden.scalar_type());
+    routing.tokens_per_expert = at::bincount(expert_ids.reshape(-1), {}, dims_.num_experts);  // [E]
+    // Switch loss: coeff * E * sum_e f_e * P_e, with f_e the fraction of (token, slot) pairs sent to
+    // expert e and P_e its mean probability; equals coeff when the load is perfectly balanced.
+    at::Tensor fraction = routing.tokens_per_expert.to(compute_dtype) / static_cast<double>(expert_ids.numel());
+    routing.aux_loss = aux_loss_coeff_ * dims_.num_experts * (fraction * probs.mean(0)).sum();
+    return routing;
+  }
+
+  std::vector<Parameter> parameters() override { return {{"gate.weight", gate_, true}}; }
+
+ private:
+  ModelDims dims_;
+  bool renormalize_ = true;
+  double aux_loss_coeff_ = 0.01;
+  at::Tensor gate_;
+};
+
+}  // namespace
+
+std::unique_ptr<Router> make_topk_softmax_router(Options& options, const PluginContext& context) {
+  return std::make_unique<TopKSoftmaxRouter>(options, context);
+}
+
+}  // namespace pithtrain

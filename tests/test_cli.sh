@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Command-line checks: exit codes and messages a user sees. Args: PITHTRAIN_BIN SOURCE_DIR FORTUNES_DIR
+set -u
+bin=$1; source_dir=$2; fortunes=$3
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+failures=0
+check() {  # check NAME EXPECTED_EXIT(0|nonzero) PATTERN -- command...
+  local name=$1 expected=$2 pattern=$3; shift 4
+  "$@" >"$work/out" 2>&1; local code=$?
+  if { [ "$expected" = 0 ] && [ $code -ne 0 ]; } || { [ "$expected" = nonzero ] && [ $code -eq 0 ]; }; then
+    echo "FAIL $name: exit $code, expected $expected"; cat "$work/out"; failures=$((failures + 1)); return
+  fi
+  if ! grep -qE -- "$pattern" "$work/out"; then
+    echo "FAIL $name: output lacks /$pattern/"; cat "$work/out"; failures=$((failures + 1)); return
+  fi
+  echo "ok   $name"
+}
+cd "$work"
+check "data tool" 0 "documents from" -- "$bin" data --format fortune --out data/fortunes.tokens "$fortunes"
+config=(--config "$source_dir/configs/tiny.toml")
+small=(--set model.hidden_size=32 --set model.num_layers=2 --set train.seq_len=32 --set train.batch_size=2 --set train.steps=2)
+check "nonexistent plugin" nonzero "unknown router plugin 'nonexistent'.*available: aux_free, topk_softmax" -- \
+  "$bin" "${config[@]}" --set model.moe.router.plugin=nonexistent
+check "nonexistent --plugins file" nonzero "no such file on the plugin search path" -- "$bin" "${config[@]}" --plugins router_nope.so
+check "typo key" nonzero "did you mean 'train.steps'" -- "$bin" "${config[@]}" --set train.stpes=3
+check "missing config" nonzero "cannot read config file" -- "$bin" --config /nonexistent.toml
+check "help" 0 "usage: pithtrain" -- "$bin" --help
+check "plugins list" 0 "router +aux_free" -- "$bin" plugins
+check "plugins json" 0 '"kind":"experts","name":"grouped"' -- "$bin" plugins --json
+check "plugin check" 0 "^[0-9]+ passed, 0 failed" -- "$bin" plugin check "$(dirname "$bin")/../lib/plugins/router_aux_free.so"
+check "headline: --plugins router_aux_free.so" 0 "model.moe.router.plugin += aux_free" -- \
+  "$bin" "${config[@]}" --plugins router_aux_free.so "${small[@]}" --out run_aux_free
+check "run dir outputs" 0 "expert_bias" -- grep -a -o expert_bias run_aux_free/model.safetensors
+check "--set picks topk_softmax" 0 "router.plugin += topk_softmax" -- \
+  "$bin" "${config[@]}" --set model.moe.router.plugin=topk_softmax "${small[@]}" --out run_topk
+echo "cli: $failures failed"
+[ $failures -eq 0 ]

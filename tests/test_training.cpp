@@ -1,0 +1,209 @@
+// End to end: data conversion and validation, the full tiny config, and short training runs.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "data.h"
+#include "trainer.h"
+
+namespace fs = std::filesystem;
+using namespace pithtrain;
+
+namespace {
+
+fs::path scratch() {
+  static fs::path dir = [] {
+    fs::path created = fs::temp_directory_path() / ("pithtrain_test_training_" + std::to_string(::getpid()));
+    fs::create_directories(created);
+    return created;
+  }();
+  return dir;
+}
+
+// The fortune collections as a token file, made once per test process.
+std::string fortunes_tokens() {
+  static std::string path = [] {
+    if (!fs::is_directory(PITHTRAIN_FORTUNES_DIR))
+      throw Error(std::string(PITHTRAIN_FORTUNES_DIR) + " is missing; scripts/setup.sh installs Debian's fortunes");
+    std::string out = (scratch() / "fortunes.tokens").string();
+    convert_text({PITHTRAIN_FORTUNES_DIR}, "fortune", out);
+    return out;
+  }();
+  return path;
+}
+
+Options tiny_config(const std::vector<std::string>& overrides) {
+  Options options = Options::from_file(std::string(PITHTRAIN_SOURCE_DIR) + "/configs/tiny.toml");
+  options.set_override("data.path=\"" + fortunes_tokens() + "\"");
+  for (const auto& assignment : overrides) options.set_override(assignment);
+  return options;
+}
+
+RunSettings quiet_run(const std::string& name) {
+  RunSettings settings;
+  settings.out_dir = (scratch() / name).string();
+  settings.quiet = true;
+  return settings;
+}
+
+std::string error_of(const std::vector<std::string>& overrides) {
+  try {
+    Trainer trainer(tiny_config(overrides), quiet_run("errors"));
+  } catch (const Error& error) {
+    return error.what();
+  }
+  return "(no error)";
+}
+
+// A small, fast variant of the tiny model for tests that train.
+const std::vector<std::string> kSmall = {"model.hidden_size=64", "model.num_layers=2", "model.dense_hidden_size=128",
+                                         "model.moe.expert_hidden_size=64", "train.seq_len=64", "train.batch_size=8",
+                                         "train.eval_batches=2"};
+
+std::vector<std::string> with(std::vector<std::string> base, const std::vector<std::string>& extra) {
+  base.insert(base.end(), extra.begin(), extra.end());
+  return base;
+}
+
+}  // namespace
+
+TEST(Data, ConvertsFortunesIntoDocuments) {
+  TokenDataset dataset(fortunes_tokens());
+  EXPECT_GT(dataset.size(), 1'000'000u) << "the fortunes package holds megabytes of text";
+  EXPECT_GT(dataset.header().num_documents, 1000u);
+  EXPECT_EQ(dataset.header().vocab_size, kByteVocabSize);
+  std::mt19937_64 generator(1);
+  at::Tensor windows = dataset.sample(4, 33, 0, dataset.size(), generator);
+  EXPECT_EQ(windows.sizes(), at::IntArrayRef({4, 33}));
+  EXPECT_LT(windows.max().item<int64_t>(), kByteVocabSize);
+}
+
+TEST(Data, RoundTripsExactBytes) {
+  fs::path text = scratch() / "two.txt";
+  std::ofstream(text) << "ab\n%\nc\n";
+  fs::path out = scratch() / "two.tokens";
+  ConvertStats stats = convert_text({text.string()}, "fortune", out.string());
+  EXPECT_EQ(stats.documents, 2u);
+  TokenDataset dataset(out.string());
+  std::mt19937_64 generator(1);
+  at::Tensor all = dataset.sample(1, 7, 0, 7, generator);
+  std::vector<int64_t> expected = {'a', 'b', '\n', kEndOfDocument, 'c', '\n', kEndOfDocument};
+  EXPECT_EQ(std::vector<int64_t>(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + 7), expected);
+}
+
+TEST(Data, CorruptFilesAreRefusedWithTheFix) {
+  fs::path good = fortunes_tokens();
+  auto expect_refused = [](const fs::path& file, const std::string& what) {
+    try {
+      TokenDataset dataset(file.string());
+      FAIL() << "accepted a corrupt file (" << what << ")";
+    } catch (const Error& error) {
+      std::string message = error.what();
+      EXPECT_NE(message.find(file.string()), std::string::npos) << message;
+      EXPECT_NE(message.find(what), std::string::npos) << message;
+      EXPECT_NE(message.find("pithtrain data"), std::string::npos) << message;
+    }
+  };
+  fs::path flipped = scratch() / "flipped.tokens";
+  fs::copy_file(good, flipped, fs::copy_options::overwrite_existing);
+  {
+    std::fstream file(flipped, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(1000);
+    file.put('\x7f');
+  }
+  expect_refused(flipped, "checksum mismatch");
+  fs::path truncated = scratch() / "truncated.tokens";
+  fs::copy_file(good, truncated, fs::copy_options::overwrite_existing);
+  fs::resize_file(truncated, fs::file_size(good) - 10);
+  expect_refused(truncated, "truncated or corrupt");
+  fs::path text = scratch() / "not_tokens.tokens";
+  std::ofstream(text) << std::string(100, 'x');
+  expect_refused(text, "bad magic");
+  expect_refused(scratch() / "missing.tokens", "cannot open");
+}
+
+TEST(Data, FailedConversionKeepsTheOldFile) {
+  fs::path out = scratch() / "keep.tokens";
+  convert_text({fortunes_tokens()}, "text", out.string());  // any file will do as a document
+  auto size_before = fs::file_size(out);
+  EXPECT_THROW(convert_text({"/nonexistent/input"}, "fortune", out.string()), Error);
+  EXPECT_EQ(fs::file_size(out), size_before);
+}
+
+TEST(Config, TinyConfigIsValid) {
+  Trainer trainer(tiny_config({}), quiet_run("valid"));
+  EXPECT_EQ(trainer.model().dims().hidden_size, 128);
+  EXPECT_EQ(trainer.model().num_moe_layers(), 3);
+}
+
+TEST(Config, TyposAndBadValuesGiveThePromisedErrors) {
+  std::string message = error_of({"train.step=5"});
+  EXPECT_NE(message.find("unknown key 'train.step'"), std::string::npos) << message;
+  EXPECT_NE(message.find("did you mean 'train.steps'"), std::string::npos) << message;
+  message = error_of({"model.moe.router.update_rat=0.1"});
+  EXPECT_NE(message.find("did you mean 'model.moe.router.update_rate'"), std::string::npos) << message;
+  message = error_of({"train.steps=\"many\""});
+  EXPECT_NE(message.find("'train.steps' must be an integer, got a string"), std::string::npos) << message;
+  message = error_of({"model.moe.top_k=9"});
+  EXPECT_NE(message.find("top_k must be between 1 and num_experts"), std::string::npos) << message;
+  message = error_of({"model.moe.router.plugin=nonexistent"});
+  EXPECT_NE(message.find("unknown router plugin 'nonexistent'"), std::string::npos) << message;
+  EXPECT_NE(message.find("available: aux_free, topk_softmax"), std::string::npos) << message;
+}
+
+TEST(Config, MissingRequiredKey) {
+  Options options = Options::from_string("[data]\npath = \"" + fortunes_tokens() + "\"\n[model]\nhidden_size = 8\n",
+                                         "partial.toml");
+  try {
+    Trainer trainer(options, quiet_run("partial"));
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("missing required key 'model.vocab_size'"), std::string::npos) << error.what();
+  }
+}
+
+TEST(Training, ShortRunLowersTheLossAndWritesOutputs) {
+  Trainer trainer(tiny_config(with(kSmall, {"train.steps=60", "train.warmup_steps=10"})), quiet_run("short"));
+  TrainSummary summary = trainer.run();
+  // Byte-level text starts at ln(257) = 5.55 nats; 60 steps of a small model reach well below 3.5.
+  EXPECT_NEAR(summary.first_loss, std::log(257.0), 0.3);
+  EXPECT_LT(summary.final_smoothed_loss, 3.5) << "first loss " << summary.first_loss;
+  EXPECT_LT(summary.validation_loss, 3.6);
+  for (const char* file : {"config.toml", "metrics.jsonl", "model.safetensors"})
+    EXPECT_TRUE(fs::exists(fs::path(summary.run_dir) / file)) << file;
+  std::ifstream metrics(fs::path(summary.run_dir) / "metrics.jsonl");
+  std::string line;
+  int lines = 0;
+  while (std::getline(metrics, line)) {
+    ++lines;
+    for (const char* key : {"\"step\":", "\"loss\":", "\"lr\":", "\"grad_norm\":", "\"tokens_per_s\":", "\"max_over_mean\":",
+                            "\"tokens_per_expert\":"})
+      EXPECT_NE(line.find(key), std::string::npos) << key << " missing in " << line;
+  }
+  EXPECT_EQ(lines, 7);  // steps 1, 10, 20, ..., 60
+  std::ifstream model(fs::path(summary.run_dir) / "model.safetensors", std::ios::binary);
+  std::string header(4096, '\0');
+  model.read(header.data(), header.size());
+  EXPECT_NE(header.find("layers.1.router.expert_bias"), std::string::npos) << "the aux_free bias is saved with the model";
+}
+
+TEST(Training, SameSeedSameLosses) {
+  auto run = [](const std::string& name) {
+    Trainer trainer(tiny_config(with(kSmall, {"train.steps=3", "train.micro_batches=2"})), quiet_run(name));
+    return trainer.run().final_smoothed_loss;
+  };
+  EXPECT_EQ(run("seed_a"), run("seed_b"));
+}
+
+TEST(Training, LearningRateWarmsUpThenFollowsTheCosine) {
+  TrainConfig config;
+  config.steps = 110;
+  config.warmup_steps = 10;
+  config.lr = 1.0;
+  config.min_lr = 0.1;
+  EXPECT_DOUBLE_EQ(learning_rate(config, 1), 0.1);
+  EXPECT_DOUBLE_EQ(learning_rate(config, 10), 1.0);
+  EXPECT_NEAR(learning_rate(config, 60), 0.55, 1e-12);  // half way: the cosine's midpoint
+  EXPECT_NEAR(learning_rate(config, 110), 0.1, 1e-12);
+}
