@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Command-line checks: exit codes and messages a user sees. Args: PITHTRAIN_BIN SOURCE_DIR FORTUNES_DIR
 set -u
-bin=$1; source_dir=$2; fortunes=$3
+bin=$(realpath "$1"); source_dir=$(realpath "$2"); fortunes=$3
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 failures=0
 check() {  # check NAME EXPECTED_EXIT(0|nonzero) PATTERN -- command...

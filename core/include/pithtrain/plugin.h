@@ -95,3 +95,7 @@ spdlog::logger& logger();
 // Marks a plugin's entry symbol for export (plugins are built with hidden visibility):
 //   PITHTRAIN_PLUGIN_EXPORT const pithtrain::PluginDescriptor* pithtrain_plugin() { ... }
 #define PITHTRAIN_PLUGIN_EXPORT extern "C" __attribute__((visibility("default")))
+
+// The entry symbol each plugin defines (declared here so a plugin's own test, which links the plugin's
+// sources statically, can call it).
+PITHTRAIN_PLUGIN_EXPORT const pithtrain::PluginDescriptor* pithtrain_plugin();

@@ -1,0 +1,75 @@
+// grouped equals the reference layout `loop` (loaded from its built plugin) in outputs and gradients.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include "pithtrain/experts.h"
+#include "registry.h"
+
+using namespace pithtrain;
+
+namespace {
+
+struct Result {
+  at::Tensor out, grad_x, grad_weights;
+  std::vector<at::Tensor> grad_parameters;
+};
+
+Result run(Experts& experts, const at::Tensor& x_in, const Routing& routing_in, const at::Tensor& probe) {
+  at::Tensor x = x_in.detach().clone().requires_grad_(true);
+  Routing routing = routing_in;
+  routing.weights = routing_in.weights.detach().clone().requires_grad_(true);
+  at::Tensor out = experts.forward(x, routing);
+  (out * probe).sum().backward();
+  Result result{out.detach(), x.grad(), routing.weights.grad(), {}};
+  for (auto& parameter : experts.parameters()) result.grad_parameters.push_back(parameter.tensor.grad());
+  return result;
+}
+
+void compare(c10::ScalarType dtype, double tolerance, int64_t tokens, bool leave_an_expert_empty) {
+  PluginContext context;
+  context.dims = {.hidden_size = 16, .num_layers = 2, .num_experts = 6, .top_k = 2, .expert_hidden_size = 8, .init_std = 0.3};
+  context.dtype = dtype;
+  Options options = Options::from_string("", "test.toml");
+  auto grouped = pithtrain_plugin()->make_experts(options, context);
+  LoadedPlugin loop_plugin = load_plugin_file(std::string(PITHTRAIN_PLUGIN_DIR) + "/experts_loop.so");
+  auto loop = loop_plugin.descriptor->make_experts(options, context);
+  {
+    at::NoGradGuard no_grad;  // same weights in both layouts: the parameter names and shapes are shared
+    auto from = grouped->parameters(), to = loop->parameters();
+    ASSERT_EQ(from.size(), to.size());
+    for (size_t i = 0; i < from.size(); ++i) {
+      ASSERT_EQ(from[i].name, to[i].name);
+      to[i].tensor.copy_(from[i].tensor);
+    }
+  }
+  at::Tensor x = at::randn({tokens, 16}, dtype);
+  Routing routing;
+  routing.expert_ids = at::stack({at::randint(0, 3, {tokens}, at::kLong), at::randint(3, leave_an_expert_empty ? 5 : 6, {tokens}, at::kLong)}, 1);
+  routing.weights = at::rand({tokens, 2}, dtype);
+  at::Tensor probe = at::randn({tokens, 16}, dtype);
+  Result a = run(*grouped, x, routing, probe), b = run(*loop, x, routing, probe);
+  EXPECT_TRUE(at::allclose(a.out, b.out, tolerance, tolerance)) << (a.out - b.out).abs().max();
+  EXPECT_TRUE(at::allclose(a.grad_x, b.grad_x, tolerance, tolerance)) << (a.grad_x - b.grad_x).abs().max();
+  EXPECT_TRUE(at::allclose(a.grad_weights, b.grad_weights, tolerance, tolerance));
+  for (size_t i = 0; i < a.grad_parameters.size(); ++i)
+    EXPECT_TRUE(at::allclose(a.grad_parameters[i], b.grad_parameters[i], tolerance, tolerance)) << "parameter " << i;
+}
+
+}  // namespace
+
+TEST(GroupedExperts, EqualsLoopInDouble) {
+  at::manual_seed(0);
+  compare(at::kDouble, 1e-12, 37, false);
+}
+
+TEST(GroupedExperts, EqualsLoopInFloat) {
+  at::manual_seed(1);
+  compare(at::kFloat, 1e-5, 300, false);
+}
+
+TEST(GroupedExperts, EqualsLoopWithAnExpertThatGetsNoTokens) {
+  at::manual_seed(2);
+  compare(at::kDouble, 1e-12, 20, true);
+}
