@@ -4,7 +4,11 @@
 #include <filesystem>
 #include <fstream>
 
+#include <ATen/ATen.h>
+
+#include "checkpoint.h"
 #include "data.h"
+#include "routing_trace.h"
 #include "trainer.h"
 
 namespace fs = std::filesystem;
@@ -59,7 +63,7 @@ std::string error_of(const std::vector<std::string>& overrides) {
 // A small, fast variant of the tiny model for tests that train.
 const std::vector<std::string> kSmall = {"model.hidden_size=64", "model.num_layers=2", "model.dense_hidden_size=128",
                                          "model.moe.expert_hidden_size=64", "train.seq_len=64", "train.batch_size=8",
-                                         "train.eval_batches=2"};
+                                         "eval.batches=2"};
 
 std::vector<std::string> with(std::vector<std::string> base, const std::vector<std::string>& extra) {
   base.insert(base.end(), extra.begin(), extra.end());
@@ -206,4 +210,151 @@ TEST(Training, LearningRateWarmsUpThenFollowsTheCosine) {
   EXPECT_DOUBLE_EQ(learning_rate(config, 10), 1.0);
   EXPECT_NEAR(learning_rate(config, 60), 0.55, 1e-12);  // half way: the cosine's midpoint
   EXPECT_NEAR(learning_rate(config, 110), 0.1, 1e-12);
+}
+
+namespace {
+
+std::vector<std::pair<int64_t, double>> after(const std::vector<std::pair<int64_t, double>>& losses, int64_t step) {
+  std::vector<std::pair<int64_t, double>> result;
+  for (const auto& entry : losses)
+    if (entry.first > step) result.push_back(entry);
+  return result;
+}
+
+}  // namespace
+
+TEST(Checkpoint, ResumedRunRepeatsTheUninterruptedLossesBitForBit) {
+  const auto config = with(kSmall, {"train.steps=20", "checkpoint.every=10", "train.micro_batches=2"});
+  RunSettings settings = quiet_run("resume");
+  fs::remove_all(settings.out_dir);
+  TrainSummary full = Trainer(tiny_config(config), settings).run();
+  ASSERT_EQ(full.losses.size(), 20u);
+  EXPECT_EQ(full.resumed_from, 0);
+  // Simulate a crash after the step-10 checkpoint: the step-20 one never happened.
+  fs::path checkpoints = fs::path(settings.out_dir) / "checkpoints";
+  ASSERT_TRUE(fs::exists(checkpoints / "step_000000020.safetensors"));
+  fs::remove(checkpoints / "step_000000020.safetensors");
+  TrainSummary resumed = Trainer(tiny_config(config), settings).run();
+  EXPECT_EQ(resumed.resumed_from, 10);
+  ASSERT_EQ(resumed.losses.size(), 10u);
+  EXPECT_EQ(resumed.losses, after(full.losses, 10));  // exact equality of every double
+  EXPECT_EQ(resumed.final_smoothed_loss, full.final_smoothed_loss);
+  // metrics.jsonl holds each logged step once.
+  std::ifstream metrics(fs::path(settings.out_dir) / "metrics.jsonl");
+  std::string line;
+  std::vector<int64_t> steps;
+  while (std::getline(metrics, line)) steps.push_back(std::stoll(line.substr(line.find("\"step\":") + 7)));
+  EXPECT_EQ(steps, (std::vector<int64_t>{1, 10, 20}));
+}
+
+TEST(Checkpoint, CorruptLatestFallsBackToThePreviousOne) {
+  const auto config = with(kSmall, {"train.steps=20", "checkpoint.every=10"});
+  RunSettings settings = quiet_run("corrupt");
+  fs::remove_all(settings.out_dir);
+  TrainSummary full = Trainer(tiny_config(config), settings).run();
+  fs::path latest = fs::path(settings.out_dir) / "checkpoints" / "step_000000020.safetensors";
+  {
+    std::fstream file(latest, std::ios::in | std::ios::out | std::ios::binary);
+    file.seekp(static_cast<std::streamoff>(fs::file_size(latest) - 100));
+    file.put('\x55');
+  }
+  EXPECT_THROW(load_safetensors(latest.string()), Error);
+  TrainSummary resumed = Trainer(tiny_config(config), settings).run();
+  EXPECT_EQ(resumed.resumed_from, 10);
+  EXPECT_EQ(resumed.losses, after(full.losses, 10));
+}
+
+TEST(Checkpoint, KeepsTheLastKAndLeavesNoTemporaryFiles) {
+  RunSettings settings = quiet_run("keep");
+  fs::remove_all(settings.out_dir);
+  Trainer(tiny_config(with(kSmall, {"train.steps=12", "checkpoint.every=3", "checkpoint.keep=2"})), settings).run();
+  std::vector<std::string> names;
+  for (const auto& entry : fs::directory_iterator(fs::path(settings.out_dir) / "checkpoints"))
+    names.push_back(entry.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"step_000000009.safetensors", "step_000000012.safetensors"}));
+  SafetensorsFile file = load_safetensors((fs::path(settings.out_dir) / "checkpoints" / names.back()).string());
+  EXPECT_EQ(file.metadata.at("step"), "12");
+  EXPECT_NE(file.find("model/layers.1.router.expert_bias"), nullptr);
+  EXPECT_NE(file.find("optimizer/lm_head.weight.exp_avg"), nullptr);
+  EXPECT_NE(file.find("rng/cpu"), nullptr);
+}
+
+TEST(Checkpoint, ADifferentModelInTheSameRunDirIsRefusedWithTheFix) {
+  RunSettings settings = quiet_run("mismatch");
+  fs::remove_all(settings.out_dir);
+  Trainer(tiny_config(with(kSmall, {"train.steps=2"})), settings).run();
+  try {
+    Trainer(tiny_config(with(kSmall, {"train.steps=4", "model.hidden_size=48"})), settings).run();
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("use a new --out"), std::string::npos) << error.what();
+  }
+}
+
+TEST(Training, Bfloat16KeepsFloat32MasterWeightsAndLearns) {
+  RunSettings settings = quiet_run("bf16");
+  fs::remove_all(settings.out_dir);
+  Trainer trainer(tiny_config(with(kSmall, {"train.steps=40", "train.dtype=\"bfloat16\"", "train.warmup_steps=5"})), settings);
+  EXPECT_EQ(trainer.model().parameters().front().tensor.scalar_type(), at::kBFloat16);
+  TrainSummary summary = trainer.run();
+  EXPECT_LT(summary.final_smoothed_loss, summary.first_loss - 1.5) << summary.first_loss << " -> " << summary.final_smoothed_loss;
+  SafetensorsFile weights = load_safetensors(summary.run_dir + "/model.safetensors");
+  EXPECT_EQ(weights.find("lm_head.weight")->scalar_type(), at::kFloat);
+  // The bf16 model weights are the rounded master weights.
+  at::Tensor master = *weights.find("lm_head.weight");
+  at::Tensor model = trainer.model().parameters().back().tensor.detach();
+  EXPECT_TRUE(at::equal(master.to(at::kBFloat16), model));
+}
+
+TEST(Training, LearningRateSchedules) {
+  TrainConfig config;
+  config.steps = 100;
+  config.warmup_steps = 10;
+  config.lr = 1.0;
+  config.min_lr = 0.1;
+  config.lr_schedule = "constant";
+  EXPECT_DOUBLE_EQ(learning_rate(config, 5), 0.5);
+  EXPECT_DOUBLE_EQ(learning_rate(config, 100), 1.0);
+  config.lr_schedule = "wsd";
+  config.decay_fraction = 0.2;
+  EXPECT_DOUBLE_EQ(learning_rate(config, 50), 1.0);
+  EXPECT_DOUBLE_EQ(learning_rate(config, 80), 1.0);  // stable until the last 20 steps
+  EXPECT_NEAR(learning_rate(config, 90), 0.55, 1e-12);
+  EXPECT_NEAR(learning_rate(config, 100), 0.1, 1e-12);
+}
+
+TEST(Training, RoutingTraceRecordsEveryStepAndLayer) {
+  RunSettings settings = quiet_run("trace");
+  fs::remove_all(settings.out_dir);
+  fs::create_directories(settings.out_dir);
+  settings.trace_routing = settings.out_dir + "/routing.trace";
+  Trainer(tiny_config(with(kSmall, {"train.steps=5", "train.micro_batches=2"})), settings).run();
+  auto [header, records] = RoutingTrace::read(settings.trace_routing);
+  EXPECT_EQ(header.moe_layers, 1u);  // kSmall: 2 layers, the first dense
+  EXPECT_EQ(header.experts, 8u);
+  ASSERT_EQ(records.size(), 5u);
+  for (size_t i = 0; i < records.size(); ++i) {
+    EXPECT_EQ(records[i].step, static_cast<int64_t>(i + 1));
+    uint64_t total = 0;
+    for (uint32_t count : records[i].counts) total += count;
+    EXPECT_EQ(total, 2u * 8 * 64 * 2);  // micro_batches x batch x seq x top_k
+  }
+}
+
+TEST(Training, PeriodicValidationIsLogged) {
+  RunSettings settings = quiet_run("eval");
+  fs::remove_all(settings.out_dir);
+  Trainer(tiny_config(with(kSmall, {"train.steps=6", "eval.every=3", "train.log_every=100"})), settings).run();
+  std::ifstream metrics(fs::path(settings.out_dir) / "metrics.jsonl");
+  std::string line;
+  int with_validation = 0;
+  while (std::getline(metrics, line)) {
+    with_validation += line.find("\"val_loss\":") != std::string::npos;
+    EXPECT_NE(line.find("\"mfu\":"), std::string::npos);
+    EXPECT_NE(line.find("\"memory_mb\":"), std::string::npos);
+    EXPECT_NE(line.find("\"entropy\":"), std::string::npos);
+    EXPECT_NE(line.find("\"expert_bias_norm\":"), std::string::npos);
+  }
+  EXPECT_EQ(with_validation, 2);  // steps 3 and 6
 }

@@ -136,15 +136,17 @@ TokenDataset::TokenDataset(const std::string& path) : path_(path) {
   };
   if (std::memcmp(header_.magic, "PTTOKENS", 8) != 0) fail("not a PithTrain token file (bad magic)");
   if (header_.format_version != 1) fail("format version " + std::to_string(header_.format_version) + ", this pithtrain reads 1");
-  if (header_.bytes_per_token != 2) fail("unsupported token width " + std::to_string(header_.bytes_per_token));
-  uint64_t expected = sizeof(TokenFileHeader) + header_.num_tokens * 2;
+  if (header_.bytes_per_token != 2 && header_.bytes_per_token != 4)
+    fail("unsupported token width " + std::to_string(header_.bytes_per_token));
+  uint64_t expected = sizeof(TokenFileHeader) + header_.num_tokens * header_.bytes_per_token;
   if (expected != mapping_size_)
     fail("size is " + std::to_string(mapping_size_) + " bytes but the header promises " + std::to_string(expected) +
          " (truncated or corrupt)");
-  tokens_ = reinterpret_cast<const uint16_t*>(static_cast<const char*>(mapping_) + sizeof(TokenFileHeader));
-  if (fnv1a(reinterpret_cast<const uint8_t*>(tokens_), header_.num_tokens * 2) != header_.checksum)
-    fail("checksum mismatch (corrupt)");
-  if (header_.num_tokens > 0 && *std::max_element(tokens_, tokens_ + header_.num_tokens) >= header_.vocab_size)
+  tokens_ = static_cast<const unsigned char*>(mapping_) + sizeof(TokenFileHeader);
+  if (fnv1a(tokens_, header_.num_tokens * header_.bytes_per_token) != header_.checksum) fail("checksum mismatch (corrupt)");
+  uint64_t largest = 0;
+  for (uint64_t i = 0; i < header_.num_tokens; ++i) largest = std::max(largest, token(i));
+  if (header_.num_tokens > 0 && largest >= header_.vocab_size)
     fail("holds a token >= its vocab_size " + std::to_string(header_.vocab_size));
 }
 
@@ -152,19 +154,57 @@ TokenDataset::~TokenDataset() {
   if (mapping_ != nullptr) ::munmap(mapping_, mapping_size_);
 }
 
+uint64_t TokenDataset::token(uint64_t index) const {
+  if (header_.bytes_per_token == 2) {
+    uint16_t value;
+    std::memcpy(&value, tokens_ + index * 2, 2);
+    return value;
+  }
+  uint32_t value;
+  std::memcpy(&value, tokens_ + index * 4, 4);
+  return value;
+}
+
+at::Tensor TokenDataset::windows(const std::vector<uint64_t>& offsets, int64_t length) const {
+  at::Tensor result = at::empty({static_cast<int64_t>(offsets.size()), length}, at::kLong);
+  int64_t* out = result.data_ptr<int64_t>();
+  for (size_t row = 0; row < offsets.size(); ++row) {
+    if (offsets[row] + static_cast<uint64_t>(length) > size())
+      throw Error("dataset '" + path_ + "': window at " + std::to_string(offsets[row]) + " runs past the end");
+    for (int64_t i = 0; i < length; ++i) out[row * length + i] = static_cast<int64_t>(token(offsets[row] + i));
+  }
+  return result;
+}
+
 at::Tensor TokenDataset::sample(int64_t batch, int64_t length, uint64_t begin, uint64_t end,
                                 std::mt19937_64& generator) const {
   if (end > size() || begin + static_cast<uint64_t>(length) > end)
     throw Error("dataset '" + path_ + "': the range [" + std::to_string(begin) + ", " + std::to_string(end) +
                 ") is too small for windows of " + std::to_string(length) + " tokens; use more data or a shorter seq_len");
-  std::uniform_int_distribution<uint64_t> offset(begin, end - static_cast<uint64_t>(length));
-  at::Tensor windows = at::empty({batch, length}, at::kLong);
-  int64_t* out = windows.data_ptr<int64_t>();
-  for (int64_t row = 0; row < batch; ++row) {
-    const uint16_t* start = tokens_ + offset(generator);
-    for (int64_t i = 0; i < length; ++i) out[row * length + i] = start[i];
+  std::vector<uint64_t> offsets;
+  for (int64_t row = 0; row < batch; ++row) offsets.push_back(begin + generator() % (end - begin - length + 1));
+  return windows(offsets, length);
+}
+
+WindowOrder::WindowOrder(uint64_t begin, uint64_t end, int64_t length, uint64_t seed)
+    : begin_(begin), stride_(static_cast<uint64_t>(length - 1)), seed_(seed) {
+  count_ = end > begin + 1 ? (end - begin - 1) / stride_ : 0;
+  if (count_ == 0)
+    throw Error("the token range [" + std::to_string(begin) + ", " + std::to_string(end) + ") holds no window of " +
+                std::to_string(length) + " tokens; use more data or a shorter train.seq_len");
+  if (count_ > UINT32_MAX) throw Error("more than 2^32 windows per epoch; raise train.seq_len");
+}
+
+uint64_t WindowOrder::next() {
+  const uint64_t epoch = position_ / count_;
+  if (epoch != cached_epoch_) {
+    order_.resize(count_);
+    for (uint64_t i = 0; i < count_; ++i) order_[i] = static_cast<uint32_t>(i);
+    std::mt19937_64 generator(seed_ + epoch);
+    for (uint64_t i = count_ - 1; i > 0; --i) std::swap(order_[i], order_[generator() % (i + 1)]);
+    cached_epoch_ = epoch;
   }
-  return windows;
+  return begin_ + order_[position_++ % count_] * stride_;
 }
 
 }  // namespace pithtrain

@@ -50,16 +50,38 @@ class TokenDataset {
 
   uint64_t size() const { return header_.num_tokens; }
   const TokenFileHeader& header() const { return header_; }
-  // `batch` windows of `length` tokens, starting at uniform offsets within [begin, end) of the token
-  // stream: int64 [batch, length].
+  const std::string& path() const { return path_; }
+  uint64_t token(uint64_t index) const;
+  // The windows of `length` tokens starting at `offsets`: int64 [offsets.size(), length].
+  at::Tensor windows(const std::vector<uint64_t>& offsets, int64_t length) const;
+  // `batch` windows of `length` tokens at uniform random offsets within [begin, end).
   at::Tensor sample(int64_t batch, int64_t length, uint64_t begin, uint64_t end, std::mt19937_64& generator) const;
 
  private:
   std::string path_;
   TokenFileHeader header_{};
-  const uint16_t* tokens_ = nullptr;
+  const unsigned char* tokens_ = nullptr;
   void* mapping_ = nullptr;
   size_t mapping_size_ = 0;
+};
+
+// Fixed-length windows of a token range served in a seeded shuffled order, epoch after epoch. Window
+// i covers tokens [begin + i * stride, begin + i * stride + length) with stride = length - 1, so every
+// token is a target exactly once per epoch. The order of epoch e is a Fisher-Yates shuffle drawn from
+// mt19937_64(seed + e); `position` (windows served so far) is all a resumed run needs.
+class WindowOrder {
+ public:
+  WindowOrder(uint64_t begin, uint64_t end, int64_t length, uint64_t seed);
+  uint64_t count() const { return count_; }
+  uint64_t position() const { return position_; }
+  void set_position(uint64_t position) { position_ = position; }
+  // The start offset of the next window; advances the position.
+  uint64_t next();
+
+ private:
+  uint64_t begin_, count_, stride_, seed_, position_ = 0;
+  uint64_t cached_epoch_ = UINT64_MAX;
+  std::vector<uint32_t> order_;
 };
 
 }  // namespace pithtrain

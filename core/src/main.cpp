@@ -25,7 +25,11 @@ Trains the MoE model described by the TOML config (default: the embedded configs
   --plugins LIST     comma-separated plugin files to load; a bare name is looked up on the plugin search
                      path (the build's plugin folder, $PITHTRAIN_PLUGIN_PATH, config plugins.paths)
   --set KEY=VALUE    override one config key, e.g. --set model.moe.router.plugin=aux_free (repeatable)
-  --out RUN_DIR      where config.toml, metrics.jsonl and model.safetensors go (default runs/<name>-<time>)
+  --out RUN_DIR      run directory: config.toml, metrics.jsonl, checkpoints/, model.safetensors (default
+                     runs/<run.name>); rerunning a command resumes from its newest checkpoint
+  --trace-routing FILE  record per step and MoE layer how many tokens each expert got (docs/training.md)
+  --profile STEPS    profile steps A-B (or N: steps 2..N+1) with the LibTorch profiler: Chrome trace in the
+                     run directory and the top operators by self time
   --help             this text; `pithtrain COMMAND --help` for a subcommand
 )";
 
@@ -64,7 +68,7 @@ std::string json_escape(const std::string& text) {
 }
 
 struct Arguments {
-  std::string config, out, format = "fortune";
+  std::string config, out, format = "auto", trace_routing, profile;
   std::vector<std::string> plugins, sets, positional;
   bool json = false, help = false;
 };
@@ -82,6 +86,8 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--config") args.config = value(arg);
     else if (arg == "--out") args.out = value(arg);
     else if (arg == "--format") args.format = value(arg);
+    else if (arg == "--trace-routing") args.trace_routing = value(arg);
+    else if (arg == "--profile") args.profile = value(arg);
     else if (arg == "--set") args.sets.push_back(value(arg));
     else if (arg == "--plugins") for (auto& item : split_commas(value(arg))) args.plugins.push_back(item);
     else if (arg.rfind("--", 0) == 0) throw Error("unknown option '" + arg + "' (see --help)");
@@ -154,6 +160,8 @@ int command_train(const Arguments& args) {
   RunSettings settings;
   settings.plugin_files = args.plugins;
   settings.out_dir = args.out;
+  settings.trace_routing = args.trace_routing;
+  settings.profile = args.profile;
   Trainer trainer(load_config(args), settings);
   trainer.run();
   return 0;

@@ -18,14 +18,14 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
   dims.rope_theta = options.number("rope_theta", 10000.0);
   dims.init_std = options.number("init_std", 0.02);
   norm_eps_ = options.number("norm_eps", 1e-5);
-  const int64_t dense_hidden_size = options.integer("dense_hidden_size", 4 * dims.hidden_size);
-  const int64_t first_dense_layers = options.integer("first_dense_layers", 0);
+  const int64_t dense_hidden_size = dense_hidden_size_ = options.integer("dense_hidden_size", 4 * dims.hidden_size);
+  const int64_t first_dense_layers = first_dense_layers_ = options.integer("first_dense_layers", 0);
 
   Options moe = options.table("moe");
   dims.num_experts = moe.integer("num_experts", 8);
   dims.top_k = moe.integer("top_k", 2);
   dims.expert_hidden_size = moe.integer("expert_hidden_size", dims.hidden_size);
-  const int64_t shared_experts = moe.integer("shared_experts", 0);
+  const int64_t shared_experts = shared_experts_ = moe.integer("shared_experts", 0);
 
   auto check = [&](bool ok, const std::string& key, const std::string& rule) {
     if (!ok) throw Error(options.where(key) + ": model." + key + " " + rule);
@@ -159,6 +159,28 @@ std::vector<NamedTensor> Model::state() const {
     if (layers_[index].router)
       for (auto& buffer : layers_[index].router->buffers())
         result.push_back({"layers." + std::to_string(index) + ".router." + buffer.name, buffer.tensor});
+  return result;
+}
+
+double Model::flops_per_token(int64_t seq_len) const {
+  const ModelDims& d = context_.dims;
+  const double attention = 2.0 * d.hidden_size * d.num_heads * d.head_dim + 2.0 * d.hidden_size * d.num_kv_heads * d.head_dim;
+  const double expert = 3.0 * d.hidden_size * d.expert_hidden_size;
+  double parameters = static_cast<double>(d.vocab_size) * d.hidden_size;  // LM head (the embedding is a lookup)
+  for (int64_t layer = 0; layer < d.num_layers; ++layer) {
+    parameters += attention;
+    if (layer < first_dense_layers_)
+      parameters += 3.0 * d.hidden_size * dense_hidden_size_;
+    else
+      parameters += d.hidden_size * d.num_experts + (d.top_k + shared_experts_) * expert;
+  }
+  return 6.0 * parameters + 6.0 * d.num_layers * seq_len * d.num_heads * d.head_dim;
+}
+
+std::vector<std::vector<NamedTensor>> Model::router_buffers() const {
+  std::vector<std::vector<NamedTensor>> result;
+  for (const auto& layer : layers_)
+    if (layer.router) result.push_back(layer.router->buffers());
   return result;
 }
 

@@ -48,6 +48,12 @@ class Model {
   std::vector<NamedTensor> state() const;
   void after_optimizer_step();
 
+  // Training FLOPs per token (forward + backward) for MFU: 6 x the matmul parameters a token uses
+  // (top_k of the routed experts) + 6 x layers x seq x heads x head_dim for causal attention.
+  double flops_per_token(int64_t seq_len) const;
+  // Each MoE layer's router buffers (e.g. the aux_free bias), for diagnostics.
+  std::vector<std::vector<NamedTensor>> router_buffers() const;
+
   const ModelDims& dims() const { return context_.dims; }
   const std::vector<ManifestEntry>& manifest() const { return manifest_; }
   int64_t num_moe_layers() const;
@@ -55,6 +61,7 @@ class Model {
  private:
   PluginContext context_;
   double norm_eps_ = 1e-5;
+  int64_t first_dense_layers_ = 0, dense_hidden_size_ = 0, shared_experts_ = 0;
   at::Tensor embedding_;   // [V, H]
   std::vector<DecoderLayer> layers_;
   at::Tensor final_norm_;  // [H]

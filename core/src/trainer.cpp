@@ -1,20 +1,27 @@
-// The training loop (DESIGN.md, "Data flow of one training step").
+// The training loop (DESIGN.md, "Data flow of one training step"), checkpoints and resume.
 #include "trainer.h"
 
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <ctime>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <sstream>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 #include <ATen/core/grad_mode.h>
 #include <spdlog/spdlog.h>
 
+#include "json.h"
 #include "pithtrain/nn.h"
+#include "profiler.h"
+#include "routing_trace.h"
 
 namespace pithtrain {
 namespace fs = std::filesystem;
@@ -22,10 +29,98 @@ namespace fs = std::filesystem;
 double learning_rate(const TrainConfig& config, int64_t step) {
   if (config.warmup_steps > 0 && step <= config.warmup_steps)
     return config.lr * static_cast<double>(step) / static_cast<double>(config.warmup_steps);
+  if (config.lr_schedule == "constant") return config.lr;
+  if (config.lr_schedule == "wsd") {
+    // Warmup-stable-decay: hold lr, then decay linearly to min_lr over the last decay_fraction of steps.
+    const int64_t decay_steps = std::max<int64_t>(1, std::llround(config.decay_fraction * config.steps));
+    const int64_t decay_start = config.steps - decay_steps;
+    if (step <= decay_start) return config.lr;
+    const double progress = std::min(1.0, static_cast<double>(step - decay_start) / decay_steps);
+    return config.lr + (config.min_lr - config.lr) * progress;
+  }
   const double decay_steps = std::max<int64_t>(1, config.steps - config.warmup_steps);
   const double progress = std::min(1.0, static_cast<double>(step - config.warmup_steps) / decay_steps);
   return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + std::cos(M_PI * progress));
 }
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+void on_stop_signal(int signal) { g_stop_signal = signal; }
+
+// Installs SIGINT/SIGTERM handlers for the life of a run: the loop finishes its step, saves, and exits.
+struct StopSignals {
+  struct sigaction previous_int {}, previous_term {};
+  StopSignals() {
+    g_stop_signal = 0;
+    struct sigaction action {};
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, &previous_int);
+    sigaction(SIGTERM, &action, &previous_term);
+  }
+  ~StopSignals() {
+    sigaction(SIGINT, &previous_int, nullptr);
+    sigaction(SIGTERM, &previous_term, nullptr);
+  }
+};
+
+double resident_memory_mb() {
+  std::ifstream statm("/proc/self/statm");
+  long pages_total = 0, pages_resident = 0;
+  statm >> pages_total >> pages_resident;
+  return static_cast<double>(pages_resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
+
+// Default peak FLOP/s when train.peak_tflops is not set: H100/H200 dense bf16 for CUDA; for the CPU,
+// 32 float32 FLOPs per cycle (two AVX2 FMA units) at 2.5 GHz per core.
+double default_peak_flops(const std::string& device) {
+  if (device.rfind("cuda", 0) == 0) return 989e12;
+  return static_cast<double>(std::max<long>(1, ::sysconf(_SC_NPROCESSORS_ONLN))) * 32 * 2.5e9;
+}
+
+// Per-layer router diagnostics from one step's load, as a JSON object.
+std::string router_stats_json(size_t layer, const at::Tensor& tokens_per_expert, const std::vector<NamedTensor>& buffers,
+                              double& worst_imbalance) {
+  at::Tensor load = tokens_per_expert.to(at::kDouble);
+  const double total = load.sum().item<double>(), mean = load.mean().item<double>(), max = load.max().item<double>();
+  const double imbalance = mean > 0 ? max / mean : 0.0;
+  worst_imbalance = std::max(worst_imbalance, imbalance);
+  at::Tensor share = load / std::max(total, 1.0);
+  // Entropy of the load distribution over experts, divided by log(E): 1 is uniform, 0 all on one expert.
+  const double entropy = -(share * at::log(share.clamp_min(1e-30))).sum().item<double>() / std::log(load.numel());
+  std::ostringstream out;
+  out << std::setprecision(6) << "{\"moe_layer\":" << layer << ",\"max_over_mean\":" << imbalance
+      << ",\"busiest_fraction\":" << (total > 0 ? max / total : 0.0) << ",\"entropy\":" << entropy
+      << ",\"tokens_per_expert\":[";
+  at::Tensor counts = tokens_per_expert.to(at::kLong).contiguous();
+  for (int64_t e = 0; e < counts.numel(); ++e) out << (e ? "," : "") << counts.data_ptr<int64_t>()[e];
+  out << "]";
+  for (const auto& buffer : buffers) {
+    at::Tensor values = buffer.tensor.to(at::kDouble);
+    out << "," << json_quote(buffer.name + "_norm") << ":" << values.norm().item<double>() << ","
+        << json_quote(buffer.name + "_range") << ":" << (values.max() - values.min()).item<double>();
+  }
+  out << "}";
+  return out.str();
+}
+
+// Keeps only the metrics lines of steps <= `step` (a resumed run rewrites what came after its checkpoint).
+void truncate_metrics(const fs::path& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::vector<std::string> kept;
+  std::string line;
+  while (std::getline(in, line)) {
+    auto position = line.find("\"step\":");
+    if (position != std::string::npos && std::strtoll(line.c_str() + position + 7, nullptr, 10) <= step) kept.push_back(line);
+  }
+  in.close();
+  std::ofstream out(path, std::ios::trunc);
+  for (const auto& kept_line : kept) out << kept_line << "\n";
+}
+
+}  // namespace
 
 Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(config)), settings_(std::move(settings)) {
   Options train = options_.table("train");
@@ -36,23 +131,42 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   config_.lr = train.number("lr", 3e-3);
   config_.min_lr = train.number("min_lr", config_.lr * 0.1);
   config_.warmup_steps = train.integer("warmup_steps", std::min<int64_t>(100, config_.steps / 10));
+  config_.lr_schedule = train.text("lr_schedule", "cosine");
+  config_.decay_fraction = train.number("decay_fraction", 0.2);
   config_.grad_clip = train.number("grad_clip", 1.0);
   config_.log_every = train.integer("log_every", 10);
-  config_.eval_batches = train.integer("eval_batches", 8);
   config_.seed = static_cast<uint64_t>(train.integer("seed", 1234));
   config_.device = train.text("device", "cpu");
+  config_.dtype = train.text("dtype", "float32");
+  config_.peak_flops = train.number("peak_tflops", default_peak_flops(config_.device) / 1e12) * 1e12;
+  Options eval = options_.table("eval");
+  config_.eval_every = eval.integer("every", 0);
+  config_.eval_batches = eval.integer("batches", 8);
+  Options checkpoint = options_.table("checkpoint");
+  config_.checkpoint_every = checkpoint.integer("every", 0);
+  config_.checkpoint_keep = checkpoint.integer("keep", 3);
+  config_.resume = checkpoint.boolean("resume", true);
   config_.run_name = options_.table("run").text("name", "tiny");
   Options data = options_.table("data");
   config_.data_path = data.required_text("path");
   config_.validation_fraction = data.number("validation_fraction", 0.05);
+
   for (auto [key, value] : {std::pair{"steps", config_.steps}, {"batch_size", config_.batch_size},
                             {"micro_batches", config_.micro_batches}, {"seq_len", config_.seq_len},
                             {"log_every", config_.log_every}})
     if (value < 1) throw Error(train.where(key) + ": train." + key + " must be at least 1");
   if (config_.device != "cpu" && config_.device.rfind("cuda", 0) != 0)
     throw Error(train.where("device") + ": train.device must be \"cpu\" or \"cuda[:N]\", got \"" + config_.device + "\"");
+  if (config_.dtype != "float32" && config_.dtype != "bfloat16")
+    throw Error(train.where("dtype") + ": train.dtype must be \"float32\" or \"bfloat16\", got \"" + config_.dtype + "\"");
+  if (config_.lr_schedule != "cosine" && config_.lr_schedule != "wsd" && config_.lr_schedule != "constant")
+    throw Error(train.where("lr_schedule") + ": train.lr_schedule must be \"cosine\", \"wsd\" or \"constant\", got \"" +
+                config_.lr_schedule + "\"");
+  if (!(config_.decay_fraction > 0 && config_.decay_fraction <= 1))
+    throw Error(train.where("decay_fraction") + ": train.decay_fraction must be in (0, 1]");
   if (!(config_.validation_fraction >= 0 && config_.validation_fraction < 1))
     throw Error(data.where("validation_fraction") + ": data.validation_fraction must be in [0, 1)");
+  if (config_.checkpoint_keep < 1) throw Error(checkpoint.where("keep") + ": checkpoint.keep must be at least 1");
 
   Options plugins = options_.table("plugins");
   registry_ = std::make_unique<PluginRegistry>(default_search_dirs(plugins.text_list("paths", {})),
@@ -61,16 +175,24 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   at::manual_seed(config_.seed);
   PluginContext context;
   context.device = c10::Device(config_.device);
+  context.dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   context.logger = &logger();
   model_ = std::make_unique<Model>(options_.table("model"), *registry_, context);
   manifest_ = model_->manifest();
   parameters_ = model_->parameters();
+  // bf16 compute keeps float32 master weights: the optimizer updates them, the model gets bf16 copies.
+  mixed_precision_ = context.dtype != at::kFloat;
+  for (const auto& parameter : parameters_)
+    master_.push_back(mixed_precision_ ? Parameter{parameter.name, parameter.tensor.detach().to(at::kFloat).clone(),
+                                                   parameter.weight_decay}
+                                       : parameter);
 
   Options optimizer_options = options_.table("optimizer");
   const LoadedPlugin& optimizer_plugin = registry_->get("optimizer", optimizer_options.text("plugin", "adamw"));
   PluginContext optimizer_context = context;
+  optimizer_context.dtype = at::kFloat;
   optimizer_context.dims = model_->dims();
-  optimizer_context.parameters = parameters_;
+  optimizer_context.parameters = master_;
   optimizer_ = make_optimizer(optimizer_plugin, optimizer_options, optimizer_context);
   Options schedule_options = options_.table("schedule");
   const LoadedPlugin& schedule_plugin = registry_->get("schedule", schedule_options.text("plugin", "single"));
@@ -86,74 +208,123 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
                 std::to_string(model_->dims().vocab_size) + " but dataset '" + config_.data_path + "' has tokens up to " +
                 std::to_string(dataset_->header().vocab_size) + "; raise model.vocab_size");
   train_end_ = static_cast<uint64_t>(std::llround(dataset_->size() * (1.0 - config_.validation_fraction)));
-  if (train_end_ < static_cast<uint64_t>(config_.seq_len + 1) * 2)
-    throw Error("dataset '" + config_.data_path + "' has " + std::to_string(dataset_->size()) +
-                " tokens, too few for train.seq_len " + std::to_string(config_.seq_len));
+  train_order_ = std::make_unique<WindowOrder>(0, train_end_, config_.seq_len + 1, config_.seed);
+  run_dir_ = settings_.out_dir.empty() ? "runs/" + config_.run_name : settings_.out_dir;
 }
 
 double Trainer::evaluate() {
-  if (config_.eval_batches < 1 || dataset_->size() - train_end_ < static_cast<uint64_t>(config_.seq_len + 1))
-    return std::nan("");
+  const uint64_t held_out = dataset_->size() - train_end_;
+  const uint64_t seq_len = static_cast<uint64_t>(config_.seq_len);
+  if (config_.eval_batches < 1 || held_out < seq_len + 1) return std::nan("");
   at::NoGradGuard no_grad;
-  std::mt19937_64 generator(config_.seed + 1);
+  // The same held-out windows, evenly spread, every time: validation losses compare across a run.
+  const uint64_t available = (held_out - 1) / seq_len;
+  const uint64_t wanted = static_cast<uint64_t>(config_.eval_batches * config_.batch_size);
   double total = 0;
-  for (int64_t i = 0; i < config_.eval_batches; ++i) {
-    at::Tensor tokens = dataset_->sample(config_.batch_size, config_.seq_len + 1, train_end_, dataset_->size(), generator);
-    total += model_->forward(tokens).cross_entropy.item<double>();
+  for (uint64_t batch = 0; batch < static_cast<uint64_t>(config_.eval_batches); ++batch) {
+    std::vector<uint64_t> offsets;
+    for (uint64_t row = 0; row < static_cast<uint64_t>(config_.batch_size); ++row) {
+      const uint64_t window = batch * config_.batch_size + row;
+      offsets.push_back(train_end_ + (window * available / wanted) % available * seq_len);
+    }
+    total += model_->forward(dataset_->windows(offsets, config_.seq_len + 1)).cross_entropy.item<double>();
   }
   return total / static_cast<double>(config_.eval_batches);
 }
 
-namespace {
-
-std::string timestamp() {
-  std::time_t now = std::time(nullptr);
-  char buffer[32];
-  std::strftime(buffer, sizeof(buffer), "%Y%m%d-%H%M%S", std::localtime(&now));
-  return buffer;
+std::vector<NamedTensor> Trainer::checkpoint_tensors() {
+  std::vector<NamedTensor> tensors;
+  for (const auto& parameter : master_) tensors.push_back({"model/" + parameter.name, parameter.tensor});
+  for (const auto& item : model_->state())
+    if (item.name.find(".router.") != std::string::npos && std::none_of(master_.begin(), master_.end(),
+                                                                        [&](const Parameter& p) { return p.name == item.name; }))
+      tensors.push_back({"model/" + item.name, item.tensor});
+  for (const auto& item : optimizer_->state()) tensors.push_back({"optimizer/" + item.name, item.tensor});
+  tensors.push_back({"rng/cpu", at::detail::getDefaultCPUGenerator().get_state()});
+  return tensors;
 }
 
-// max(load) / mean(load) for one layer's tokens_per_expert: 1.0 is perfectly balanced.
-double max_over_mean(const at::Tensor& tokens_per_expert) {
-  at::Tensor load = tokens_per_expert.to(at::kDouble);
-  double mean = load.mean().item<double>();
-  return mean > 0 ? load.max().item<double>() / mean : 0.0;
+std::map<std::string, std::string> Trainer::checkpoint_metadata(int64_t step, double smoothed) const {
+  char smoothed_text[32];
+  std::snprintf(smoothed_text, sizeof(smoothed_text), "%.17g", smoothed);
+  return {{"step", std::to_string(step)},
+          {"data_position", std::to_string(train_order_->position())},
+          {"smoothed_loss", smoothed_text},
+          {"data_path", config_.data_path}};
 }
-
-}  // namespace
 
 TrainSummary Trainer::run() {
   auto& log = logger();
   TrainSummary summary;
-  summary.run_dir = settings_.out_dir.empty() ? "runs/" + config_.run_name + "-" + timestamp() : settings_.out_dir;
-  fs::create_directories(summary.run_dir);
+  summary.run_dir = run_dir_;
+  fs::create_directories(run_dir_);
   const std::string resolved = options_.resolved_toml();
-  std::ofstream(summary.run_dir + "/config.toml") << resolved << "\n";
+  std::ofstream(run_dir_ + "/config.toml") << resolved << "\n";
   if (!settings_.quiet) {
     log.info("components:");
     for (const auto& entry : manifest_)
       log.info("  {:<26} = {:<13} v{:<6} {}", entry.config_key, entry.plugin->name(), entry.plugin->descriptor->version,
                entry.plugin->file.string());
-    log.info("resolved config (saved to {}/config.toml):\n{}", summary.run_dir, resolved);
+    log.info("resolved config (saved to {}/config.toml):\n{}", run_dir_, resolved);
     int64_t count = 0;
     for (const auto& parameter : parameters_) count += parameter.tensor.numel();
-    log.info("model: {} parameters, {} MoE layers of {}; data: {} tokens ({} train) from {}", count,
-             model_->num_moe_layers(), model_->dims().num_layers, dataset_->size(), train_end_, config_.data_path);
+    log.info("model: {} parameters, {} MoE layers of {}, {:.3g} training FLOPs per token; data: {} tokens ({} train, {} windows "
+             "per epoch) from {}",
+             count, model_->num_moe_layers(), model_->dims().num_layers, model_->flops_per_token(config_.seq_len),
+             dataset_->size(), train_end_, train_order_->count(), config_.data_path);
   }
-  std::ofstream metrics(summary.run_dir + "/metrics.jsonl");
-  std::mt19937_64 generator(config_.seed);
+
+  // Resume from the newest valid checkpoint of this run directory.
+  CheckpointFolder checkpoints(fs::path(run_dir_) / "checkpoints", config_.checkpoint_keep);
+  double smoothed = 0;
+  int64_t start_step = 0;
+  if (config_.resume) {
+    if (auto latest = checkpoints.load_latest()) {
+      const auto& [path, file] = *latest;
+      std::vector<NamedTensor> targets = checkpoint_tensors();
+      std::vector<NamedTensor> model_targets, optimizer_targets;
+      for (auto& target : targets) {
+        if (target.name.rfind("model/", 0) == 0) model_targets.push_back({target.name.substr(6), target.tensor});
+        if (target.name.rfind("optimizer/", 0) == 0) optimizer_targets.push_back({target.name.substr(10), target.tensor});
+      }
+      copy_tensors_by_name(file, model_targets, "model/", path.string());
+      copy_tensors_by_name(file, optimizer_targets, "optimizer/", path.string());
+      if (const at::Tensor* rng = file.find("rng/cpu")) {
+        at::Generator generator = at::detail::getDefaultCPUGenerator();
+        generator.set_state(*rng);
+      }
+      start_step = std::stoll(file.metadata.at("step"));
+      train_order_->set_position(std::stoull(file.metadata.at("data_position")));
+      smoothed = std::stod(file.metadata.at("smoothed_loss"));
+      if (mixed_precision_) {
+        at::NoGradGuard no_grad;
+        for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].tensor.copy_(master_[i].tensor);
+      }
+      summary.resumed_from = start_step;
+      truncate_metrics(fs::path(run_dir_) / "metrics.jsonl", start_step);
+      if (!settings_.quiet) log.info("resumed from {} at step {}", path.string(), start_step);
+      if (start_step >= config_.steps && !settings_.quiet)
+        log.info("{} already reached train.steps = {}; raise train.steps to train further, or use --out DIR (or "
+                 "--set run.name=...) for a new run", run_dir_, config_.steps);
+    }
+  }
+  std::ofstream metrics(run_dir_ + "/metrics.jsonl", start_step > 0 ? std::ios::app : std::ios::trunc);
+  std::unique_ptr<RoutingTrace> trace;
+  if (!settings_.trace_routing.empty())
+    trace = std::make_unique<RoutingTrace>(settings_.trace_routing, model_->num_moe_layers(), model_->dims().num_experts, start_step);
+  std::unique_ptr<StepProfiler> profiler;
+  if (!settings_.profile.empty()) profiler = std::make_unique<StepProfiler>(settings_.profile, run_dir_);
 
   const int64_t tokens_per_step = config_.batch_size * config_.micro_batches * config_.seq_len;
-  double lr = 0, smoothed = 0, window_tokens = 0;
+  const double flops_per_token = model_->flops_per_token(config_.seq_len);
+  double lr = 0, window_tokens = 0, window_seconds = 0, total_seconds = 0;
   std::vector<at::Tensor> step_load;  // per MoE layer, this step's tokens_per_expert
-  auto start = std::chrono::steady_clock::now();
-  auto window_start = start;
-
   StepFunctions step_functions;
   step_functions.micro_batches = config_.micro_batches;
   step_functions.forward = [&](int64_t) {
-    at::Tensor tokens = dataset_->sample(config_.batch_size, config_.seq_len + 1, 0, train_end_, generator);
-    ModelOutput output = model_->forward(tokens);
+    std::vector<uint64_t> offsets;
+    for (int64_t row = 0; row < config_.batch_size; ++row) offsets.push_back(train_order_->next());
+    ModelOutput output = model_->forward(dataset_->windows(offsets, config_.seq_len + 1));
     for (size_t layer = 0; layer < output.tokens_per_expert.size(); ++layer) {
       if (step_load.size() <= layer) step_load.push_back(at::zeros_like(output.tokens_per_expert[layer]));
       step_load[layer] += output.tokens_per_expert[layer];
@@ -165,111 +336,113 @@ TrainSummary Trainer::run() {
     for (auto& parameter : parameters_) parameter.tensor.mutable_grad() = at::Tensor();
   };
   step_functions.clip_gradients = [&] {
+    at::NoGradGuard no_grad;
+    if (mixed_precision_)
+      for (size_t i = 0; i < parameters_.size(); ++i)
+        master_[i].tensor.mutable_grad() =
+            parameters_[i].tensor.grad().defined() ? parameters_[i].tensor.grad().to(at::kFloat) : at::Tensor();
     std::vector<at::Tensor> norms;
-    for (auto& parameter : parameters_)
-      if (parameter.tensor.grad().defined()) norms.push_back(parameter.tensor.grad().to(at::kFloat).norm());
+    for (auto& parameter : master_)
+      if (parameter.tensor.grad().defined()) norms.push_back(parameter.tensor.grad().norm());
     double total = norms.empty() ? 0.0 : at::stack(norms).norm().item<double>();
-    if (config_.grad_clip > 0 && total > config_.grad_clip) {
-      at::NoGradGuard no_grad;
-      for (auto& parameter : parameters_)
+    if (config_.grad_clip > 0 && total > config_.grad_clip)
+      for (auto& parameter : master_)
         if (parameter.tensor.grad().defined()) parameter.tensor.mutable_grad().mul_(config_.grad_clip / (total + 1e-6));
-    }
     return total;
   };
-  step_functions.optimizer_step = [&] { optimizer_->step(lr); };
+  step_functions.optimizer_step = [&] {
+    optimizer_->step(lr);
+    if (mixed_precision_) {
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].tensor.copy_(master_[i].tensor);
+    }
+  };
   step_functions.after_optimizer_step = [&] { model_->after_optimizer_step(); };
 
-  for (int64_t step = 1; step <= config_.steps; ++step) {
+  StopSignals stop_signals;
+  int64_t step = start_step;
+  int64_t last_saved = start_step;
+  auto save = [&](int64_t at_step) {
+    fs::path path = checkpoints.save(at_step, checkpoint_tensors(), checkpoint_metadata(at_step, smoothed));
+    last_saved = at_step;
+    if (!settings_.quiet) log.info("saved checkpoint {}", path.string());
+  };
+  while (step < config_.steps) {
+    ++step;
     lr = learning_rate(config_, step);
     step_load.clear();
+    if (profiler) profiler->before_step(step);
+    auto step_start = std::chrono::steady_clock::now();
     StepResult result = schedule_->run_step(step_functions);
+    double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+    if (profiler) profiler->after_step(step, settings_.quiet);
     if (!std::isfinite(result.loss))
       throw Error("loss became " + std::to_string(result.loss) + " at step " + std::to_string(step) +
-                  "; lower train.lr or set train.grad_clip (see " + summary.run_dir + "/metrics.jsonl)");
+                  "; lower train.lr or set train.grad_clip (see " + run_dir_ + "/metrics.jsonl)");
     window_tokens += static_cast<double>(tokens_per_step);
+    window_seconds += step_seconds;
+    total_seconds += step_seconds;
     smoothed = step == 1 ? result.cross_entropy : 0.9 * smoothed + 0.1 * result.cross_entropy;
-    if (step == 1) summary.first_loss = result.cross_entropy;
-    if (step % config_.log_every == 0 || step == 1 || step == config_.steps) {
-      auto now = std::chrono::steady_clock::now();
-      double seconds = std::chrono::duration<double>(now - window_start).count();
-      double tokens_per_second = window_tokens / std::max(seconds, 1e-9);
-      window_start = now;
-      window_tokens = 0;
+    if (summary.losses.empty()) summary.first_loss = result.cross_entropy;
+    summary.losses.emplace_back(step, result.cross_entropy);
+    if (trace) trace->record(step, step_load);
+    const bool evaluate_now = config_.eval_every > 0 && step % config_.eval_every == 0;
+    const double validation_loss = evaluate_now ? evaluate() : std::nan("");
+    if (step % config_.log_every == 0 || step == 1 || step == config_.steps || evaluate_now) {
+      const double tokens_per_second = window_tokens / std::max(window_seconds, 1e-9);
+      const double mfu = tokens_per_second * flops_per_token / config_.peak_flops;
+      window_tokens = window_seconds = 0;
       double imbalance = 0;
-      std::ostringstream router_json;
-      router_json << "[";
-      for (size_t layer = 0; layer < step_load.size(); ++layer) {
-        double ratio = max_over_mean(step_load[layer]);
-        imbalance = std::max(imbalance, ratio);
-        at::Tensor counts = step_load[layer].to(at::kLong).contiguous();
-        router_json << (layer ? "," : "") << "{\"moe_layer\":" << layer << ",\"max_over_mean\":" << ratio
-                    << ",\"tokens_per_expert\":[";
-        for (int64_t e = 0; e < counts.numel(); ++e) router_json << (e ? "," : "") << counts.data_ptr<int64_t>()[e];
-        router_json << "]}";
-      }
-      router_json << "]";
+      auto buffers = model_->router_buffers();
+      std::string router_json = "[";
+      for (size_t layer = 0; layer < step_load.size(); ++layer)
+        router_json += (layer ? "," : "") + router_stats_json(layer, step_load[layer], buffers[layer], imbalance);
+      router_json += "]";
       metrics << std::setprecision(6) << "{\"step\":" << step << ",\"loss\":" << result.loss
-              << ",\"cross_entropy\":" << result.cross_entropy << ",\"aux_loss\":" << result.aux_loss
-              << ",\"lr\":" << lr << ",\"grad_norm\":" << result.grad_norm << ",\"tokens_per_s\":" << tokens_per_second
-              << ",\"router\":" << router_json.str() << "}\n";
+              << ",\"cross_entropy\":" << result.cross_entropy << ",\"aux_loss\":" << result.aux_loss << ",\"lr\":" << lr
+              << ",\"grad_norm\":" << result.grad_norm << ",\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
+              << ",\"memory_mb\":" << resident_memory_mb();
+      if (evaluate_now) metrics << ",\"val_loss\":" << validation_loss;
+      metrics << ",\"router\":" << router_json << "}\n";
       metrics.flush();
       if (!settings_.quiet)
-        log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}) | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
-                 "{:.0f} tok/s | router max/mean load {:.2f}",
-                 step, config_.steps, result.cross_entropy, smoothed, result.aux_loss, lr, result.grad_norm,
-                 tokens_per_second, imbalance);
+        log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}){} | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
+                 "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}",
+                 step, config_.steps, result.cross_entropy, smoothed,
+                 evaluate_now ? fmt::format(" | val {:.4f}", validation_loss) : std::string(), result.aux_loss, lr,
+                 result.grad_norm, tokens_per_second, 100 * mfu, imbalance);
     }
+    if (g_stop_signal != 0) {
+      save(step);
+      summary.interrupted = true;
+      if (!settings_.quiet)
+        log.warn("stopped by signal {} after step {}; the checkpoint is saved: rerun the same command to resume",
+                 g_stop_signal.load(), step);
+      break;
+    }
+    if (config_.checkpoint_every > 0 && step % config_.checkpoint_every == 0) save(step);
   }
-  summary.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  summary.steps = config_.steps;
+  if (!summary.interrupted && last_saved != step) save(step);
+  summary.steps = step;
+  summary.seconds = total_seconds;
   summary.final_smoothed_loss = smoothed;
-  summary.tokens_per_second = static_cast<double>(tokens_per_step * config_.steps) / summary.seconds;
+  summary.tokens_per_second = total_seconds > 0 ? tokens_per_step * static_cast<double>(summary.losses.size()) / total_seconds : 0;
+  if (summary.interrupted) return summary;
   summary.validation_loss = evaluate();
-  save_safetensors(summary.run_dir + "/model.safetensors", model_->state());
+  std::vector<NamedTensor> weights;
+  for (const auto& parameter : master_) weights.push_back({parameter.name, parameter.tensor});
+  for (const auto& item : model_->state())
+    if (std::none_of(master_.begin(), master_.end(), [&](const Parameter& p) { return p.name == item.name; }))
+      weights.push_back(item);
+  save_safetensors(run_dir_ + "/model.safetensors", weights, {{"step", std::to_string(step)}});
   if (!settings_.quiet) {
-    log.info("done: {} steps in {:.1f} s ({:.0f} tok/s); loss {:.4f} at step 1 -> {:.4f} smoothed at the end; "
-             "validation loss {:.4f}",
-             summary.steps, summary.seconds, summary.tokens_per_second, summary.first_loss,
+    log.info("done: step {} ({} this run, {:.1f} s, {:.0f} tok/s); loss {:.4f} at the first step -> {:.4f} smoothed at "
+             "the end; validation loss {:.4f}",
+             summary.steps, summary.losses.size(), summary.seconds, summary.tokens_per_second, summary.first_loss,
              summary.final_smoothed_loss, summary.validation_loss);
-    log.info("outputs: {0}/config.toml, {0}/metrics.jsonl, {0}/model.safetensors", summary.run_dir);
+    log.info("outputs: {0}/config.toml, {0}/metrics.jsonl, {0}/model.safetensors, {0}/checkpoints/", run_dir_);
   }
   return summary;
-}
-
-void save_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors) {
-  std::ostringstream header;
-  header << "{\"__metadata__\":{\"format\":\"pt\",\"producer\":\"pithtrain\"}";
-  std::vector<at::Tensor> contiguous;
-  uint64_t offset = 0;
-  for (const auto& item : tensors) {
-    at::Tensor tensor = item.tensor.detach().to(at::kCPU).contiguous();
-    const char* dtype = tensor.scalar_type() == at::kFloat    ? "F32"
-                        : tensor.scalar_type() == at::kDouble ? "F64"
-                        : tensor.scalar_type() == at::kBFloat16 ? "BF16"
-                        : tensor.scalar_type() == at::kLong   ? "I64"
-                                                              : nullptr;
-    if (dtype == nullptr) throw Error("save_safetensors: tensor " + item.name + " has an unsupported dtype");
-    uint64_t bytes = tensor.numel() * tensor.element_size();
-    header << ",\"" << item.name << "\":{\"dtype\":\"" << dtype << "\",\"shape\":[";
-    for (int64_t d = 0; d < tensor.dim(); ++d) header << (d ? "," : "") << tensor.size(d);
-    header << "],\"data_offsets\":[" << offset << "," << offset + bytes << "]}";
-    offset += bytes;
-    contiguous.push_back(tensor);
-  }
-  header << "}";
-  std::string header_text = header.str();
-  while (header_text.size() % 8 != 0) header_text += ' ';
-  const std::string temporary = path + ".tmp";
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    uint64_t header_size = header_text.size();
-    out.write(reinterpret_cast<const char*>(&header_size), 8);
-    out.write(header_text.data(), static_cast<std::streamsize>(header_text.size()));
-    for (const auto& tensor : contiguous)
-      out.write(static_cast<const char*>(tensor.data_ptr()), static_cast<std::streamsize>(tensor.numel() * tensor.element_size()));
-    if (!out) throw Error("writing '" + temporary + "' failed (disk full?)");
-  }
-  fs::rename(temporary, path);
 }
 
 }  // namespace pithtrain

@@ -1,10 +1,12 @@
 // The trainer: reads the run config, builds data, model, optimizer and schedule from plugins, and runs
-// the training loop with LR schedule, logging, metrics and the final summary.
+// the training loop: LR schedule, mixed precision, evaluation, checkpoints and resume, metrics.
 #pragma once
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "checkpoint.h"
 #include "data.h"
 #include "model.h"
 #include "pithtrain/optimizer.h"
@@ -14,29 +16,37 @@ namespace pithtrain {
 
 struct RunSettings {
   std::vector<std::string> plugin_files;  // --plugins
-  std::string out_dir;                    // --out; empty: runs/<name>-<timestamp>
+  std::string out_dir;                    // --out; empty: runs/<run.name>
+  std::string trace_routing;              // --trace-routing FILE; empty: off
+  std::string profile;                    // --profile A-B (steps, inclusive); empty: off
   bool quiet = false;                     // tests: no progress lines
 };
 
 struct TrainConfig {
-  int64_t steps = 0, batch_size = 0, micro_batches = 1, seq_len = 0, warmup_steps = 0, log_every = 10,
-          eval_batches = 0;
-  double lr = 0, min_lr = 0, grad_clip = 1.0, validation_fraction = 0.05;
+  int64_t steps = 0, batch_size = 0, micro_batches = 1, seq_len = 0, warmup_steps = 0, log_every = 10;
+  double lr = 0, min_lr = 0, decay_fraction = 0.2, grad_clip = 1.0, validation_fraction = 0.05, peak_flops = 0;
+  std::string lr_schedule = "cosine";  // cosine | wsd | constant
   uint64_t seed = 0;
-  std::string device, data_path, run_name;
+  std::string device, dtype, data_path, run_name;
+  int64_t eval_every = 0, eval_batches = 0;
+  int64_t checkpoint_every = 0, checkpoint_keep = 3;
+  bool resume = true;
 };
 
 struct TrainSummary {
-  int64_t steps = 0;
-  double first_loss = 0;           // cross-entropy of step 1
-  double final_smoothed_loss = 0;  // exponential moving average (0.9) of the last steps' cross-entropy
-  double validation_loss = 0;      // mean cross-entropy on held-out windows (NaN if eval_batches = 0)
+  int64_t steps = 0;                // the last step reached
+  int64_t resumed_from = 0;         // the checkpoint step this invocation started after (0: fresh)
+  bool interrupted = false;         // stopped early by SIGINT/SIGTERM (after saving)
+  double first_loss = 0;            // cross-entropy of step 1 (of this invocation's first step)
+  double final_smoothed_loss = 0;   // exponential moving average (0.9) of the cross-entropy
+  double validation_loss = 0;       // mean cross-entropy on the held-out windows (NaN if eval.batches = 0)
   double tokens_per_second = 0;
   double seconds = 0;
   std::string run_dir;
+  std::vector<std::pair<int64_t, double>> losses;  // (step, cross-entropy) of every step this invocation ran
 };
 
-// The warmup + cosine learning rate at optimizer step `step` (1-based).
+// The learning rate at optimizer step `step` (1-based): linear warmup, then the configured schedule.
 double learning_rate(const TrainConfig& config, int64_t step);
 
 class Trainer {
@@ -46,23 +56,28 @@ class Trainer {
   TrainSummary run();
   Model& model() { return *model_; }
   const TrainConfig& config() const { return config_; }
+  const std::string& run_dir() const { return run_dir_; }
 
  private:
   double evaluate();
+  std::vector<NamedTensor> checkpoint_tensors();
+  std::map<std::string, std::string> checkpoint_metadata(int64_t step, double smoothed) const;
+
   Options options_;
   RunSettings settings_;
   TrainConfig config_;
+  std::string run_dir_;
   std::unique_ptr<PluginRegistry> registry_;
   std::unique_ptr<TokenDataset> dataset_;
+  std::unique_ptr<WindowOrder> train_order_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<Optimizer> optimizer_;
   std::unique_ptr<Schedule> schedule_;
-  std::vector<Parameter> parameters_;
+  std::vector<Parameter> parameters_;  // the model's, in the compute dtype
+  std::vector<Parameter> master_;      // float32 copies the optimizer updates (the same tensors in float32 runs)
+  bool mixed_precision_ = false;
   std::vector<ManifestEntry> manifest_;
   uint64_t train_end_ = 0;  // tokens [0, train_end_) train, the rest validate
 };
-
-// Writes `tensors` as a safetensors file (little-endian, CPU copies), via a temporary file and rename.
-void save_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors);
 
 }  // namespace pithtrain
