@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/build.sh
 bin=${PITHTRAIN_BUILD_DIR:-build}/bin/pithtrain
 if [ ! -f data/fortunes.tokens ]; then
-  "$bin" data --format fortune --out data/fortunes.tokens /usr/share/games/fortunes
+  "$bin" data build --format fortune --out data/fortunes.tokens /usr/share/games/fortunes
 fi
 exec "$bin" --config configs/tiny.toml "$@"

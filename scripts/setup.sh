@@ -10,7 +10,7 @@ say() { echo "[setup] $*" >&2; }
 
 # --- Debian packages -------------------------------------------------------
 apt_packages=(g++ cmake ninja-build ccache libboost-dev libtomlplusplus-dev libspdlog-dev libfmt-dev
-              libgtest-dev fortunes python3-venv)
+              libgtest-dev fortunes python3-venv gnuplot-nox libsentencepiece-dev sentencepiece)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -44,6 +44,11 @@ if ! "$PITHTRAIN_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__versio
     say "Fix the network or pip, or point PITHTRAIN_VENV at a venv that has torch==$TORCH_VERSION."
     exit 1
   fi
+fi
+# The Hugging Face tokenizers package: the offline tokenizer.json step (scripts/tokenize_hf.py) and its test.
+if ! "$PITHTRAIN_VENV/bin/python" -c "import tokenizers" 2>/dev/null; then
+  say "installing tokenizers into $PITHTRAIN_VENV"
+  "$PITHTRAIN_VENV/bin/python" -m pip install -q "tokenizers==0.23.3" >&2
 fi
 torch_cmake=$("$PITHTRAIN_VENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "share", "cmake"))')
 echo "export PITHTRAIN_VENV=$PITHTRAIN_VENV"

@@ -16,7 +16,7 @@ check() {  # check NAME EXPECTED_EXIT(0|nonzero) PATTERN -- command...
   echo "ok   $name"
 }
 cd "$work"
-check "data tool" 0 "documents from" -- "$bin" data --format fortune --out data/fortunes.tokens "$fortunes"
+check "data tool" 0 "documents from" -- "$bin" data build --format fortune --out data/fortunes.tokens "$fortunes"
 config=(--config "$source_dir/configs/tiny.toml")
 small=(--set model.hidden_size=32 --set model.num_layers=2 --set train.seq_len=32 --set train.batch_size=2 --set train.steps=2)
 check "nonexistent plugin" nonzero "unknown router plugin 'nonexistent'.*available: aux_free, topk_softmax" -- \
@@ -31,7 +31,26 @@ check "plugin check" 0 "^[0-9]+ passed, 0 failed" -- "$bin" plugin check "$(dirn
 check "headline: --plugins router_aux_free.so" 0 "model.moe.router.plugin += aux_free" -- \
   "$bin" "${config[@]}" --plugins router_aux_free.so "${small[@]}" --out run_aux_free
 check "run dir outputs" 0 "expert_bias" -- grep -a -o expert_bias run_aux_free/model.safetensors
+check "plot" 0 "wrote .*router_load.png" -- "$bin" plot run_aux_free
+check "plot writes PNGs" 0 "PNG" -- head -c 4 run_aux_free/loss.png
+check "plot without metrics" nonzero "no metrics at" -- "$bin" plot /nonexistent_run
 check "--set picks topk_softmax" 0 "router.plugin += topk_softmax" -- \
   "$bin" "${config[@]}" --set model.moe.router.plugin=topk_softmax "${small[@]}" --out run_topk
+
+# SIGINT finishes the step, saves a checkpoint and exits 0; the same command then resumes.
+long=(--config "$source_dir/configs/tiny.toml" --set model.hidden_size=32 --set model.num_layers=2 --set train.seq_len=32
+      --set train.batch_size=2 --set train.steps=100000 --set train.log_every=1 --out run_interrupted)
+"$bin" "${long[@]}" >interrupt.log 2>&1 &
+pid=$!
+for _ in $(seq 1 300); do grep -q "step  *20/" interrupt.log 2>/dev/null && break; sleep 0.1; done
+kill -INT $pid; wait $pid; code=$?
+if [ $code -eq 0 ] && grep -q "stopped by signal 2" interrupt.log && ls run_interrupted/checkpoints/step_*.safetensors >/dev/null 2>&1; then
+  echo "ok   SIGINT saves and exits cleanly"
+else
+  echo "FAIL SIGINT: exit $code"; cat interrupt.log; failures=$((failures + 1))
+fi
+check "rerun resumes" 0 "resumed from .*run_interrupted/checkpoints/step_" -- "$bin" "${long[@]/train.steps=100000/train.steps=25}"
+check "profile" 0 "operator \(by self time\)" -- "$bin" "${config[@]}" "${small[@]}" --set train.steps=4 --profile 2-3 --out run_profile
+check "profile trace written" 0 "traceEvents" -- head -c 2000 run_profile/profile_steps_2-3.json
 echo "cli: $failures failed"
 [ $failures -eq 0 ]

@@ -11,7 +11,7 @@ cmake --build "$work/build" >"$work/build.log" 2>&1 || { cat "$work/build.log"; 
 echo "configured and built in $(( $(date +%s) - start )) s"
 plugin="$work/build/router_sigmoid_topk.so"
 "$bin" plugin check "$plugin"
-"$bin" data --out "$work/tokens" "$fortunes" >/dev/null
+"$bin" data build --format fortune --out "$work/tokens" "$fortunes" >/dev/null
 "$bin" --config "$source_dir/configs/tiny.toml" --plugins "$plugin" --set model.moe.router.plugin=sigmoid_topk \
        --set data.path=\""$work/tokens"\" --set train.steps=2 --set model.num_layers=2 --set train.seq_len=32 \
        --out "$work/run" 2>&1 | grep -E "router.plugin|done:"

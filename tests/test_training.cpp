@@ -2,7 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <cstdio>
 #include <fstream>
+#include <sstream>
 
 #include <ATen/ATen.h>
 
@@ -106,7 +108,7 @@ TEST(Data, CorruptFilesAreRefusedWithTheFix) {
       std::string message = error.what();
       EXPECT_NE(message.find(file.string()), std::string::npos) << message;
       EXPECT_NE(message.find(what), std::string::npos) << message;
-      EXPECT_NE(message.find("pithtrain data"), std::string::npos) << message;
+      EXPECT_NE(message.find("pithtrain data build"), std::string::npos) << message;
     }
   };
   fs::path flipped = scratch() / "flipped.tokens";
@@ -357,4 +359,77 @@ TEST(Training, PeriodicValidationIsLogged) {
     EXPECT_NE(line.find("\"expert_bias_norm\":"), std::string::npos);
   }
   EXPECT_EQ(with_validation, 2);  // steps 3 and 6
+}
+
+TEST(Data, JsonlTextFieldsAreDocuments) {
+  fs::path jsonl = scratch() / "docs.jsonl";
+  std::ofstream(jsonl) << "{\"id\": 1, \"text\": \"a\\\"b\\n\\u00e9\"}\n\n{\"text\": \"c\"}\n";
+  fs::path out = scratch() / "docs.tokens";
+  ConvertStats stats = convert_text({jsonl.string()}, "auto", out.string());
+  EXPECT_EQ(stats.documents, 2u);
+  TokenDataset dataset(out.string());
+  std::vector<int64_t> expected = {'a', '"', 'b', '\n', 0xC3, 0xA9, kEndOfDocument, 'c', kEndOfDocument};
+  ASSERT_EQ(dataset.size(), expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) EXPECT_EQ(static_cast<int64_t>(dataset.token(i)), expected[i]) << i;
+  fs::path bad = scratch() / "bad.jsonl";
+  std::ofstream(bad) << "{\"text\": \"fine\"}\n{\"body\": \"no text\"}\n";
+  try {
+    convert_text({bad.string()}, "auto", (scratch() / "bad.tokens").string());
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("bad.jsonl:2"), std::string::npos) << error.what();
+  }
+}
+
+TEST(Data, SentencePieceTrainsAndMatchesSpmEncode) {
+  fs::path out = scratch() / "sp.tokens";
+  TokenizerSpec tokenizer{"sentencepiece", (scratch() / "sp.model").string(), 600};
+  ConvertStats trained = convert_text({PITHTRAIN_FORTUNES_DIR}, "fortune", out.string(), tokenizer);
+  EXPECT_EQ(trained.vocab_size, 600u);
+  ASSERT_TRUE(fs::exists(scratch() / "sp.model"));
+  EXPECT_EQ(TokenDataset(out.string()).header().tokenizer, 2u);
+  // Subwords are denser than bytes: 600 pieces (256 of them byte fallbacks) measured 1.98 bytes per token.
+  EXPECT_LT(trained.tokens * 3, 2'561'459u * 2) << "fewer than 1.5 bytes per token";
+
+  // Single-line documents encoded with the trained model, against Debian's spm_encode on the same lines.
+  const std::vector<std::string> lines = {"The quick brown fox jumps over the lazy dog.",
+                                          "Fortune favours the bold, said nobody in particular.",
+                                          "Zebras qua zebras: 42 unusual words!"};
+  fs::path jsonl = scratch() / "lines.jsonl", text = scratch() / "lines.txt";
+  {
+    std::ofstream json_out(jsonl), text_out(text);
+    for (const auto& line : lines) json_out << "{\"text\": \"" << line << "\"}\n", text_out << line << "\n";
+  }
+  fs::path encoded = scratch() / "lines.tokens";
+  convert_text({jsonl.string()}, "jsonl", encoded.string(), TokenizerSpec{"sentencepiece", (scratch() / "sp.model").string(), 0});
+  std::string command = "spm_encode --model=" + (scratch() / "sp.model").string() + " --output_format=id < " + text.string();
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::vector<int64_t> reference;
+  char buffer[4096];
+  while (fgets(buffer, sizeof(buffer), pipe)) {
+    std::istringstream ids(buffer);
+    int64_t id;
+    while (ids >> id) reference.push_back(id);
+    reference.push_back(-1);  // end of line = end of document
+  }
+  ASSERT_EQ(pclose(pipe), 0) << "spm_encode failed (scripts/setup.sh installs Debian's sentencepiece)";
+  TokenDataset dataset(encoded.string());
+  std::vector<int64_t> ours;
+  const uint64_t end_of_document = 2;  // </s> in a default SentencePiece model
+  for (uint64_t i = 0; i < dataset.size(); ++i)
+    ours.push_back(dataset.token(i) == end_of_document ? -1 : static_cast<int64_t>(dataset.token(i)));
+  EXPECT_EQ(ours, reference);
+}
+
+TEST(Training, TrainsOnSentencePieceTokens) {
+  fs::path out = scratch() / "sp_train.tokens";
+  convert_text({PITHTRAIN_FORTUNES_DIR}, "fortune", out.string(), TokenizerSpec{"sentencepiece", (scratch() / "sp_train.model").string(), 512});
+  RunSettings settings = quiet_run("sp_train");
+  fs::remove_all(settings.out_dir);
+  Options options = tiny_config(with(kSmall, {"train.steps=30", "model.vocab_size=512", "train.warmup_steps=5"}));
+  options.set_override("data.path=\"" + out.string() + "\"");
+  TrainSummary summary = Trainer(options, settings).run();
+  EXPECT_NEAR(summary.first_loss, std::log(512.0), 0.4);
+  EXPECT_LT(summary.final_smoothed_loss, summary.first_loss - 0.8);
 }

@@ -7,23 +7,38 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <sstream>
 
 #include <ATen/ATen.h>
 
+#include "json.h"
 #include "pithtrain/error.h"
+#include "sentencepiece_tokenizer.h"
 
 namespace pithtrain {
 namespace fs = std::filesystem;
 
 namespace {
 
-uint64_t fnv1a(const uint8_t* bytes, size_t count, uint64_t hash = 1469598103934665603ull) {
-  for (size_t i = 0; i < count; ++i) hash = (hash ^ bytes[i]) * 1099511628211ull;
-  return hash;
+// CRC-32 (IEEE 802.3, as zlib's crc32), so tools in other languages can write token files cheaply.
+uint64_t crc32(const uint8_t* bytes, size_t count) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> entries{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t value = i;
+      for (int bit = 0; bit < 8; ++bit) value = (value & 1) ? 0xEDB88320u ^ (value >> 1) : value >> 1;
+      entries[i] = value;
+    }
+    return entries;
+  }();
+  uint32_t crc = 0xFFFFFFFFu;
+  for (size_t i = 0; i < count; ++i) crc = table[(crc ^ bytes[i]) & 0xFF] ^ (crc >> 8);
+  return crc ^ 0xFFFFFFFFu;
 }
 
 std::vector<fs::path> list_inputs(const std::vector<std::string>& inputs) {
@@ -50,53 +65,61 @@ std::vector<fs::path> list_inputs(const std::vector<std::string>& inputs) {
 
 }  // namespace
 
-ConvertStats convert_text(const std::vector<std::string>& inputs, const std::string& format,
-                          const std::string& output) {
-  if (format != "text" && format != "fortune")
-    throw Error("data format '" + format + "' is unknown; use 'text' (a file is a document) or 'fortune'");
-  ConvertStats stats;
-  std::vector<uint16_t> tokens;
-  auto add_document = [&](const std::string& text) {
-    if (text.find_first_not_of(" \t\r\n") == std::string::npos) return;
-    for (unsigned char byte : text) tokens.push_back(byte);
-    tokens.push_back(kEndOfDocument);
-    ++stats.documents;
-  };
-  for (const auto& file : list_inputs(inputs)) {
-    std::ifstream stream(file, std::ios::binary);
-    std::stringstream buffer;
-    buffer << stream.rdbuf();
-    std::string content = buffer.str();
-    if (content.find('\0') != std::string::npos) continue;  // not text
-    ++stats.files;
-    if (format == "text") {
-      add_document(content);
-      continue;
-    }
-    std::istringstream lines(content);
-    std::string line, document;
-    while (std::getline(lines, line)) {
-      if (line == "%") {
-        add_document(document);
-        document.clear();
-      } else {
-        document += line + "\n";
-      }
-    }
-    add_document(document);
-  }
-  stats.tokens = tokens.size();
+namespace {
 
+std::string format_of(const fs::path& file, const std::string& format) {
+  if (format != "auto") return format;
+  return file.extension() == ".jsonl" ? "jsonl" : "text";
+}
+
+// Calls `emit` with every document of `file` in the given format.
+void for_each_document(const fs::path& file, const std::string& content, const std::string& format,
+                       const std::function<void(const std::string&)>& emit) {
+  if (format == "text") return emit(content);
+  std::istringstream lines(content);
+  std::string line, document;
+  size_t line_number = 0;
+  while (std::getline(lines, line)) {
+    ++line_number;
+    if (format == "jsonl") {
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      JsonValue record = parse_json(line, file.string() + ":" + std::to_string(line_number));
+      const JsonValue* text = record.find("text");
+      if (text == nullptr || text->type != JsonValue::Type::String)
+        throw Error(file.string() + ":" + std::to_string(line_number) + ": a .jsonl line needs a string field \"text\"");
+      emit(text->text);
+    } else if (line == "%") {
+      emit(document);
+      document.clear();
+    } else {
+      document += line + "\n";
+    }
+  }
+  if (format == "fortune") emit(document);
+}
+
+}  // namespace
+
+void write_token_file(const std::string& output, const std::vector<uint32_t>& tokens, uint64_t vocab_size,
+                      uint32_t tokenizer_id, uint64_t documents) {
   TokenFileHeader header{};
   std::memcpy(header.magic, "PTTOKENS", 8);
   header.format_version = 1;
-  header.bytes_per_token = 2;
-  header.vocab_size = kByteVocabSize;
-  header.tokenizer = 1;
+  header.bytes_per_token = vocab_size <= 65536 ? 2 : 4;
+  header.vocab_size = static_cast<uint32_t>(vocab_size);
+  header.tokenizer = tokenizer_id;
   header.num_tokens = tokens.size();
-  header.num_documents = stats.documents;
-  header.checksum = fnv1a(reinterpret_cast<const uint8_t*>(tokens.data()), tokens.size() * 2);
-
+  header.num_documents = documents;
+  std::vector<unsigned char> bytes(tokens.size() * header.bytes_per_token);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (header.bytes_per_token == 2) {
+      uint16_t value = static_cast<uint16_t>(tokens[i]);
+      std::memcpy(bytes.data() + i * 2, &value, 2);
+    } else {
+      std::memcpy(bytes.data() + i * 4, &tokens[i], 4);
+    }
+  }
+  header.checksum = crc32(bytes.data(), bytes.size());
   fs::path target(output);
   if (target.has_parent_path()) fs::create_directories(target.parent_path());
   fs::path temporary = target.string() + ".tmp";
@@ -104,15 +127,88 @@ ConvertStats convert_text(const std::vector<std::string>& inputs, const std::str
     std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
     if (!out) throw Error("cannot write '" + temporary.string() + "': check the folder exists and is writable");
     out.write(reinterpret_cast<const char*>(&header), sizeof(header));
-    out.write(reinterpret_cast<const char*>(tokens.data()), static_cast<std::streamsize>(tokens.size() * 2));
+    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
     if (!out) throw Error("writing '" + temporary.string() + "' failed (disk full?)");
   }
   fs::rename(temporary, target);
+}
+
+ConvertStats convert_text(const std::vector<std::string>& inputs, const std::string& format,
+                          const std::string& output, const TokenizerSpec& tokenizer, bool progress) {
+  if (format != "auto" && format != "text" && format != "fortune" && format != "jsonl")
+    throw Error("data format '" + format + "' is unknown; use auto, text (a file is a document), fortune or jsonl");
+  if (tokenizer.kind != "bytes" && tokenizer.kind != "sentencepiece")
+    throw Error("tokenizer '" + tokenizer.kind + "' is unknown; use bytes or sentencepiece (Hugging Face "
+                "tokenizer.json files go through scripts/tokenize_hf.py, docs/data.md)");
+  const auto files = list_inputs(inputs);
+  ConvertStats stats;
+  // Reads every document once, in order; the SentencePiece trainer needs a first pass over them.
+  auto read_documents = [&](const std::function<void(const std::string&)>& emit) {
+    uint64_t bytes_read = 0, next_report = 64ull << 20;
+    for (const auto& file : files) {
+      std::ifstream stream(file, std::ios::binary);
+      std::stringstream buffer;
+      buffer << stream.rdbuf();
+      std::string content = buffer.str();
+      if (content.find('\0') != std::string::npos) continue;  // not text
+      for_each_document(file, content, format_of(file, format), [&](const std::string& document) {
+        if (document.find_first_not_of(" \t\r\n") != std::string::npos) emit(document);
+      });
+      bytes_read += content.size();
+      if (progress && bytes_read >= next_report) {
+        std::fprintf(stderr, "[data] %.0f MiB read, %s\n", bytes_read / 1048576.0, file.c_str());
+        next_report += 64ull << 20;
+      }
+    }
+  };
+
+  std::vector<uint32_t> tokens;
+  uint32_t tokenizer_id = 1;
+  if (tokenizer.kind == "bytes") {
+    stats.vocab_size = kByteVocabSize;
+    read_documents([&](const std::string& document) {
+      for (unsigned char byte : document) tokens.push_back(byte);
+      tokens.push_back(kEndOfDocument);
+      ++stats.documents;
+    });
+  } else {
+    tokenizer_id = 2;
+    stats.tokenizer_model = tokenizer.model.empty() ? output + ".model" : tokenizer.model;
+    if (tokenizer.train_vocab > 0) {
+      // One document per line: SentencePiece trains on lines, and treats newlines as whitespace anyway.
+      const std::string corpus = output + ".corpus.tmp";
+      {
+        std::ofstream out(corpus);
+        read_documents([&](const std::string& document) {
+          std::string line = document;
+          std::replace(line.begin(), line.end(), '\n', ' ');
+          out << line << "\n";
+        });
+      }
+      std::string prefix = stats.tokenizer_model.substr(0, stats.tokenizer_model.size() -
+                                                            (stats.tokenizer_model.size() > 6 &&
+                                                                     stats.tokenizer_model.substr(stats.tokenizer_model.size() - 6) == ".model"
+                                                                 ? 6 : 0));
+      stats.tokenizer_model = prefix + ".model";
+      train_sentencepiece(corpus, prefix, tokenizer.train_vocab);
+      fs::remove(corpus);
+    }
+    SentencePieceEncoder encoder(stats.tokenizer_model);
+    stats.vocab_size = encoder.vocab_size();
+    read_documents([&](const std::string& document) {
+      encoder.encode(document, tokens);
+      tokens.push_back(encoder.end_of_document());
+      ++stats.documents;
+    });
+  }
+  stats.files = files.size();
+  stats.tokens = tokens.size();
+  write_token_file(output, tokens, stats.vocab_size, tokenizer_id, stats.documents);
   return stats;
 }
 
 TokenDataset::TokenDataset(const std::string& path) : path_(path) {
-  const std::string fix = "; rebuild it with `pithtrain data --format fortune --out " + path + " <text files>`";
+  const std::string fix = "; rebuild it with `pithtrain data build --out " + path + " <text files>`";
   int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) throw Error("dataset '" + path + "': cannot open (" + std::strerror(errno) + ")" + fix);
   struct stat info {};
@@ -143,7 +239,7 @@ TokenDataset::TokenDataset(const std::string& path) : path_(path) {
     fail("size is " + std::to_string(mapping_size_) + " bytes but the header promises " + std::to_string(expected) +
          " (truncated or corrupt)");
   tokens_ = static_cast<const unsigned char*>(mapping_) + sizeof(TokenFileHeader);
-  if (fnv1a(tokens_, header_.num_tokens * header_.bytes_per_token) != header_.checksum) fail("checksum mismatch (corrupt)");
+  if (crc32(tokens_, header_.num_tokens * header_.bytes_per_token) != header_.checksum) fail("checksum mismatch (corrupt)");
   uint64_t largest = 0;
   for (uint64_t i = 0; i < header_.num_tokens; ++i) largest = std::max(largest, token(i));
   if (header_.num_tokens > 0 && largest >= header_.vocab_size)

@@ -17,12 +17,12 @@ inline constexpr uint16_t kEndOfDocument = 256;
 struct TokenFileHeader {
   char magic[8];             // "PTTOKENS"
   uint32_t format_version;   // 1
-  uint32_t bytes_per_token;  // 2 (uint16 little-endian)
+  uint32_t bytes_per_token;  // 2 (uint16) or 4 (uint32), little-endian
   uint32_t vocab_size;       // every token is < vocab_size
-  uint32_t tokenizer;        // 1 = bytes
+  uint32_t tokenizer;        // 1 = bytes, 2 = SentencePiece, 3 = Hugging Face tokenizer.json
   uint64_t num_tokens;
   uint64_t num_documents;
-  uint64_t checksum;         // FNV-1a 64 over the token bytes
+  uint64_t checksum;         // CRC-32 (zlib) of the token bytes
   uint8_t reserved[16];
 };
 static_assert(sizeof(TokenFileHeader) == 64);
@@ -31,13 +31,30 @@ struct ConvertStats {
   uint64_t files = 0;
   uint64_t documents = 0;
   uint64_t tokens = 0;
+  uint64_t vocab_size = 0;
+  std::string tokenizer_model;  // the SentencePiece model used or trained, if any
 };
 
-// Converts text files (or folders of them) to one token file. format "text": each file is a document;
-// "fortune": documents are separated by lines holding only '%'. Writes to a temporary file and renames
-// it over `output` only when complete, so a failure never leaves a partial file.
+// How text becomes tokens (docs/data.md). kind "bytes": byte-level, vocab 257. kind "sentencepiece":
+// the model file `model`, or, when `train_vocab` > 0, a BPE model of that vocabulary trained on the
+// corpus first and written to `model` (default: OUTPUT.model).
+struct TokenizerSpec {
+  std::string kind = "bytes";
+  std::string model;
+  int64_t train_vocab = 0;
+};
+
+// Converts text files (or folders of them) to one token file, an end-of-document token after each
+// document. format "text": a file is a document; "fortune": documents are separated by lines holding
+// only '%'; "jsonl": one JSON object per line, its "text" field a document; "auto": jsonl for *.jsonl
+// files, text otherwise. Writes to a temporary file and renames it over `output` only when complete,
+// so a failure never leaves a partial file. `progress` prints a line every 64 MiB of input.
 ConvertStats convert_text(const std::vector<std::string>& inputs, const std::string& format,
-                          const std::string& output);
+                          const std::string& output, const TokenizerSpec& tokenizer = {}, bool progress = false);
+
+// Writes a token file (header and tokens; 2 bytes per token when vocab_size <= 65536, else 4).
+void write_token_file(const std::string& output, const std::vector<uint32_t>& tokens, uint64_t vocab_size,
+                      uint32_t tokenizer_id, uint64_t documents);
 
 // A token file mapped read-only. Opening validates the header, size, token range and checksum, and
 // throws Error naming the file and the fix on any mismatch.

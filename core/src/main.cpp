@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "data.h"
+#include "plot.h"
 #include "embedded_config.h"
 #include "pithtrain/conformance.h"
 #include "registry.h"
@@ -18,7 +19,8 @@ namespace {
 const char* kTrainHelp = R"(usage: pithtrain [--config FILE] [--plugins A.so,B.so] [--set dotted.key=value]... [--out RUN_DIR]
        pithtrain plugins [--json] [--plugins A.so,...]
        pithtrain plugin check FILE.so
-       pithtrain data --out FILE [--format fortune|text] INPUT...
+       pithtrain data build --out FILE [--format auto|text|fortune|jsonl] [--tokenizer ...] INPUT...
+       pithtrain plot RUN_DIR
 
 Trains the MoE model described by the TOML config (default: the embedded configs/tiny.toml).
   --config FILE      TOML config (docs/config.md lists every key)
@@ -43,10 +45,16 @@ Loads one plugin file and runs the conformance suite of its kind (docs/plugins.m
 with PASS or FAIL. Exits 0 only if every check passes.
 )";
 
-const char* kDataHelp = R"(usage: pithtrain data --out FILE [--format fortune|text] INPUT...
-Converts text files (or folders of them) into a packed token file (docs/data.md), byte-level tokens.
-  --out FILE         the token file to write (written to FILE.tmp, renamed when complete)
-  --format FORMAT    fortune: documents separated by lines holding only '%' (default); text: one file, one document
+const char* kDataHelp = R"(usage: pithtrain data build --out FILE [--format F] [--tokenizer T] [--tokenizer-model M] [--train-vocab N] INPUT...
+Converts text files (or folders of them) into a packed token file (docs/data.md), an end-of-document
+token after each document.
+  --out FILE              the token file to write (written to FILE.tmp, renamed when complete)
+  --format F              auto (default: jsonl for *.jsonl, else text), text (a file is a document),
+                          fortune (documents separated by lines holding only '%'), jsonl ("text" field per line)
+  --tokenizer T           bytes (default, vocab 257) or sentencepiece
+  --tokenizer-model M     sentencepiece: the .model file to use (or to write, with --train-vocab)
+  --train-vocab N         sentencepiece: first train a BPE model of N pieces on these inputs
+Hugging Face tokenizer.json tokenizers: scripts/tokenize_hf.py writes the same format (docs/data.md).
 )";
 
 std::vector<std::string> split_commas(const std::string& text) {
@@ -68,7 +76,8 @@ std::string json_escape(const std::string& text) {
 }
 
 struct Arguments {
-  std::string config, out, format = "auto", trace_routing, profile;
+  std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model;
+  int64_t train_vocab = 0;
   std::vector<std::string> plugins, sets, positional;
   bool json = false, help = false;
 };
@@ -87,6 +96,9 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--out") args.out = value(arg);
     else if (arg == "--format") args.format = value(arg);
     else if (arg == "--trace-routing") args.trace_routing = value(arg);
+    else if (arg == "--tokenizer") args.tokenizer = value(arg);
+    else if (arg == "--tokenizer-model") args.tokenizer_model = value(arg);
+    else if (arg == "--train-vocab") args.train_vocab = std::stoll(value(arg));
     else if (arg == "--profile") args.profile = value(arg);
     else if (arg == "--set") args.sets.push_back(value(arg));
     else if (arg == "--plugins") for (auto& item : split_commas(value(arg))) args.plugins.push_back(item);
@@ -147,10 +159,26 @@ int command_plugin_check(const Arguments& args) {
 
 int command_data(const Arguments& args) {
   if (args.help) return std::cout << kDataHelp, 0;
-  if (args.out.empty() || args.positional.empty()) throw Error("data: needs --out FILE and at least one INPUT (see --help)");
-  ConvertStats stats = convert_text(args.positional, args.format, args.out);
+  if (args.positional.empty() || args.positional[0] != "build") return std::cout << kDataHelp, 2;
+  std::vector<std::string> inputs(args.positional.begin() + 1, args.positional.end());
+  if (args.out.empty() || inputs.empty()) throw Error("data build: needs --out FILE and at least one INPUT (see --help)");
+  TokenizerSpec tokenizer{args.tokenizer, args.tokenizer_model, args.train_vocab};
+  ConvertStats stats = convert_text(inputs, args.format, args.out, tokenizer, /*progress=*/true);
   std::cout << "wrote " << args.out << ": " << stats.tokens << " tokens, " << stats.documents << " documents from "
-            << stats.files << " files (byte-level, vocab " << kByteVocabSize << ")\n";
+            << stats.files << " files (" << args.tokenizer << ", vocab " << stats.vocab_size << ")";
+  if (!stats.tokenizer_model.empty()) std::cout << "; tokenizer model " << stats.tokenizer_model;
+  std::cout << "\n";
+  return 0;
+}
+
+const char* kPlotHelp = R"(usage: pithtrain plot RUN_DIR
+Writes PNG charts of RUN_DIR/metrics.jsonl into RUN_DIR with gnuplot: loss.png (train and validation),
+lr.png, throughput.png (tokens/s and MFU) and router_load.png (max/mean expert load per MoE layer).
+)";
+
+int command_plot(const Arguments& args) {
+  if (args.help || args.positional.size() != 1) return std::cout << kPlotHelp, args.help ? 0 : 2;
+  for (const auto& file : plot_run(args.positional[0])) std::cout << "wrote " << file << "\n";
   return 0;
 }
 
@@ -175,8 +203,9 @@ int main(int argc, char** argv) {
     if (command == "plugins") return command_plugins(parse(argc, argv, 2));
     if (command == "plugin") return command_plugin_check(parse(argc, argv, 2));
     if (command == "data") return command_data(parse(argc, argv, 2));
+    if (command == "plot") return command_plot(parse(argc, argv, 2));
     if (!command.empty() && command[0] != '-')
-      throw Error("unknown command '" + command + "'; commands: plugins, plugin check, data (or none, to train)");
+      throw Error("unknown command '" + command + "'; commands: plugins, plugin check, data build, plot (or none, to train)");
     return command_train(parse(argc, argv, 1));
   } catch (const std::exception& error) {
     std::cerr << "pithtrain: error: " << error.what() << "\n";
