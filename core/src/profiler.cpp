@@ -13,7 +13,7 @@
 namespace pithtrain {
 namespace profiler = torch::autograd::profiler;
 
-StepProfiler::StepProfiler(const std::string& steps, const std::string& run_dir) : run_dir_(run_dir) {
+StepProfiler::StepProfiler(const std::string& steps, const std::string& run_dir, bool cuda) : run_dir_(run_dir), cuda_(cuda) {
   try {
     size_t dash = steps.find('-');
     if (dash == std::string::npos) {
@@ -34,6 +34,7 @@ void StepProfiler::before_step(int64_t step) {
   if (step != first_) return;
   profiler::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
   std::set<torch::profiler::impl::ActivityType> activities{torch::profiler::impl::ActivityType::CPU};
+  if (cuda_) activities.insert(torch::profiler::impl::ActivityType::CUDA);
   profiler::prepareProfiler(config, activities);
   profiler::enableProfiler(config, activities);
   active_ = true;

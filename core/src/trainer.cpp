@@ -16,6 +16,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <spdlog/spdlog.h>
 
 #include "json.h"
@@ -70,6 +71,14 @@ double resident_memory_mb() {
   long pages_total = 0, pages_resident = 0;
   statm >> pages_total >> pages_resident;
   return static_cast<double>(pages_resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
+
+// Peak bytes the device's caching allocator has handed out, in MiB (CUDA runs only).
+double device_memory_peak_mb(const c10::Device& device) {
+  if (!device.is_cuda()) return std::nan("");
+  auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(device.has_index() ? device.index() : 0);
+  return static_cast<double>(stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak) /
+         (1024.0 * 1024.0);
 }
 
 // Default peak FLOP/s when train.peak_tflops is not set: H100/H200 dense bf16 for CUDA; for the CPU,
@@ -313,7 +322,8 @@ TrainSummary Trainer::run() {
   if (!settings_.trace_routing.empty())
     trace = std::make_unique<RoutingTrace>(settings_.trace_routing, model_->num_moe_layers(), model_->dims().num_experts, start_step);
   std::unique_ptr<StepProfiler> profiler;
-  if (!settings_.profile.empty()) profiler = std::make_unique<StepProfiler>(settings_.profile, run_dir_);
+  if (!settings_.profile.empty())
+    profiler = std::make_unique<StepProfiler>(settings_.profile, run_dir_, c10::Device(config_.device).is_cuda());
 
   const int64_t tokens_per_step = config_.batch_size * config_.micro_batches * config_.seq_len;
   const double flops_per_token = model_->flops_per_token(config_.seq_len);
@@ -402,6 +412,8 @@ TrainSummary Trainer::run() {
               << ",\"cross_entropy\":" << result.cross_entropy << ",\"aux_loss\":" << result.aux_loss << ",\"lr\":" << lr
               << ",\"grad_norm\":" << result.grad_norm << ",\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
               << ",\"memory_mb\":" << resident_memory_mb();
+      if (c10::Device(config_.device).is_cuda())
+        metrics << ",\"device_memory_peak_mb\":" << device_memory_peak_mb(c10::Device(config_.device));
       if (evaluate_now) metrics << ",\"val_loss\":" << validation_loss;
       metrics << ",\"router\":" << router_json << "}\n";
       metrics.flush();
@@ -436,10 +448,13 @@ TrainSummary Trainer::run() {
       weights.push_back(item);
   save_safetensors(run_dir_ + "/model.safetensors", weights, {{"step", std::to_string(step)}});
   if (!settings_.quiet) {
-    log.info("done: step {} ({} this run, {:.1f} s, {:.0f} tok/s); loss {:.4f} at the first step -> {:.4f} smoothed at "
-             "the end; validation loss {:.4f}",
-             summary.steps, summary.losses.size(), summary.seconds, summary.tokens_per_second, summary.first_loss,
-             summary.final_smoothed_loss, summary.validation_loss);
+    if (summary.losses.empty())
+      log.info("done: nothing to train (already at step {}); validation loss {:.4f}", summary.steps, summary.validation_loss);
+    else
+      log.info("done: step {} ({} this run, {:.1f} s, {:.0f} tok/s); loss {:.4f} at the first step -> {:.4f} smoothed at "
+               "the end; validation loss {:.4f}",
+               summary.steps, summary.losses.size(), summary.seconds, summary.tokens_per_second, summary.first_loss,
+               summary.final_smoothed_loss, summary.validation_loss);
     log.info("outputs: {0}/config.toml, {0}/metrics.jsonl, {0}/model.safetensors, {0}/checkpoints/", run_dir_);
   }
   return summary;
