@@ -5,7 +5,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include "convert.h"
 #include "data.h"
+#include "explain.h"
 #include "plot.h"
 #include "embedded_config.h"
 #include "pithtrain/conformance.h"
@@ -21,6 +23,8 @@ const char* kTrainHelp = R"(usage: pithtrain [--config FILE] [--plugins A.so,B.s
        pithtrain plugin check FILE.so
        pithtrain data build --out FILE [--format auto|text|fortune|jsonl] [--tokenizer ...] INPUT...
        pithtrain plot RUN_DIR
+       pithtrain explain [--config FILE] [--set ...]
+       pithtrain convert import HF_DIR --out DIR | convert export --config F --weights W --out HF_DIR
 
 Trains the MoE model described by the TOML config (default: the embedded configs/tiny.toml).
   --config FILE      TOML config (docs/config.md lists every key)
@@ -29,6 +33,7 @@ Trains the MoE model described by the TOML config (default: the embedded configs
   --set KEY=VALUE    override one config key, e.g. --set model.moe.router.plugin=aux_free (repeatable)
   --out RUN_DIR      run directory: config.toml, metrics.jsonl, checkpoints/, model.safetensors (default
                      runs/<run.name>); rerunning a command resumes from its newest checkpoint
+  --init-from FILE   start from these weights (a model.safetensors, e.g. from `pithtrain convert import`)
   --trace-routing FILE  record per step and MoE layer how many tokens each expert got (docs/training.md)
   --profile STEPS    profile steps A-B (or N: steps 2..N+1) with the LibTorch profiler: Chrome trace in the
                      run directory and the top operators by self time
@@ -76,7 +81,7 @@ std::string json_escape(const std::string& text) {
 }
 
 struct Arguments {
-  std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model;
+  std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
   int64_t train_vocab = 0;
   std::vector<std::string> plugins, sets, positional;
   bool json = false, help = false;
@@ -100,6 +105,8 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--tokenizer-model") args.tokenizer_model = value(arg);
     else if (arg == "--train-vocab") args.train_vocab = std::stoll(value(arg));
     else if (arg == "--profile") args.profile = value(arg);
+    else if (arg == "--init-from") args.init_from = value(arg);
+    else if (arg == "--weights") args.weights = value(arg);
     else if (arg == "--set") args.sets.push_back(value(arg));
     else if (arg == "--plugins") for (auto& item : split_commas(value(arg))) args.plugins.push_back(item);
     else if (arg.rfind("--", 0) == 0) throw Error("unknown option '" + arg + "' (see --help)");
@@ -182,6 +189,44 @@ int command_plot(const Arguments& args) {
   return 0;
 }
 
+const char* kExplainHelp = R"(usage: pithtrain explain [--config FILE] [--set dotted.key=value]... [--plugins A.so,...]
+Prints the model report for a config: total and active parameters (per component), FLOPs per token
+(forward and training) and an estimate of training memory per device for train.batch_size,
+train.seq_len and train.dtype. The model is built on the meta device, so any size works.
+)";
+
+int command_explain(const Arguments& args) {
+  if (args.help) return std::cout << kExplainHelp, 0;
+  std::cout << format_report(explain_model(load_config(args), args.plugins));
+  return 0;
+}
+
+const char* kConvertHelp = R"(usage: pithtrain convert import HF_DIR --out DIR
+       pithtrain convert export --config DIR/config.toml --weights DIR/model.safetensors --out HF_DIR
+import: a Hugging Face model folder (config.json, model.safetensors or shards with their index) becomes
+        DIR/config.toml and DIR/model.safetensors; train from it with --config DIR/config.toml
+        --init-from DIR/model.safetensors.
+export: PithTrain weights (a model.safetensors or a checkpoint) become config.json + model.safetensors.
+Architectures: qwen3_moe, mixtral, olmoe (docs/models.md). The round trip is bit-exact.
+)";
+
+int command_convert(const Arguments& args) {
+  if (args.help || args.positional.empty()) return std::cout << kConvertHelp, args.help ? 0 : 2;
+  if (args.out.empty()) throw Error("convert: needs --out DIR (see --help)");
+  if (args.positional[0] == "import" && args.positional.size() == 2) {
+    import_hf(args.positional[1], args.out);
+    std::cout << "wrote " << args.out << "/config.toml and " << args.out << "/model.safetensors\n";
+    return 0;
+  }
+  if (args.positional[0] == "export" && args.positional.size() == 1) {
+    if (args.config.empty() || args.weights.empty()) throw Error("convert export: needs --config and --weights (see --help)");
+    export_hf(args.config, args.weights, args.out);
+    std::cout << "wrote " << args.out << "/config.json and " << args.out << "/model.safetensors\n";
+    return 0;
+  }
+  return std::cout << kConvertHelp, 2;
+}
+
 int command_train(const Arguments& args) {
   if (args.help) return std::cout << kTrainHelp, 0;
   if (!args.positional.empty()) throw Error("unexpected argument '" + args.positional[0] + "' (see --help)");
@@ -190,6 +235,7 @@ int command_train(const Arguments& args) {
   settings.out_dir = args.out;
   settings.trace_routing = args.trace_routing;
   settings.profile = args.profile;
+  settings.init_from = args.init_from;
   Trainer trainer(load_config(args), settings);
   trainer.run();
   return 0;
@@ -204,8 +250,10 @@ int main(int argc, char** argv) {
     if (command == "plugin") return command_plugin_check(parse(argc, argv, 2));
     if (command == "data") return command_data(parse(argc, argv, 2));
     if (command == "plot") return command_plot(parse(argc, argv, 2));
+    if (command == "explain") return command_explain(parse(argc, argv, 2));
+    if (command == "convert") return command_convert(parse(argc, argv, 2));
     if (!command.empty() && command[0] != '-')
-      throw Error("unknown command '" + command + "'; commands: plugins, plugin check, data build, plot (or none, to train)");
+      throw Error("unknown command '" + command + "'; commands: plugins, plugin check, data build, plot, explain, convert (or none, to train)");
     return command_train(parse(argc, argv, 1));
   } catch (const std::exception& error) {
     std::cerr << "pithtrain: error: " << error.what() << "\n";

@@ -18,6 +18,7 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
   dims.rope_theta = options.number("rope_theta", 10000.0);
   dims.init_std = options.number("init_std", 0.02);
   norm_eps_ = options.number("norm_eps", 1e-5);
+  options.text("hf_architecture", "");  // where the weights came from; read by `pithtrain convert export` only
   const int64_t dense_hidden_size = dense_hidden_size_ = options.integer("dense_hidden_size", 4 * dims.hidden_size);
   const int64_t first_dense_layers = first_dense_layers_ = options.integer("first_dense_layers", 0);
 
@@ -118,8 +119,8 @@ ModelOutput Model::forward(const at::Tensor& tokens) {
     }
     x = x + ffn_out.view({batch, seq, hidden});
   }
-  at::Tensor logits = at::linear(rms_norm(x, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
-  output.cross_entropy = at::cross_entropy_loss(logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
+  output.logits = at::linear(rms_norm(x, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
+  output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
   output.loss = output.cross_entropy + output.aux_loss;
   return output;
 }

@@ -19,6 +19,7 @@ struct ManifestEntry {
 };
 
 struct ModelOutput {
+  at::Tensor logits;         // [B, S, V]
   at::Tensor loss;           // [] cross_entropy + aux_loss
   at::Tensor cross_entropy;  // []
   at::Tensor aux_loss;       // [] sum of the routers' losses

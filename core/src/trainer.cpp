@@ -317,6 +317,18 @@ TrainSummary Trainer::run() {
                  "--set run.name=...) for a new run", run_dir_, config_.steps);
     }
   }
+  if (start_step == 0 && !settings_.init_from.empty()) {
+    // Initial weights (e.g. from `pithtrain convert import`): model.safetensors names, or a checkpoint's.
+    SafetensorsFile file = load_safetensors(settings_.init_from);
+    std::vector<NamedTensor> targets;
+    for (const auto& parameter : master_) targets.push_back({parameter.name, parameter.tensor});
+    copy_tensors_by_name(file, targets, file.find("model/embedding.weight") ? "model/" : "", settings_.init_from);
+    if (mixed_precision_) {
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].tensor.copy_(master_[i].tensor);
+    }
+    if (!settings_.quiet) log.info("initialised the weights from {}", settings_.init_from);
+  }
   std::ofstream metrics(run_dir_ + "/metrics.jsonl", start_step > 0 ? std::ios::app : std::ios::trunc);
   std::unique_ptr<RoutingTrace> trace;
   if (!settings_.trace_routing.empty())

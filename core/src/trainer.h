@@ -19,6 +19,7 @@ struct RunSettings {
   std::string out_dir;                    // --out; empty: runs/<run.name>
   std::string trace_routing;              // --trace-routing FILE; empty: off
   std::string profile;                    // --profile A-B (steps, inclusive); empty: off
+  std::string init_from;                  // --init-from FILE: initial weights (model.safetensors or checkpoint)
   bool quiet = false;                     // tests: no progress lines
 };
 

@@ -1,0 +1,88 @@
+// The model report: parameter counts from a meta-device build, FLOPs from Model::flops_per_token,
+// and a training-memory estimate (weights, gradients, optimizer state, activations).
+#include "explain.h"
+
+#include <sstream>
+
+#include <ATen/ATen.h>
+
+#include "model.h"
+
+namespace pithtrain {
+
+ModelReport explain_model(Options config, const std::vector<std::string>& plugin_files) {
+  PluginRegistry registry(default_search_dirs(config.table("plugins").text_list("paths", {})), plugin_files);
+  Options train = config.table("train");
+  const int64_t batch = train.integer("batch_size", 16), seq_len = train.integer("seq_len", 128);
+  const std::string dtype = train.text("dtype", "float32");
+  const std::string optimizer = config.table("optimizer").text("plugin", "adamw");
+  PluginContext context;
+  context.device = c10::Device(c10::kMeta);  // shapes only: a 30B-parameter model costs no memory
+  context.dtype = dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  context.logger = &logger();
+  Model model(config.table("model"), registry, context);
+  const ModelDims& dims = model.dims();
+
+  ModelReport report;
+  std::map<std::string, int64_t> groups;
+  for (const auto& parameter : model.parameters()) {
+    const int64_t count = parameter.tensor.numel();
+    report.total_parameters += count;
+    std::string group = parameter.name.rfind("layers.", 0) == 0
+                            ? parameter.name.substr(parameter.name.find('.', 7) + 1)
+                            : parameter.name;
+    group = group.substr(0, group.find('.'));
+    if (group == "experts") report.routed_expert_parameters += count;
+    if (group == "embedding") report.embedding_parameters += count;
+    groups[group] += count;
+  }
+  for (const auto& entry : groups) report.groups.emplace_back(entry.first, entry.second);
+  report.active_parameters = report.total_parameters - report.routed_expert_parameters +
+                             report.routed_expert_parameters * dims.top_k / std::max<int64_t>(1, dims.num_experts);
+  report.training_flops_per_token = model.flops_per_token(seq_len);
+  report.forward_flops_per_token = report.training_flops_per_token / 3.0;
+
+  // Memory per device for one process holding the whole model (no sharding yet).
+  const double gb = 1024.0 * 1024.0 * 1024.0;
+  const double element = dtype == "bfloat16" ? 2.0 : 4.0;
+  const double parameters = static_cast<double>(report.total_parameters);
+  report.memory_weights_gb = parameters * (element + (dtype == "bfloat16" ? 4.0 : 0.0)) / gb;  // + fp32 masters
+  report.memory_gradients_gb = parameters * (element + (dtype == "bfloat16" ? 4.0 : 0.0)) / gb;
+  report.memory_optimizer_gb = parameters * (optimizer == "lion" ? 4.0 : 8.0) / gb;  // fp32 moments
+  // Activations saved for backward, per token and layer, in elements: the attention block
+  // (input, q/k/v, attention output, o-projection input, norms: ~6H + 2 kv·D), and the FFN: the routed
+  // (top_k) plus shared experts each keep input, gate, up and product (H + 3F), plus router scores (E).
+  const double attention = 6.0 * dims.hidden_size + 2.0 * dims.num_kv_heads * dims.head_dim;
+  const double ffn = (dims.top_k + 1.0) * (dims.hidden_size + 3.0 * dims.expert_hidden_size) + dims.num_experts;
+  const double tokens = static_cast<double>(batch) * seq_len;
+  report.memory_activations_gb = (tokens * dims.num_layers * (attention + ffn) * element +
+                                  tokens * dims.vocab_size * 4.0 * 2.0) / gb;  // + float32 logits and their gradient
+  report.memory_total_gb = report.memory_weights_gb + report.memory_gradients_gb + report.memory_optimizer_gb +
+                           report.memory_activations_gb;
+  return report;
+}
+
+std::string format_report(const ModelReport& report) {
+  std::ostringstream out;
+  auto billions = [](double value) {
+    char buffer[32];
+    std::snprintf(buffer, sizeof(buffer), value >= 1e9 ? "%.3f B" : "%.3f M", value >= 1e9 ? value / 1e9 : value / 1e6);
+    return std::string(buffer);
+  };
+  out << "parameters: " << billions(report.total_parameters) << " total, " << billions(report.active_parameters)
+      << " active per token (" << billions(report.total_parameters - report.embedding_parameters) << " without the embedding)\n";
+  for (const auto& [group, count] : report.groups) out << "  " << group << ": " << billions(count) << "\n";
+  char line[160];
+  std::snprintf(line, sizeof(line), "FLOPs per token: %.3g forward, %.3g training (forward + backward)\n",
+                report.forward_flops_per_token, report.training_flops_per_token);
+  out << line;
+  std::snprintf(line, sizeof(line),
+                "training memory per device (estimate): %.2f GiB = weights %.2f + gradients %.2f + optimizer %.2f + "
+                "activations %.2f\n",
+                report.memory_total_gb, report.memory_weights_gb, report.memory_gradients_gb, report.memory_optimizer_gb,
+                report.memory_activations_gb);
+  out << line;
+  return out.str();
+}
+
+}  // namespace pithtrain

@@ -1,0 +1,27 @@
+// `pithtrain explain`: the model report (parameters, FLOPs per token, training memory estimate),
+// computed by building the configured model on the meta device: exact shapes, no memory.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "pithtrain/options.h"
+
+namespace pithtrain {
+
+struct ModelReport {
+  int64_t total_parameters = 0;
+  int64_t active_parameters = 0;     // per token: routed experts count top_k / num_experts of theirs
+  int64_t embedding_parameters = 0;
+  int64_t routed_expert_parameters = 0;
+  double forward_flops_per_token = 0;
+  double training_flops_per_token = 0;
+  double memory_weights_gb = 0, memory_gradients_gb = 0, memory_optimizer_gb = 0, memory_activations_gb = 0;
+  double memory_total_gb = 0;
+  std::vector<std::pair<std::string, int64_t>> groups;  // parameter count per component
+};
+
+// Reads [model], [train] (batch_size, seq_len, dtype, micro_batches) and [optimizer].plugin.
+ModelReport explain_model(Options config, const std::vector<std::string>& plugin_files);
+std::string format_report(const ModelReport& report);
+
+}  // namespace pithtrain
