@@ -9,4 +9,6 @@ bin=${PITHTRAIN_BUILD_DIR:-build}/bin/pithtrain
 if [ ! -f data/fortunes.tokens ]; then
   "$bin" data build --format fortune --out data/fortunes.tokens /usr/share/games/fortunes
 fi
-exec "$bin" --config configs/tiny.toml "$@"
+config=configs/tiny.toml
+for arg in "$@"; do [ "$arg" = "--config" ] && config=""; done
+exec "$bin" ${config:+--config "$config"} "$@"

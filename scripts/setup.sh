@@ -45,10 +45,15 @@ if ! "$PITHTRAIN_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__versio
     exit 1
   fi
 fi
-# The Hugging Face tokenizers package: the offline tokenizer.json step (scripts/tokenize_hf.py) and its test.
-if ! "$PITHTRAIN_VENV/bin/python" -c "import tokenizers" 2>/dev/null; then
-  say "installing tokenizers into $PITHTRAIN_VENV"
-  "$PITHTRAIN_VENV/bin/python" -m pip install -q "tokenizers==0.23.3" >&2
+# Python packages for the offline tokenizer.json step (scripts/tokenize_hf.py) and the parity tests
+# against transformers (tests/parity/); never used at training time.
+python_packages=("tokenizers==0.23.3" "transformers==5.24.0" "safetensors==0.8.0")
+if ! "$PITHTRAIN_VENV/bin/python" -c "
+import sys, importlib.metadata as m
+wanted = dict(p.split('==') for p in sys.argv[1:])
+sys.exit(any(m.version(name) != version for name, version in wanted.items()))" "${python_packages[@]}" 2>/dev/null; then
+  say "installing ${python_packages[*]} into $PITHTRAIN_VENV"
+  "$PITHTRAIN_VENV/bin/python" -m pip install -q "${python_packages[@]}" >&2
 fi
 torch_cmake=$("$PITHTRAIN_VENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "share", "cmake"))')
 echo "export PITHTRAIN_VENV=$PITHTRAIN_VENV"

@@ -433,3 +433,17 @@ TEST(Training, TrainsOnSentencePieceTokens) {
   EXPECT_NEAR(summary.first_loss, std::log(512.0), 0.4);
   EXPECT_LT(summary.final_smoothed_loss, summary.first_loss - 0.8);
 }
+
+TEST(Architectures, TinyVariantsTrain) {
+  for (const char* name : {"tiny_qwen3_moe", "tiny_mixtral", "tiny_olmoe"}) {
+    Options options = Options::from_file(std::string(PITHTRAIN_SOURCE_DIR) + "/configs/" + name + ".toml");
+    options.set_override("data.path=\"" + fortunes_tokens() + "\"");
+    for (const auto& assignment : {"train.steps=40", "train.seq_len=64", "train.batch_size=8", "eval.batches=1"})
+      options.set_override(assignment);
+    RunSettings settings = quiet_run(name);
+    fs::remove_all(settings.out_dir);
+    TrainSummary summary = Trainer(options, settings).run();
+    EXPECT_LT(summary.final_smoothed_loss, summary.first_loss - 1.5) << name << ": " << summary.first_loss << " -> "
+                                                                      << summary.final_smoothed_loss;
+  }
+}

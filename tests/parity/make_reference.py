@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import transformers
 
 arch, out = sys.argv[1], sys.argv[2]
-common = dict(vocab_size=96, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+common = dict(vocab_size=257, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False)
 if arch == "qwen3_moe":
     config = transformers.Qwen3MoeConfig(**common, head_dim=16, intermediate_size=64, moe_intermediate_size=24,
