@@ -10,6 +10,7 @@
 
 #include "checkpoint.h"
 #include "json.h"
+#include "model.h"
 #include "pithtrain/error.h"
 #include "pithtrain/options.h"
 
@@ -24,14 +25,23 @@ struct Architecture {
   std::string moe_module;                    // "mlp" or "block_sparse_moe"
   std::string gate_name, up_name, down_name; // per-expert projection names
   std::string experts_key, expert_size_key;  // config.json keys
-  std::string qk_norm;                       // "none", "head", "full"
+  std::string qk_norm;                       // gqa: "none", "head", "full"
   bool always_renormalize;                   // Mixtral renormalises the top-k weights unconditionally
+  std::string attention = "gqa";             // "gqa" or "mla"
 };
 
 const std::vector<Architecture> kArchitectures = {
     {"qwen3_moe", "Qwen3MoeForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts", "moe_intermediate_size", "head", false},
     {"mixtral", "MixtralForCausalLM", "block_sparse_moe", "w1", "w3", "w2", "num_local_experts", "intermediate_size", "none", true},
     {"olmoe", "OlmoeForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts", "intermediate_size", "full", false},
+    {"deepseek_v2", "DeepseekV2ForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "n_routed_experts", "moe_intermediate_size",
+     "none", false, "mla"},
+};
+
+// The layout facts the tensor names depend on.
+struct Layout {
+  int64_t layers = 0, first_dense = 0, experts = 0;
+  bool shared_experts = false, q_lora = false;
 };
 
 const Architecture& architecture(const std::string& model_type, const std::string& where) {
@@ -40,7 +50,7 @@ const Architecture& architecture(const std::string& model_type, const std::strin
   std::string known;
   for (const auto& candidate : kArchitectures) known += (known.empty() ? "" : ", ") + candidate.model_type;
   throw Error(where + ": model_type '" + model_type + "' is not supported by pithtrain convert (supported: " + known +
-              "; DeepSeek-V2/V3 and GPT-OSS need attention plugins that do not exist yet)");
+              "; DeepSeek-V3 and GPT-OSS are not yet)");
 }
 
 std::string read_file(const fs::path& path) {
@@ -64,31 +74,48 @@ double number(const JsonValue& config, const std::string& key, const std::string
 
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
-// (PithTrain name, Hugging Face name) of every non-expert tensor.
-std::vector<std::pair<std::string, std::string>> plain_names(int64_t layers, const Architecture& arch) {
+// (PithTrain name, Hugging Face name) of every tensor but the routed experts'.
+std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layout, const Architecture& arch) {
   std::vector<std::pair<std::string, std::string>> names = {{"embedding.weight", "model.embed_tokens.weight"},
                                                             {"final_norm.weight", "model.norm.weight"},
                                                             {"lm_head.weight", "lm_head.weight"}};
-  for (int64_t layer = 0; layer < layers; ++layer) {
+  for (int64_t layer = 0; layer < layout.layers; ++layer) {
     const std::string ours = "layers." + std::to_string(layer) + ".", theirs = layer_prefix(layer);
     names.push_back({ours + "attention_norm.weight", theirs + "input_layernorm.weight"});
     names.push_back({ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight"});
-    for (const char* projection : {"q_proj", "k_proj", "v_proj", "o_proj"})
-      names.push_back({ours + "attention." + projection, theirs + "self_attn." + projection + ".weight"});
-    if (arch.qk_norm != "none") {
-      names.push_back({ours + "attention.q_norm", theirs + "self_attn.q_norm.weight"});
-      names.push_back({ours + "attention.k_norm", theirs + "self_attn.k_norm.weight"});
+    std::vector<std::pair<std::string, std::string>> attention;
+    if (arch.attention == "mla") {
+      if (layout.q_lora)
+        attention = {{"q_a_proj", "q_a_proj"}, {"q_a_norm", "q_a_layernorm"}, {"q_b_proj", "q_b_proj"}};
+      else
+        attention = {{"q_proj", "q_proj"}};
+      attention.insert(attention.end(), {{"kv_a_proj", "kv_a_proj_with_mqa"}, {"kv_a_norm", "kv_a_layernorm"},
+                                         {"kv_b_proj", "kv_b_proj"}, {"o_proj", "o_proj"}});
+    } else {
+      attention = {{"q_proj", "q_proj"}, {"k_proj", "k_proj"}, {"v_proj", "v_proj"}, {"o_proj", "o_proj"}};
+      if (arch.qk_norm != "none") attention.insert(attention.end(), {{"q_norm", "q_norm"}, {"k_norm", "k_norm"}});
     }
-    names.push_back({ours + "router.gate.weight", theirs + arch.moe_module + ".gate.weight"});
+    for (const auto& [our_name, their_name] : attention)
+      names.push_back({ours + "attention." + our_name, theirs + "self_attn." + their_name + ".weight"});
+    const std::string ffn = layer < layout.first_dense ? "mlp." : "shared_experts.";
+    const std::string their_ffn = theirs + "mlp." + (layer < layout.first_dense ? "" : "shared_experts.");
+    if (layer < layout.first_dense || layout.shared_experts)
+      for (const char* projection : {"gate_proj", "up_proj", "down_proj"})
+        names.push_back({ours + ffn + projection, their_ffn + projection + ".weight"});
+    if (layer >= layout.first_dense) names.push_back({ours + "router.gate.weight", theirs + arch.moe_module + ".gate.weight"});
   }
   return names;
 }
 
+// The shortest decimal that reads back as the same double.
 std::string toml_number(double value) {
   char buffer[32];
-  std::snprintf(buffer, sizeof(buffer), "%.17g", value);
+  for (int digits = 15; digits <= 17; ++digits) {
+    std::snprintf(buffer, sizeof(buffer), "%.*g", digits, value);
+    if (std::strtod(buffer, nullptr) == value) break;
+  }
   std::string text = buffer;
-  if (text.find_first_of(".e") == std::string::npos) text += ".0";
+  if (text.find_first_of(".en") == std::string::npos) text += ".0";
   return text;
 }
 
@@ -101,53 +128,91 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   const JsonValue* model_type = config.find("model_type");
   if (model_type == nullptr) throw Error(config_file + ": missing 'model_type'");
   const Architecture& arch = architecture(model_type->text, config_file);
+  const bool deepseek = arch.attention == "mla";
 
   auto integer = [&](const std::string& key, std::optional<double> fallback = {}) {
     return static_cast<int64_t>(number(config, key, config_file, fallback));
   };
-  const int64_t layers = integer("num_hidden_layers"), hidden = integer("hidden_size"), heads = integer("num_attention_heads");
-  // Hub files name the expert count num_experts (Qwen3, OLMoE) or num_local_experts (Mixtral); newer
-  // transformers versions write num_local_experts for all three.
-  const int64_t experts = config.find(arch.experts_key) ? integer(arch.experts_key) : integer("num_local_experts");
+  auto unsupported = [&](bool condition, const std::string& what) {
+    if (condition) throw Error(config_file + ": " + what + " is not supported by pithtrain convert (docs/models.md)");
+  };
+  Layout layout;
+  layout.layers = integer("num_hidden_layers");
+  const int64_t hidden = integer("hidden_size"), heads = integer("num_attention_heads");
+  // Hub files name the expert count num_experts (Qwen3, OLMoE), num_local_experts (Mixtral) or
+  // n_routed_experts (DeepSeek); newer transformers versions write num_local_experts for the first three.
+  layout.experts = config.find(arch.experts_key) ? integer(arch.experts_key) : integer("num_local_experts");
+  layout.first_dense = deepseek ? integer("first_k_dense_replace", 0.0) : 0;
+  const int64_t shared = deepseek ? integer("n_shared_experts", 0.0) : 0;
+  layout.shared_experts = shared > 0;
+  const JsonValue* q_lora = config.find("q_lora_rank");
+  layout.q_lora = deepseek && q_lora && q_lora->type == JsonValue::Type::Number;
   const int64_t top_k = integer("num_experts_per_tok");
-  const int64_t head_dim = integer("head_dim", static_cast<double>(hidden / heads));
+  const int64_t head_dim = deepseek ? integer("v_head_dim") : integer("head_dim", static_cast<double>(hidden / heads));
   double rope_theta = number(config, "rope_theta", config_file, 10000.0);
   if (const JsonValue* rope = config.find("rope_parameters")) {
     if (const JsonValue* type = rope->find("rope_type"); type && type->text != "default")
-      throw Error(config_file + ": rope_type '" + type->text + "' is not supported (only default RoPE)");
+      throw Error(config_file + ": rope_type '" + type->text + "' is not supported yet (only default RoPE; DeepSeek's "
+                  "published checkpoints use yarn)");
     rope_theta = number(*rope, "rope_theta", config_file, rope_theta);
   }
-  if (number(config, "tie_word_embeddings", config_file, 0.0) != 0.0)
-    throw Error(config_file + ": tie_word_embeddings = true is not supported (PithTrain keeps a separate LM head)");
-  if (number(config, "attention_bias", config_file, 0.0) != 0.0)
-    throw Error(config_file + ": attention_bias = true is not supported by the gqa plugin");
-  if (const JsonValue* window = config.find("sliding_window"); window && window->type == JsonValue::Type::Number &&
-                                                                  number(config, "use_sliding_window", config_file, 1.0) != 0.0)
-    throw Error(config_file + ": sliding-window attention is not supported yet");
+  if (const JsonValue* scaling = config.find("rope_scaling"); scaling && scaling->type == JsonValue::Type::Object)
+    unsupported(true, "rope_scaling (yarn and others)");
+  unsupported(number(config, "tie_word_embeddings", config_file, 0.0) != 0.0, "tie_word_embeddings = true");
+  unsupported(number(config, "attention_bias", config_file, 0.0) != 0.0, "attention_bias = true");
+  if (const JsonValue* window = config.find("sliding_window"); window && window->type == JsonValue::Type::Number)
+    unsupported(number(config, "use_sliding_window", config_file, 1.0) != 0.0, "sliding-window attention");
   if (const JsonValue* dense = config.find("mlp_only_layers"); dense && !dense->items.empty())
-    throw Error(config_file + ": mlp_only_layers is not supported (dense layers must come first: first_dense_layers)");
-  if (integer("decoder_sparse_step", 1.0) != 1) throw Error(config_file + ": decoder_sparse_step != 1 is not supported");
-  if (const JsonValue* clip = config.find("clip_qkv"); clip && clip->type == JsonValue::Type::Number)
-    throw Error(config_file + ": clip_qkv is not supported");
+    unsupported(true, "mlp_only_layers (dense layers must come first: first_dense_layers)");
+  unsupported(integer("decoder_sparse_step", 1.0) != 1 || integer("moe_layer_freq", 1.0) != 1, "MoE on every k-th layer");
+  if (const JsonValue* clip = config.find("clip_qkv"); clip && clip->type == JsonValue::Type::Number) unsupported(true, "clip_qkv");
   const double eps = number(config, "rms_norm_eps", config_file, 1e-6);
   const bool renormalize = arch.always_renormalize || number(config, "norm_topk_prob", config_file, 0.0) != 0.0;
+  int64_t groups = 1, topk_groups = 1;
+  if (deepseek) {
+    const JsonValue* method = config.find("topk_method");
+    if (method && method->text == "group_limited_greedy") groups = integer("n_group"), topk_groups = integer("topk_group");
+    else unsupported(method && method->text != "greedy", "topk_method '" + (method ? method->text : "") + "'");
+  }
 
   fs::create_directories(out_dir);
-  std::ofstream toml(fs::path(out_dir) / "config.toml");
+  std::ostringstream toml;
   toml << "# Imported by `pithtrain convert import " << hf_dir << "` (" << arch.hf_class << ").\n\n"
        << "[run]\nname = \"" << fs::path(out_dir).filename().string() << "\"\n\n"
        << "[data]\npath = \"data/fortunes.tokens\"   # replace with data tokenized for this model's vocabulary\n\n"
        << "[model]\nhf_architecture = \"" << arch.model_type << "\"\nvocab_size = " << integer("vocab_size")
-       << "\nhidden_size = " << hidden << "\nnum_layers = " << layers << "\nnum_heads = " << heads
-       << "\nnum_kv_heads = " << integer("num_key_value_heads", static_cast<double>(heads)) << "\nhead_dim = " << head_dim
-       << "\nrope_theta = " << toml_number(rope_theta) << "\nnorm_eps = " << toml_number(eps)
-       << "\ninit_std = " << toml_number(number(config, "initializer_range", config_file, 0.02))
-       << "\n\n[model.attention]\nplugin = \"gqa\"\nqk_norm = \"" << arch.qk_norm << "\"\nqk_norm_eps = " << toml_number(eps)
-       << "\n\n[model.moe]\nnum_experts = " << experts << "\ntop_k = " << top_k
-       << "\nexpert_hidden_size = " << integer(arch.expert_size_key) << "\nshared_experts = 0\n\n"
+       << "\nhidden_size = " << hidden << "\nnum_layers = " << layout.layers << "\nnum_heads = " << heads
+       << "\nnum_kv_heads = " << (deepseek ? heads : integer("num_key_value_heads", static_cast<double>(heads)))
+       << "\nhead_dim = " << head_dim << "\nrope_theta = " << toml_number(rope_theta) << "\nnorm_eps = " << toml_number(eps)
+       << "\ninit_std = " << toml_number(number(config, "initializer_range", config_file, 0.02));
+  if (deepseek)
+    toml << "\nfirst_dense_layers = " << layout.first_dense << "\ndense_hidden_size = " << integer("intermediate_size");
+  toml << "\n\n[model.attention]\nplugin = \"" << arch.attention << "\"\n";
+  if (deepseek)
+    toml << "q_lora_rank = " << (layout.q_lora ? integer("q_lora_rank") : 0) << "\nkv_lora_rank = " << integer("kv_lora_rank")
+         << "\nqk_nope_head_dim = " << integer("qk_nope_head_dim") << "\nqk_rope_head_dim = " << integer("qk_rope_head_dim")
+         << "\nv_head_dim = " << integer("v_head_dim") << "\nnorm_eps = 1e-06\n";  // transformers' MLA norms keep 1e-6
+  else
+    toml << "qk_norm = \"" << arch.qk_norm << "\"\nqk_norm_eps = " << toml_number(eps) << "\n";
+  toml << "\n[model.moe]\nnum_experts = " << layout.experts << "\ntop_k = " << top_k
+       << "\nexpert_hidden_size = " << integer(arch.expert_size_key) << "\nshared_experts = " << shared << "\n\n"
        << "[model.moe.router]\nplugin = \"topk_softmax\"\nrenormalize = " << (renormalize ? "true" : "false")
-       << "\naux_loss_coeff = " << toml_number(number(config, "router_aux_loss_coef", config_file, 0.01))
-       << "\n\n[model.moe.experts]\nplugin = \"grouped\"\n";
+       << "\naux_loss_coeff = " << toml_number(number(config, deepseek ? "aux_loss_alpha" : "router_aux_loss_coef", config_file, 0.001));
+  if (deepseek)
+    toml << "\nscaling_factor = " << toml_number(number(config, "routed_scaling_factor", config_file, 1.0))
+         << "\nnum_groups = " << groups << "\ntopk_groups = " << topk_groups;
+  toml << "\n\n[model.moe.experts]\nplugin = \"grouped\"\n";
+  std::ofstream(fs::path(out_dir) / "config.toml") << toml.str();
+
+  // The shapes every tensor must have come from the model this config builds (on the meta device).
+  Options options = Options::from_string(toml.str(), (fs::path(out_dir) / "config.toml").string());
+  PluginRegistry registry(default_search_dirs({}), {});
+  PluginContext context;
+  context.device = c10::Device(c10::kMeta);
+  context.logger = &logger();
+  Model model(options.table("model"), registry, context);
+  std::map<std::string, std::vector<int64_t>> shape_of;
+  for (const auto& parameter : model.parameters()) shape_of[parameter.name] = parameter.tensor.sizes().vec();
 
   // Tensors: one model.safetensors, or shards listed by model.safetensors.index.json.
   std::map<std::string, std::string> file_of;  // HF name -> shard path
@@ -175,30 +240,17 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     used.insert(name);
     return *tensor;
   };
-  const int64_t vocab = integer("vocab_size"), kv = integer("num_key_value_heads", static_cast<double>(heads));
-  const int64_t inner = integer(arch.expert_size_key);
-  auto shape_of = [&](const std::string& ours) -> std::vector<int64_t> {
-    auto ends = [&](const std::string& suffix) { return ours.size() >= suffix.size() && ours.compare(ours.size() - suffix.size(), suffix.size(), suffix) == 0; };
-    if (ours == "embedding.weight" || ours == "lm_head.weight") return {vocab, hidden};
-    if (ends("norm.weight")) return {hidden};
-    if (ends("q_proj")) return {heads * head_dim, hidden};
-    if (ends("k_proj") || ends("v_proj")) return {kv * head_dim, hidden};
-    if (ends("o_proj")) return {hidden, heads * head_dim};
-    if (ends("q_norm")) return {arch.qk_norm == "head" ? head_dim : heads * head_dim};
-    if (ends("k_norm")) return {arch.qk_norm == "head" ? head_dim : kv * head_dim};
-    return {experts, hidden};  // router gate
-  };
   std::vector<NamedTensor> tensors;
-  for (const auto& [ours, theirs] : plain_names(layers, arch)) tensors.push_back({ours, fetch(theirs, shape_of(ours))});
-  for (int64_t layer = 0; layer < layers; ++layer) {
+  for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({ours, fetch(theirs, shape_of.at(ours))});
+  for (int64_t layer = layout.first_dense; layer < layout.layers; ++layer) {
     const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
-    for (auto [ours, theirs, shape] : {std::tuple{"gate_proj", arch.gate_name, std::vector<int64_t>{inner, hidden}},
-                                       std::tuple{"up_proj", arch.up_name, std::vector<int64_t>{inner, hidden}},
-                                       std::tuple{"down_proj", arch.down_name, std::vector<int64_t>{hidden, inner}}}) {
+    for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
+      const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
+      std::vector<int64_t> shape(shape_of.at(our_name).begin() + 1, shape_of.at(our_name).end());
       std::vector<at::Tensor> per_expert;
-      for (int64_t expert = 0; expert < experts; ++expert)
+      for (int64_t expert = 0; expert < layout.experts; ++expert)
         per_expert.push_back(fetch(base + std::to_string(expert) + "." + theirs + ".weight", shape));
-      tensors.push_back({"layers." + std::to_string(layer) + ".experts." + ours, at::stack(per_expert)});  // [E, ...]
+      tensors.push_back({our_name, at::stack(per_expert)});  // [E, ...]
     }
   }
   for (const auto& [name, file] : file_of)
@@ -213,8 +265,15 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   Options model = config.table("model");
   const Architecture& arch = architecture(model.required_text("hf_architecture"), config_path);
   Options moe = model.table("moe"), attention = model.table("attention"), router = moe.table("router");
-  const int64_t layers = model.required_integer("num_layers"), experts = moe.integer("num_experts", 8);
-  if (moe.integer("shared_experts", 0) != 0 || model.integer("first_dense_layers", 0) != 0)
+  const bool deepseek = arch.attention == "mla";
+  Layout layout;
+  layout.layers = model.required_integer("num_layers");
+  layout.experts = moe.integer("num_experts", 8);
+  layout.first_dense = model.integer("first_dense_layers", 0);
+  layout.shared_experts = moe.integer("shared_experts", 0) > 0;
+  layout.q_lora = attention.integer("q_lora_rank", 0) > 0;
+  const int64_t layers = layout.layers, experts = layout.experts;
+  if (!deepseek && (layout.shared_experts || layout.first_dense != 0))
     throw Error(config_path + ": shared experts and dense layers have no place in " + arch.model_type);
   SafetensorsFile source = load_safetensors(weights);
   // Checkpoints prefix model tensors with "model/"; model.safetensors files do not.
@@ -225,8 +284,8 @@ void export_hf(const std::string& config_path, const std::string& weights, const
     return *tensor;
   };
   std::vector<NamedTensor> tensors;
-  for (const auto& [ours, theirs] : plain_names(layers, arch)) tensors.push_back({theirs, get(ours)});
-  for (int64_t layer = 0; layer < layers; ++layer)
+  for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({theirs, get(ours)});
+  for (int64_t layer = layout.first_dense; layer < layers; ++layer)
     for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
       at::Tensor stacked = get("layers." + std::to_string(layer) + ".experts." + ours);
       for (int64_t expert = 0; expert < experts; ++expert)
@@ -251,7 +310,22 @@ void export_hf(const std::string& config_path, const std::string& weights, const
        << (router.boolean("renormalize", true) ? "true" : "false") << ",\n  \"router_aux_loss_coef\": "
        << toml_number(router.number("aux_loss_coeff", 0.01)) << ",\n  \"initializer_range\": "
        << toml_number(model.number("init_std", 0.02)) << ",\n  \"tie_word_embeddings\": false,\n"
-       << "  \"hidden_act\": \"silu\",\n  \"torch_dtype\": \"float32\"\n}\n";
+       << "  \"hidden_act\": \"silu\",\n  \"torch_dtype\": \"float32\"";
+  if (deepseek) {
+    const int64_t groups = router.integer("num_groups", 1), topk_groups = router.integer("topk_groups", groups);
+    json << ",\n  \"n_routed_experts\": " << experts << ",\n  \"n_shared_experts\": " << moe.integer("shared_experts", 0)
+         << ",\n  \"first_k_dense_replace\": " << layout.first_dense << ",\n  \"moe_layer_freq\": 1"
+         << ",\n  \"intermediate_size\": " << model.integer("dense_hidden_size", 0)
+         << ",\n  \"q_lora_rank\": " << (layout.q_lora ? std::to_string(attention.integer("q_lora_rank", 0)) : "null")
+         << ",\n  \"kv_lora_rank\": " << attention.integer("kv_lora_rank", 512)
+         << ",\n  \"qk_nope_head_dim\": " << attention.integer("qk_nope_head_dim", 128)
+         << ",\n  \"qk_rope_head_dim\": " << attention.integer("qk_rope_head_dim", 64)
+         << ",\n  \"v_head_dim\": " << attention.integer("v_head_dim", 128)
+         << ",\n  \"routed_scaling_factor\": " << toml_number(router.number("scaling_factor", 1.0))
+         << ",\n  \"topk_method\": \"" << (topk_groups < groups ? "group_limited_greedy" : "greedy") << "\""
+         << ",\n  \"n_group\": " << groups << ",\n  \"topk_group\": " << topk_groups;
+  }
+  json << "\n}\n";
 }
 
 }  // namespace pithtrain

@@ -69,8 +69,10 @@ std::string format_report(const ModelReport& report) {
     std::snprintf(buffer, sizeof(buffer), value >= 1e9 ? "%.3f B" : "%.3f M", value >= 1e9 ? value / 1e9 : value / 1e6);
     return std::string(buffer);
   };
-  out << "parameters: " << billions(report.total_parameters) << " total, " << billions(report.active_parameters)
-      << " active per token (" << billions(report.total_parameters - report.embedding_parameters) << " without the embedding)\n";
+  out << "parameters: " << billions(report.total_parameters) << " total ("
+      << billions(report.total_parameters - report.embedding_parameters) << " without the embedding), "
+      << billions(report.active_parameters) << " active per token ("
+      << billions(report.active_parameters - report.embedding_parameters) << " without the embedding)\n";
   for (const auto& [group, count] : report.groups) out << "  " << group << ": " << billions(count) << "\n";
   char line[160];
   std::snprintf(line, sizeof(line), "FLOPs per token: %.3g forward, %.3g training (forward + backward)\n",

@@ -164,16 +164,14 @@ std::vector<NamedTensor> Model::state() const {
 }
 
 double Model::flops_per_token(int64_t seq_len) const {
+  // Matrix parameters a token multiplies with: all but the embedding (a lookup) and the vectors (norms,
+  // biases), with routed experts counted for top_k of num_experts.
   const ModelDims& d = context_.dims;
-  const double attention = 2.0 * d.hidden_size * d.num_heads * d.head_dim + 2.0 * d.hidden_size * d.num_kv_heads * d.head_dim;
-  const double expert = 3.0 * d.hidden_size * d.expert_hidden_size;
-  double parameters = static_cast<double>(d.vocab_size) * d.hidden_size;  // LM head (the embedding is a lookup)
-  for (int64_t layer = 0; layer < d.num_layers; ++layer) {
-    parameters += attention;
-    if (layer < first_dense_layers_)
-      parameters += 3.0 * d.hidden_size * dense_hidden_size_;
-    else
-      parameters += d.hidden_size * d.num_experts + (d.top_k + shared_experts_) * expert;
+  double parameters = 0;
+  for (const auto& parameter : this->parameters()) {
+    if (parameter.tensor.dim() < 2 || parameter.name == "embedding.weight") continue;
+    const double count = static_cast<double>(parameter.tensor.numel());
+    parameters += parameter.name.find(".experts.") != std::string::npos ? count * d.top_k / d.num_experts : count;
   }
   return 6.0 * parameters + 6.0 * d.num_layers * seq_len * d.num_heads * d.head_dim;
 }

@@ -47,4 +47,16 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double t
   return (x_float * cos + rotated * sin).to(x.scalar_type());
 }
 
+at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, double theta) {
+  const int64_t head_dim = x.size(-1), half = head_dim / 2;
+  const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto float_options = at::TensorOptions().dtype(dtype).device(x.device());
+  at::Tensor inverse_frequency = at::pow(theta, -at::arange(0, half, float_options) * 2.0 / head_dim);       // [half]
+  at::Tensor angles = positions.to(dtype).unsqueeze(1) * inverse_frequency.unsqueeze(0);                     // [seq, half]
+  at::Tensor cos = angles.cos().unsqueeze(0).unsqueeze(2), sin = angles.sin().unsqueeze(0).unsqueeze(2);   // [1, seq, 1, half]
+  at::Tensor pairs = x.to(dtype).unflatten(-1, {half, 2});                                                  // [..., half, 2]
+  at::Tensor real = pairs.select(-1, 0), imaginary = pairs.select(-1, 1);
+  return at::stack({real * cos - imaginary * sin, real * sin + imaginary * cos}, -1).flatten(-2).to(x.scalar_type());
+}
+
 }  // namespace pithtrain

@@ -23,6 +23,17 @@ elif arch == "olmoe":
     config = transformers.OlmoeConfig(**common, intermediate_size=24, num_experts=6, num_experts_per_tok=2,
                                       norm_topk_prob=False)
     model_class = transformers.OlmoeForCausalLM
+elif arch in ("deepseek_v2_lite", "deepseek_v2"):
+    # V2-Lite: no query compression, greedy top-k; V2: query compression and group-limited routing.
+    config = transformers.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, intermediate_size=64,
+                                           moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                                           n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=24,
+                                           qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                                           routed_scaling_factor=1.5, norm_topk_prob=False,
+                                           q_lora_rank=None if arch == "deepseek_v2_lite" else 16,
+                                           topk_method="greedy" if arch == "deepseek_v2_lite" else "group_limited_greedy",
+                                           n_group=4, topk_group=2)
+    model_class = transformers.DeepseekV2ForCausalLM
 else:
     sys.exit(f"unknown architecture {arch}")
 config.pad_token_id = config.bos_token_id = config.eos_token_id = None
@@ -39,7 +50,10 @@ for name, parameter in model.named_parameters():
     ours = (name.replace("model.embed_tokens.weight", "embedding.weight").replace("model.norm.weight", "final_norm.weight")
             .replace("model.layers.", "layers.").replace("self_attn.", "attention.").replace("input_layernorm", "attention_norm")
             .replace("post_attention_layernorm", "ffn_norm").replace("block_sparse_moe.", "mlp.").replace("mlp.gate.", "router.gate.")
-            .replace("mlp.experts.", "experts."))
+            .replace("mlp.experts.", "experts.").replace("mlp.shared_experts.", "shared_experts.")
+            .replace("kv_a_proj_with_mqa", "kv_a_proj").replace("kv_a_layernorm", "kv_a_norm").replace("q_a_layernorm", "q_a_norm"))
+    if ".mlp." in ours or ".shared_experts." in ours:  # dense FFN and shared experts: PithTrain names drop ".weight"
+        ours = ours[: -len(".weight")]
     if ours.startswith("layers.") and ".attention." in ours and ours.endswith(".weight"):
         ours = ours[: -len(".weight")]
     grad = parameter.grad.detach()

@@ -21,4 +21,7 @@ at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Te
 // (i, i + head_dim/2)) with frequencies theta^(-2i/head_dim).
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta);
 
+// The same rotation with adjacent pairs (2i, 2i + 1), as complex numbers (DeepSeek's MLA convention).
+at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, double theta);
+
 }  // namespace pithtrain

@@ -12,6 +12,13 @@ class TopKSoftmaxRouter final : public Router {
   TopKSoftmaxRouter(Options& options, const PluginContext& context) : dims_(context.dims) {
     renormalize_ = options.boolean("renormalize", true);
     aux_loss_coeff_ = options.number("aux_loss_coeff", 0.01);
+    scaling_factor_ = options.number("scaling_factor", 1.0);
+    num_groups_ = options.integer("num_groups", 1);
+    topk_groups_ = options.integer("topk_groups", num_groups_);
+    if (num_groups_ < 1 || dims_.num_experts % num_groups_ != 0 || topk_groups_ < 1 || topk_groups_ > num_groups_ ||
+        topk_groups_ * (dims_.num_experts / num_groups_) < dims_.top_k)
+      throw Error(options.where("num_groups") + ": num_groups must divide num_experts (" + std::to_string(dims_.num_experts) +
+                  ") and topk_groups (1..num_groups) groups must hold at least top_k experts");
     if (aux_loss_coeff_ < 0) throw Error(options.where("aux_loss_coeff") + ": aux_loss_coeff must be >= 0");
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
   }
@@ -19,8 +26,17 @@ class TopKSoftmaxRouter final : public Router {
   Routing route(const at::Tensor& hidden) override {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor probs = at::softmax(at::linear(hidden, gate_).to(compute_dtype), -1);  // [T, E]
-    auto [weights, expert_ids] = at::topk(probs, dims_.top_k, -1);                    // [T, k]
+    at::Tensor choosable = probs;
+    if (topk_groups_ < num_groups_) {
+      // Group-limited routing (DeepSeek-V2): keep the topk_groups groups with the highest best expert.
+      at::Tensor grouped = probs.view({probs.size(0), num_groups_, -1});                       // [T, G, E / G]
+      at::Tensor groups = std::get<1>(at::topk(std::get<0>(grouped.max(-1)), topk_groups_, -1));  // [T, topk_groups]
+      at::Tensor keep = at::zeros({probs.size(0), num_groups_}, probs.options()).scatter(1, groups, 1.0);
+      choosable = (grouped * keep.unsqueeze(-1)).view_as(probs);
+    }
+    auto [weights, expert_ids] = at::topk(choosable, dims_.top_k, -1);                 // [T, k]
     if (renormalize_) weights = weights / weights.sum(-1, /*keepdim=*/true);
+    weights = weights * scaling_factor_;
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
@@ -37,7 +53,8 @@ class TopKSoftmaxRouter final : public Router {
  private:
   ModelDims dims_;
   bool renormalize_ = true;
-  double aux_loss_coeff_ = 0.01;
+  double aux_loss_coeff_ = 0.01, scaling_factor_ = 1.0;
+  int64_t num_groups_ = 1, topk_groups_ = 1;
   at::Tensor gate_;
 };
 

@@ -1,0 +1,95 @@
+// MultiHeadLatentAttention: DeepSeek-V2's MLA (arXiv:2405.04434, section 2.1). Keys and values come from
+// a shared low-rank latent c = RMSNorm(W_dkv x) [kv_lora_rank]; each head's key is [W_uk c ; RoPE(k_rope)]
+// with one rotary key k_rope shared by all heads, its value W_uv c; queries are [q_nope ; RoPE(q_rope)],
+// optionally through their own low-rank bottleneck (q_lora_rank).
+#include <ATen/ATen.h>
+
+#include "pithtrain/attention.h"
+#include "pithtrain/nn.h"
+
+namespace pithtrain {
+namespace {
+
+class MultiHeadLatentAttention final : public Attention {
+ public:
+  MultiHeadLatentAttention(Options& options, const PluginContext& context) : dims_(context.dims) {
+    q_lora_rank_ = options.integer("q_lora_rank", 0);
+    kv_lora_rank_ = options.integer("kv_lora_rank", 512);
+    nope_dim_ = options.integer("qk_nope_head_dim", 128);
+    rope_dim_ = options.integer("qk_rope_head_dim", 64);
+    v_dim_ = options.integer("v_head_dim", 128);
+    norm_eps_ = options.number("norm_eps", 1e-6);
+    if (kv_lora_rank_ < 1 || nope_dim_ < 0 || rope_dim_ < 2 || rope_dim_ % 2 != 0 || v_dim_ < 1 || q_lora_rank_ < 0)
+      throw Error(options.where("kv_lora_rank") + ": mla needs kv_lora_rank >= 1, an even qk_rope_head_dim >= 2, "
+                  "v_head_dim >= 1 and q_lora_rank >= 0 (0: no query compression)");
+    const int64_t hidden = dims_.hidden_size, heads = dims_.num_heads, qk_dim = nope_dim_ + rope_dim_;
+    const double std = dims_.init_std;
+    auto ones = [&](int64_t size) {
+      return at::ones({size}, at::TensorOptions().dtype(context.dtype).device(context.device)).requires_grad_(true);
+    };
+    if (q_lora_rank_ == 0) {
+      q_proj_ = normal_parameter({heads * qk_dim, hidden}, std, context);
+    } else {
+      q_a_proj_ = normal_parameter({q_lora_rank_, hidden}, std, context);
+      q_a_norm_ = ones(q_lora_rank_);
+      q_b_proj_ = normal_parameter({heads * qk_dim, q_lora_rank_}, std, context);
+    }
+    kv_a_proj_ = normal_parameter({kv_lora_rank_ + rope_dim_, hidden}, std, context);
+    kv_a_norm_ = ones(kv_lora_rank_);
+    kv_b_proj_ = normal_parameter({heads * (nope_dim_ + v_dim_), kv_lora_rank_}, std, context);
+    o_proj_ = normal_parameter({hidden, heads * v_dim_}, std / std::sqrt(2.0 * std::max<int64_t>(1, dims_.num_layers)), context);
+  }
+
+  at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions) override {
+    const int64_t batch = hidden.size(0), seq = hidden.size(1), heads = dims_.num_heads;
+    at::Tensor q = q_lora_rank_ == 0 ? at::linear(hidden, q_proj_)
+                                     : at::linear(rms_norm(at::linear(hidden, q_a_proj_), q_a_norm_, norm_eps_), q_b_proj_);
+    q = q.view({batch, seq, heads, nope_dim_ + rope_dim_});                                   // [B, S, h, n + r]
+    at::Tensor compressed = at::linear(hidden, kv_a_proj_);                                    // [B, S, c + r]
+    at::Tensor latent = rms_norm(compressed.narrow(-1, 0, kv_lora_rank_), kv_a_norm_, norm_eps_);  // [B, S, c]
+    at::Tensor k_rope = compressed.narrow(-1, kv_lora_rank_, rope_dim_).unsqueeze(2);          // [B, S, 1, r]
+    at::Tensor kv = at::linear(latent, kv_b_proj_).view({batch, seq, heads, nope_dim_ + v_dim_});  // [B, S, h, n + v]
+    at::Tensor q_rope = apply_rope_interleaved(q.narrow(-1, nope_dim_, rope_dim_), positions, dims_.rope_theta);
+    k_rope = apply_rope_interleaved(k_rope, positions, dims_.rope_theta).expand({batch, seq, heads, rope_dim_});
+    at::Tensor query = at::cat({q.narrow(-1, 0, nope_dim_), q_rope}, -1).transpose(1, 2);        // [B, h, S, n + r]
+    at::Tensor key = at::cat({kv.narrow(-1, 0, nope_dim_), k_rope}, -1).transpose(1, 2);         // [B, h, S, n + r]
+    at::Tensor value = kv.narrow(-1, nope_dim_, v_dim_).transpose(1, 2);                         // [B, h, S, v]
+    at::Tensor out = at::scaled_dot_product_attention(query, key, value, {}, 0.0, /*is_causal=*/true);  // [B, h, S, v]
+    return at::linear(out.transpose(1, 2).reshape({batch, seq, heads * v_dim_}), o_proj_);     // [B, S, H]
+  }
+
+  std::vector<Parameter> parameters() override {
+    std::vector<Parameter> result;
+    if (q_lora_rank_ == 0) {
+      result.push_back({"q_proj", q_proj_, true});
+    } else {
+      result.push_back({"q_a_proj", q_a_proj_, true});
+      result.push_back({"q_a_norm", q_a_norm_, false});
+      result.push_back({"q_b_proj", q_b_proj_, true});
+    }
+    result.push_back({"kv_a_proj", kv_a_proj_, true});
+    result.push_back({"kv_a_norm", kv_a_norm_, false});
+    result.push_back({"kv_b_proj", kv_b_proj_, true});
+    result.push_back({"o_proj", o_proj_, true});
+    return result;
+  }
+
+ private:
+  ModelDims dims_;
+  int64_t q_lora_rank_ = 0, kv_lora_rank_ = 512, nope_dim_ = 128, rope_dim_ = 64, v_dim_ = 128;
+  double norm_eps_ = 1e-6;
+  at::Tensor q_proj_;                        // [h * (n + r), H] without query compression
+  at::Tensor q_a_proj_, q_a_norm_, q_b_proj_;  // [q_lora, H], [q_lora], [h * (n + r), q_lora]
+  at::Tensor kv_a_proj_;                     // [c + r, H]
+  at::Tensor kv_a_norm_;                     // [c]
+  at::Tensor kv_b_proj_;                     // [h * (n + v), c]
+  at::Tensor o_proj_;                        // [H, h * v]
+};
+
+}  // namespace
+
+std::unique_ptr<Attention> make_mla_attention(Options& options, const PluginContext& context) {
+  return std::make_unique<MultiHeadLatentAttention>(options, context);
+}
+
+}  // namespace pithtrain
