@@ -36,6 +36,8 @@ const std::vector<Architecture> kArchitectures = {
     {"olmoe", "OlmoeForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts", "intermediate_size", "full", false},
     {"deepseek_v2", "DeepseekV2ForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "n_routed_experts", "moe_intermediate_size",
      "none", false, "mla"},
+    {"deepseek_v3", "DeepseekV3ForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "n_routed_experts", "moe_intermediate_size",
+     "none", false, "mla"},
 };
 
 // The layout facts the tensor names depend on.
@@ -50,7 +52,7 @@ const Architecture& architecture(const std::string& model_type, const std::strin
   std::string known;
   for (const auto& candidate : kArchitectures) known += (known.empty() ? "" : ", ") + candidate.model_type;
   throw Error(where + ": model_type '" + model_type + "' is not supported by pithtrain convert (supported: " + known +
-              "; DeepSeek-V3 and GPT-OSS are not yet)");
+              "; GPT-OSS is not yet)");
 }
 
 std::string read_file(const fs::path& path) {
@@ -103,6 +105,8 @@ std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layou
       for (const char* projection : {"gate_proj", "up_proj", "down_proj"})
         names.push_back({ours + ffn + projection, their_ffn + projection + ".weight"});
     if (layer >= layout.first_dense) names.push_back({ours + "router.gate.weight", theirs + arch.moe_module + ".gate.weight"});
+    if (layer >= layout.first_dense && arch.model_type == "deepseek_v3")  // the aux-free bias, a buffer
+      names.push_back({ours + "router.expert_bias", theirs + "mlp.gate.e_score_correction_bias"});
   }
   return names;
 }
@@ -169,7 +173,14 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   const double eps = number(config, "rms_norm_eps", config_file, 1e-6);
   const bool renormalize = arch.always_renormalize || number(config, "norm_topk_prob", config_file, 0.0) != 0.0;
   int64_t groups = 1, topk_groups = 1;
-  if (deepseek) {
+  const bool v3 = arch.model_type == "deepseek_v3";
+  if (v3) {
+    groups = integer("n_group", 1.0), topk_groups = integer("topk_group", 1.0);
+    if (const JsonValue* mtp = config.find("num_nextn_predict_layers"); mtp && mtp->type == JsonValue::Type::Number)
+      unsupported(mtp->number > 0, "multi-token prediction (num_nextn_predict_layers > 0)");
+    if (const JsonValue* interleave = config.find("rope_interleave"); interleave && interleave->type == JsonValue::Type::Bool)
+      unsupported(!interleave->boolean, "rope_interleave = false");
+  } else if (deepseek) {
     const JsonValue* method = config.find("topk_method");
     if (method && method->text == "group_limited_greedy") groups = integer("n_group"), topk_groups = integer("topk_group");
     else unsupported(method && method->text != "greedy", "topk_method '" + (method ? method->text : "") + "'");
@@ -196,9 +207,14 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     toml << "qk_norm = \"" << arch.qk_norm << "\"\nqk_norm_eps = " << toml_number(eps) << "\n";
   toml << "\n[model.moe]\nnum_experts = " << layout.experts << "\ntop_k = " << top_k
        << "\nexpert_hidden_size = " << integer(arch.expert_size_key) << "\nshared_experts = " << shared << "\n\n"
-       << "[model.moe.router]\nplugin = \"topk_softmax\"\nrenormalize = " << (renormalize ? "true" : "false")
-       << "\naux_loss_coeff = " << toml_number(number(config, deepseek ? "aux_loss_alpha" : "router_aux_loss_coef", config_file, 0.001));
-  if (deepseek)
+       << "[model.moe.router]\nplugin = \"" << (v3 ? "aux_free" : "topk_softmax") << "\"\nrenormalize = "
+       << (renormalize ? "true" : "false");
+  if (v3)
+    toml << "\nupdate_rate = 0.001\nrouted_scaling_factor = " << toml_number(number(config, "routed_scaling_factor", config_file, 1.0))
+         << "\nnum_groups = " << groups << "\ntopk_groups = " << topk_groups;
+  else
+    toml << "\naux_loss_coeff = " << toml_number(number(config, deepseek ? "aux_loss_alpha" : "router_aux_loss_coef", config_file, 0.001));
+  if (deepseek && !v3)
     toml << "\nscaling_factor = " << toml_number(number(config, "routed_scaling_factor", config_file, 1.0))
          << "\nnum_groups = " << groups << "\ntopk_groups = " << topk_groups;
   toml << "\n\n[model.moe.experts]\nplugin = \"grouped\"\n";
@@ -212,7 +228,7 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   context.logger = &logger();
   Model model(options.table("model"), registry, context);
   std::map<std::string, std::vector<int64_t>> shape_of;
-  for (const auto& parameter : model.parameters()) shape_of[parameter.name] = parameter.tensor.sizes().vec();
+  for (const auto& item : model.state()) shape_of[item.name] = item.tensor.sizes().vec();
 
   // Tensors: one model.safetensors, or shards listed by model.safetensors.index.json.
   std::map<std::string, std::string> file_of;  // HF name -> shard path
@@ -312,6 +328,7 @@ void export_hf(const std::string& config_path, const std::string& weights, const
        << toml_number(model.number("init_std", 0.02)) << ",\n  \"tie_word_embeddings\": false,\n"
        << "  \"hidden_act\": \"silu\",\n  \"torch_dtype\": \"float32\"";
   if (deepseek) {
+    const bool v3 = arch.model_type == "deepseek_v3";
     const int64_t groups = router.integer("num_groups", 1), topk_groups = router.integer("topk_groups", groups);
     json << ",\n  \"n_routed_experts\": " << experts << ",\n  \"n_shared_experts\": " << moe.integer("shared_experts", 0)
          << ",\n  \"first_k_dense_replace\": " << layout.first_dense << ",\n  \"moe_layer_freq\": 1"
@@ -321,8 +338,9 @@ void export_hf(const std::string& config_path, const std::string& weights, const
          << ",\n  \"qk_nope_head_dim\": " << attention.integer("qk_nope_head_dim", 128)
          << ",\n  \"qk_rope_head_dim\": " << attention.integer("qk_rope_head_dim", 64)
          << ",\n  \"v_head_dim\": " << attention.integer("v_head_dim", 128)
-         << ",\n  \"routed_scaling_factor\": " << toml_number(router.number("scaling_factor", 1.0))
-         << ",\n  \"topk_method\": \"" << (topk_groups < groups ? "group_limited_greedy" : "greedy") << "\""
+         << ",\n  \"routed_scaling_factor\": " << toml_number(router.number(v3 ? "routed_scaling_factor" : "scaling_factor", 1.0))
+         << ",\n  \"topk_method\": \"" << (v3 ? "noaux_tc" : topk_groups < groups ? "group_limited_greedy" : "greedy") << "\""
+         << (v3 ? ",\n  \"rope_interleave\": true,\n  \"num_nextn_predict_layers\": 0" : "")
          << ",\n  \"n_group\": " << groups << ",\n  \"topk_group\": " << topk_groups;
   }
   json << "\n}\n";

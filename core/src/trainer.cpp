@@ -320,9 +320,15 @@ TrainSummary Trainer::run() {
   if (start_step == 0 && !settings_.init_from.empty()) {
     // Initial weights (e.g. from `pithtrain convert import`): model.safetensors names, or a checkpoint's.
     SafetensorsFile file = load_safetensors(settings_.init_from);
+    const std::string prefix = file.find("model/embedding.weight") ? "model/" : "";
     std::vector<NamedTensor> targets;
     for (const auto& parameter : master_) targets.push_back({parameter.name, parameter.tensor});
-    copy_tensors_by_name(file, targets, file.find("model/embedding.weight") ? "model/" : "", settings_.init_from);
+    // Router buffers (e.g. the aux_free bias) come along when the file has them; new ones start at zero.
+    for (const auto& item : model_->state())
+      if (item.name.find(".router.") != std::string::npos && file.find(prefix + item.name) != nullptr &&
+          std::none_of(master_.begin(), master_.end(), [&](const Parameter& p) { return p.name == item.name; }))
+        targets.push_back(item);
+    copy_tensors_by_name(file, targets, prefix, settings_.init_from);
     if (mixed_precision_) {
       at::NoGradGuard no_grad;
       for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].tensor.copy_(master_[i].tensor);

@@ -34,12 +34,24 @@ elif arch in ("deepseek_v2_lite", "deepseek_v2"):
                                            topk_method="greedy" if arch == "deepseek_v2_lite" else "group_limited_greedy",
                                            n_group=4, topk_group=2)
     model_class = transformers.DeepseekV2ForCausalLM
+elif arch == "deepseek_v3":
+    config = transformers.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, intermediate_size=64,
+                                           moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                                           n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=24, q_lora_rank=16,
+                                           qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_group=4,
+                                           topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                           rope_interleave=True, num_nextn_predict_layers=0)
+    model_class = transformers.DeepseekV3ForCausalLM
 else:
     sys.exit(f"unknown architecture {arch}")
 config.pad_token_id = config.bos_token_id = config.eos_token_id = None
 
 torch.manual_seed(0)
 model = model_class(config).float()
+with torch.no_grad():  # a non-zero aux-free bias, so the test covers how it steers the choice
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(torch.randn_like(buffer) * 0.2)
 model.save_pretrained(out)
 tokens = torch.randint(0, config.vocab_size, (2, 17))
 result = model(input_ids=tokens, labels=tokens)  # the loss excludes the router loss (output_router_logits is off)

@@ -1,4 +1,6 @@
 // AuxFreeRouter: DeepSeek-V3's auxiliary-loss-free load balancing (arXiv:2412.19437, section 2.1.2).
+#include <cmath>
+
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
@@ -13,6 +15,14 @@ class AuxFreeRouter final : public Router {
   AuxFreeRouter(Options& options, const PluginContext& context) : dims_(context.dims) {
     update_rate_ = options.number("update_rate", 1e-3);
     scaling_factor_ = options.number("routed_scaling_factor", 1.0);
+    renormalize_ = options.boolean("renormalize", true);
+    num_groups_ = options.integer("num_groups", 1);
+    topk_groups_ = options.integer("topk_groups", num_groups_);
+    const int64_t group_size = num_groups_ > 0 ? dims_.num_experts / num_groups_ : 0;
+    if (num_groups_ < 1 || dims_.num_experts % num_groups_ != 0 || topk_groups_ < 1 || topk_groups_ > num_groups_ ||
+        topk_groups_ * group_size < dims_.top_k || (num_groups_ > 1 && group_size < 2))
+      throw Error(options.where("num_groups") + ": num_groups must divide num_experts (" + std::to_string(dims_.num_experts) +
+                  ") into groups of at least 2, and topk_groups (1..num_groups) groups must hold at least top_k experts");
     if (update_rate_ < 0) throw Error(options.where("update_rate") + ": update_rate must be >= 0");
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
     auto options_of = at::TensorOptions().device(context.device);
@@ -24,9 +34,19 @@ class AuxFreeRouter final : public Router {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor scores = at::sigmoid(at::linear(hidden, gate_).to(compute_dtype));  // [T, E]
     // The bias steers only which experts are chosen; the gate weights come from the unbiased scores.
-    at::Tensor expert_ids = std::get<1>(at::topk(scores.detach() + bias_, dims_.top_k, -1));  // [T, k]
-    at::Tensor chosen = scores.gather(1, expert_ids);                                         // [T, k]
-    at::Tensor weights = chosen / (chosen.sum(-1, /*keepdim=*/true) + 1e-20) * scaling_factor_;
+    at::Tensor for_choice = scores.detach() + bias_;                                          // [T, E]
+    if (topk_groups_ < num_groups_) {
+      // Node-limited routing (DeepSeek-V3): keep the topk_groups groups whose two best biased scores sum highest.
+      at::Tensor grouped = for_choice.view({for_choice.size(0), num_groups_, -1});            // [T, G, E / G]
+      at::Tensor group_scores = std::get<0>(at::topk(grouped, 2, -1)).sum(-1);               // [T, G]
+      at::Tensor groups = std::get<1>(at::topk(group_scores, topk_groups_, -1));             // [T, topk_groups]
+      at::Tensor keep = at::zeros_like(group_scores, at::kBool).scatter(1, groups, true);
+      for_choice = grouped.masked_fill(~keep.unsqueeze(-1), -INFINITY).view_as(for_choice);
+    }
+    at::Tensor expert_ids = std::get<1>(at::topk(for_choice, dims_.top_k, -1));              // [T, k]
+    at::Tensor weights = scores.gather(1, expert_ids);                                        // [T, k]
+    if (renormalize_) weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
+    weights = weights * scaling_factor_;
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
@@ -51,6 +71,8 @@ class AuxFreeRouter final : public Router {
   ModelDims dims_;
   double update_rate_ = 1e-3;
   double scaling_factor_ = 1.0;
+  bool renormalize_ = true;
+  int64_t num_groups_ = 1, topk_groups_ = 1;
   at::Tensor gate_;  // [E, H]
   at::Tensor bias_;  // [E] routing bias, saved with the model
   at::Tensor load_;  // [E] tokens routed to each expert since the last optimizer step
