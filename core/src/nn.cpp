@@ -22,6 +22,19 @@ at::Tensor normal_parameter(at::IntArrayRef shape, double std, const PluginConte
   return tensor.requires_grad_(true);
 }
 
+ExpertWeights::ExpertWeights(const PluginContext& context) {
+  const ModelDims& d = context.dims;
+  gate_proj = normal_parameter({d.num_experts, d.expert_hidden_size, d.hidden_size}, d.init_std, context);
+  up_proj = normal_parameter({d.num_experts, d.expert_hidden_size, d.hidden_size}, d.init_std, context);
+  // Output projections are scaled down with depth (GPT-2 style) so the residual stream stays O(1).
+  down_proj = normal_parameter({d.num_experts, d.hidden_size, d.expert_hidden_size},
+                               d.init_std / std::sqrt(2.0 * std::max<int64_t>(1, d.num_layers)), context);
+}
+
+std::vector<Parameter> ExpertWeights::parameters() const {
+  return {{"gate_proj", gate_proj, true}, {"up_proj", up_proj, true}, {"down_proj", down_proj, true}};
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor x32 = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
   at::Tensor normalized = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);

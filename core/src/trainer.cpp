@@ -244,13 +244,24 @@ double Trainer::evaluate() {
 std::vector<NamedTensor> Trainer::checkpoint_tensors() {
   std::vector<NamedTensor> tensors;
   for (const auto& parameter : master_) tensors.push_back({"model/" + parameter.name, parameter.tensor});
-  for (const auto& item : model_->state())
-    if (item.name.find(".router.") != std::string::npos && std::none_of(master_.begin(), master_.end(),
-                                                                        [&](const Parameter& p) { return p.name == item.name; }))
-      tensors.push_back({"model/" + item.name, item.tensor});
+  for (const auto& item : buffers()) tensors.push_back({"model/" + item.name, item.tensor});
   for (const auto& item : optimizer_->state()) tensors.push_back({"optimizer/" + item.name, item.tensor});
   tensors.push_back({"rng/cpu", at::detail::getDefaultCPUGenerator().get_state()});
   return tensors;
+}
+
+std::vector<NamedTensor> Trainer::buffers() const {
+  std::vector<NamedTensor> result;
+  for (const auto& item : model_->state())
+    if (std::none_of(master_.begin(), master_.end(), [&](const Parameter& p) { return p.name == item.name; }))
+      result.push_back(item);
+  return result;
+}
+
+void Trainer::copy_master_to_model() {
+  if (!mixed_precision_) return;  // float32: the master weights are the model's own tensors
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].tensor.copy_(master_[i].tensor);
 }
 
 std::map<std::string, std::string> Trainer::checkpoint_metadata(int64_t step, double smoothed) const {
@@ -305,10 +316,7 @@ TrainSummary Trainer::run() {
       start_step = std::stoll(file.metadata.at("step"));
       train_order_->set_position(std::stoull(file.metadata.at("data_position")));
       smoothed = std::stod(file.metadata.at("smoothed_loss"));
-      if (mixed_precision_) {
-        at::NoGradGuard no_grad;
-        for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].tensor.copy_(master_[i].tensor);
-      }
+      copy_master_to_model();
       summary.resumed_from = start_step;
       truncate_metrics(fs::path(run_dir_) / "metrics.jsonl", start_step);
       if (!settings_.quiet) log.info("resumed from {} at step {}", path.string(), start_step);
@@ -324,15 +332,10 @@ TrainSummary Trainer::run() {
     std::vector<NamedTensor> targets;
     for (const auto& parameter : master_) targets.push_back({parameter.name, parameter.tensor});
     // Router buffers (e.g. the aux_free bias) come along when the file has them; new ones start at zero.
-    for (const auto& item : model_->state())
-      if (item.name.find(".router.") != std::string::npos && file.find(prefix + item.name) != nullptr &&
-          std::none_of(master_.begin(), master_.end(), [&](const Parameter& p) { return p.name == item.name; }))
-        targets.push_back(item);
+    for (const auto& item : buffers())
+      if (file.find(prefix + item.name) != nullptr) targets.push_back(item);
     copy_tensors_by_name(file, targets, prefix, settings_.init_from);
-    if (mixed_precision_) {
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].tensor.copy_(master_[i].tensor);
-    }
+    copy_master_to_model();
     if (!settings_.quiet) log.info("initialised the weights from {}", settings_.init_from);
   }
   std::ofstream metrics(run_dir_ + "/metrics.jsonl", start_step > 0 ? std::ios::app : std::ios::trunc);
@@ -380,10 +383,7 @@ TrainSummary Trainer::run() {
   };
   step_functions.optimizer_step = [&] {
     optimizer_->step(lr);
-    if (mixed_precision_) {
-      at::NoGradGuard no_grad;
-      for (size_t i = 0; i < parameters_.size(); ++i) parameters_[i].tensor.copy_(master_[i].tensor);
-    }
+    copy_master_to_model();
   };
   step_functions.after_optimizer_step = [&] { model_->after_optimizer_step(); };
 
@@ -461,9 +461,7 @@ TrainSummary Trainer::run() {
   summary.validation_loss = evaluate();
   std::vector<NamedTensor> weights;
   for (const auto& parameter : master_) weights.push_back({parameter.name, parameter.tensor});
-  for (const auto& item : model_->state())
-    if (std::none_of(master_.begin(), master_.end(), [&](const Parameter& p) { return p.name == item.name; }))
-      weights.push_back(item);
+  for (const auto& item : buffers()) weights.push_back(item);
   save_safetensors(run_dir_ + "/model.safetensors", weights, {{"step", std::to_string(step)}});
   if (!settings_.quiet) {
     if (summary.losses.empty())

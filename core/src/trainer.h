@@ -62,6 +62,8 @@ class Trainer {
  private:
   double evaluate();
   std::vector<NamedTensor> checkpoint_tensors();
+  std::vector<NamedTensor> buffers() const;  // model state that is not a parameter (router buffers)
+  void copy_master_to_model();               // bf16 runs: the model takes the rounded float32 masters
   std::map<std::string, std::string> checkpoint_metadata(int64_t step, double smoothed) const;
 
   Options options_;

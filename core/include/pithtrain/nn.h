@@ -10,6 +10,14 @@ namespace pithtrain {
 // the global generator (seeded by the core), so construction order fixes the values.
 at::Tensor normal_parameter(at::IntArrayRef shape, double std, const PluginContext& context);
 
+// The routed experts' SwiGLU weights in the layout the `loop` and `grouped` experts share, so their
+// weights are interchangeable: gate_proj, up_proj [E, F, H]; down_proj [E, H, F] (F = expert_hidden_size).
+struct ExpertWeights {
+  at::Tensor gate_proj, up_proj, down_proj;
+  explicit ExpertWeights(const PluginContext& context);
+  std::vector<Parameter> parameters() const;
+};
+
 // x * rsqrt(mean(x^2) + eps) * weight over the last dimension, computed in float32 (or double).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 

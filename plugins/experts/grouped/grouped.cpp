@@ -10,12 +10,7 @@ namespace {
 
 class GroupedExperts final : public Experts {
  public:
-  explicit GroupedExperts(const PluginContext& context) : dims_(context.dims) {
-    const int64_t experts = dims_.num_experts, inner = dims_.expert_hidden_size, hidden = dims_.hidden_size;
-    gate_proj_ = normal_parameter({experts, inner, hidden}, dims_.init_std, context);
-    up_proj_ = normal_parameter({experts, inner, hidden}, dims_.init_std, context);
-    down_proj_ = normal_parameter({experts, hidden, inner}, dims_.init_std / std::sqrt(2.0 * std::max<int64_t>(1, dims_.num_layers)), context);
-  }
+  explicit GroupedExperts(const PluginContext& context) : dims_(context.dims), weights_(context) {}
 
   at::Tensor forward(const at::Tensor& hidden, const Routing& routing) override {
     const int64_t k = routing.expert_ids.size(1);
@@ -32,21 +27,18 @@ class GroupedExperts final : public Experts {
     for (int64_t expert = 0; expert < dims_.num_experts; ++expert) {
       const int64_t count = tokens_per_expert[expert];
       if (count == 0) continue;
-      outputs.push_back(swiglu(permuted.narrow(0, offset, count), gate_proj_[expert], up_proj_[expert], down_proj_[expert]));
+      outputs.push_back(swiglu(permuted.narrow(0, offset, count), weights_.gate_proj[expert], weights_.up_proj[expert], weights_.down_proj[expert]));
       offset += count;
     }
     at::Tensor expert_out = at::cat(outputs, 0) * permuted_weights.unsqueeze(1);  // [T * k, H]
     return at::zeros_like(hidden).index_add(0, source_token, expert_out);        // [T, H]
   }
 
-  std::vector<Parameter> parameters() override {
-    return {{"gate_proj", gate_proj_, true}, {"up_proj", up_proj_, true}, {"down_proj", down_proj_, true}};
-  }
+  std::vector<Parameter> parameters() override { return weights_.parameters(); }
 
  private:
   ModelDims dims_;
-  at::Tensor gate_proj_, up_proj_;  // [E, inner, H]
-  at::Tensor down_proj_;            // [E, H, inner]
+  ExpertWeights weights_;
 };
 
 }  // namespace

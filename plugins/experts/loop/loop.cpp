@@ -9,12 +9,7 @@ namespace {
 
 class LoopExperts final : public Experts {
  public:
-  explicit LoopExperts(const PluginContext& context) : dims_(context.dims) {
-    const int64_t experts = dims_.num_experts, inner = dims_.expert_hidden_size, hidden = dims_.hidden_size;
-    gate_proj_ = normal_parameter({experts, inner, hidden}, dims_.init_std, context);
-    up_proj_ = normal_parameter({experts, inner, hidden}, dims_.init_std, context);
-    down_proj_ = normal_parameter({experts, hidden, inner}, dims_.init_std / std::sqrt(2.0 * std::max<int64_t>(1, dims_.num_layers)), context);
-  }
+  explicit LoopExperts(const PluginContext& context) : dims_(context.dims), weights_(context) {}
 
   at::Tensor forward(const at::Tensor& hidden, const Routing& routing) override {
     const int64_t k = routing.expert_ids.size(1);
@@ -24,21 +19,18 @@ class LoopExperts final : public Experts {
       at::Tensor chosen = at::nonzero(routing.expert_ids == expert);  // [n, 2]: (token, slot)
       if (chosen.size(0) == 0) continue;
       at::Tensor tokens = chosen.select(1, 0), slots = chosen.select(1, 1);  // [n]
-      at::Tensor expert_out = swiglu(hidden.index_select(0, tokens), gate_proj_[expert], up_proj_[expert], down_proj_[expert]);
+      at::Tensor expert_out = swiglu(hidden.index_select(0, tokens), weights_.gate_proj[expert], weights_.up_proj[expert], weights_.down_proj[expert]);
       at::Tensor weight = flat_weights.index_select(0, tokens * k + slots).unsqueeze(1);  // [n, 1]
       out = out.index_add(0, tokens, expert_out * weight);
     }
     return out;
   }
 
-  std::vector<Parameter> parameters() override {
-    return {{"gate_proj", gate_proj_, true}, {"up_proj", up_proj_, true}, {"down_proj", down_proj_, true}};
-  }
+  std::vector<Parameter> parameters() override { return weights_.parameters(); }
 
  private:
   ModelDims dims_;
-  at::Tensor gate_proj_, up_proj_;  // [E, inner, H]
-  at::Tensor down_proj_;            // [E, H, inner]
+  ExpertWeights weights_;
 };
 
 }  // namespace
