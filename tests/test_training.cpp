@@ -294,6 +294,23 @@ TEST(Checkpoint, ADifferentModelInTheSameRunDirIsRefusedWithTheFix) {
   }
 }
 
+TEST(Checkpoint, ASwitchedPluginIsNotResumedSilently) {
+  RunSettings settings = quiet_run("switched");
+  fs::remove_all(settings.out_dir);
+  Trainer(tiny_config(with(kSmall, {"train.steps=2"})), settings).run();
+  try {
+    Trainer(tiny_config(with(kSmall, {"train.steps=4", "model.moe.router.plugin=topk_softmax"})), settings).run();
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("written for a different [model] config"), std::string::npos) << error.what();
+  }
+  // Saying so explicitly starts over.
+  TrainSummary fresh = Trainer(tiny_config(with(kSmall, {"train.steps=4", "model.moe.router.plugin=topk_softmax",
+                                                         "checkpoint.resume=false"})), settings).run();
+  EXPECT_EQ(fresh.resumed_from, 0);
+  EXPECT_EQ(fresh.losses.size(), 4u);
+}
+
 TEST(Training, Bfloat16KeepsFloat32MasterWeightsAndLearns) {
   RunSettings settings = quiet_run("bf16");
   fs::remove_all(settings.out_dir);

@@ -270,6 +270,7 @@ std::map<std::string, std::string> Trainer::checkpoint_metadata(int64_t step, do
   return {{"step", std::to_string(step)},
           {"data_position", std::to_string(train_order_->position())},
           {"smoothed_loss", smoothed_text},
+          {"model_config", options_.table("model").resolved_toml()},
           {"data_path", config_.data_path}};
 }
 
@@ -301,6 +302,17 @@ TrainSummary Trainer::run() {
   if (config_.resume) {
     if (auto latest = checkpoints.load_latest()) {
       const auto& [path, file] = *latest;
+      // Resuming another model's checkpoint would train the wrong thing; say so instead.
+      auto saved = file.metadata.find("model_config");
+      const std::string current = options_.table("model").resolved_toml();
+      if (saved != file.metadata.end() && saved->second != current) {
+        std::istringstream before(saved->second), now(current);
+        std::string line_before, line_now;
+        while (std::getline(before, line_before) && std::getline(now, line_now) && line_before == line_now) {}
+        throw Error("checkpoint '" + path.string() + "' was written for a different [model] config (it has '" + line_before +
+                    "', this run '" + line_now + "'); use a new --out (or run.name) for this config, or set "
+                    "checkpoint.resume = false to start over in " + run_dir_);
+      }
       std::vector<NamedTensor> targets = checkpoint_tensors();
       std::vector<NamedTensor> model_targets, optimizer_targets;
       for (auto& target : targets) {
