@@ -100,7 +100,12 @@ LoadedPlugin load_plugin_file(const fs::path& file) {
 
 std::vector<fs::path> default_search_dirs(const std::vector<std::string>& config_paths) {
   std::vector<fs::path> dirs;
-  if (std::string(PITHTRAIN_PLUGIN_DIR).size() > 0) dirs.emplace_back(PITHTRAIN_PLUGIN_DIR);
+  // An installed pithtrain (bin/pithtrain) finds its plugins in lib/pithtrain/plugins; a build tree's
+  // in its plugin folder.
+  std::error_code error;
+  fs::path installed = fs::read_symlink("/proc/self/exe", error).parent_path().parent_path() / "lib" / "pithtrain" / "plugins";
+  if (!error && fs::is_directory(installed)) dirs.push_back(installed);
+  else if (std::string(PITHTRAIN_PLUGIN_DIR).size() > 0) dirs.emplace_back(PITHTRAIN_PLUGIN_DIR);
   if (const char* env = std::getenv("PITHTRAIN_PLUGIN_PATH")) {
     std::stringstream stream(env);
     std::string dir;

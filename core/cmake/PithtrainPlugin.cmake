@@ -31,8 +31,10 @@ function(pithtrain_add_plugin)
   target_link_libraries(${target} PRIVATE pithtrain::core)
   set_target_properties(${target} PROPERTIES PREFIX "" OUTPUT_NAME ${target}
                         LIBRARY_OUTPUT_DIRECTORY ${PITHTRAIN_PLUGIN_OUTPUT_DIR})
-  if(TARGET pithtrain_plugins)
+  if(TARGET pithtrain_plugins)  # in tree: part of the build and of an install (lib/pithtrain/plugins)
     add_dependencies(pithtrain_plugins ${target})
+    set_target_properties(${target} PROPERTIES INSTALL_RPATH "$ORIGIN/../.." INSTALL_RPATH_USE_LINK_PATH TRUE)
+    install(TARGETS ${target} LIBRARY DESTINATION lib/pithtrain/plugins)
   endif()
 
   file(GLOB test_source CONFIGURE_DEPENDS ${CMAKE_CURRENT_SOURCE_DIR}/test_${name}.cpp)
