@@ -34,6 +34,12 @@ check "run dir outputs" 0 "expert_bias" -- grep -a -o expert_bias run_aux_free/m
 check "plot" 0 "wrote .*router_load.png" -- "$bin" plot run_aux_free
 check "plot writes PNGs" 0 "PNG" -- head -c 4 run_aux_free/loss.png
 check "plot without metrics" nonzero "no metrics at" -- "$bin" plot /nonexistent_run
+# Both extra search-path sources are honoured: a copy of a plugin there is reported as a duplicate.
+mkdir -p extra_plugins && cp "$(dirname "$bin")/../lib/plugins/router_aux_free.so" extra_plugins/
+check "PITHTRAIN_PLUGIN_PATH" nonzero "two files provide router plugin 'aux_free'.*extra_plugins/router_aux_free.so" -- \
+  env PITHTRAIN_PLUGIN_PATH="$work/extra_plugins" "$bin" "${config[@]}" "${small[@]}" --out run_duplicate
+check "plugins.paths" nonzero "two files provide router plugin 'aux_free'" -- \
+  "$bin" "${config[@]}" "${small[@]}" --set "plugins.paths=[\"$work/extra_plugins\"]" --out run_duplicate
 check "--set picks topk_softmax" 0 "router.plugin += topk_softmax" -- \
   "$bin" "${config[@]}" --set model.moe.router.plugin=topk_softmax "${small[@]}" --out run_topk
 
