@@ -79,8 +79,7 @@ TEST(Data, ConvertsFortunesIntoDocuments) {
   EXPECT_GT(dataset.size(), 1'000'000u) << "the fortunes package holds megabytes of text";
   EXPECT_GT(dataset.header().num_documents, 1000u);
   EXPECT_EQ(dataset.header().vocab_size, kByteVocabSize);
-  std::mt19937_64 generator(1);
-  at::Tensor windows = dataset.sample(4, 33, 0, dataset.size(), generator);
+  at::Tensor windows = dataset.windows({0, 1000, 500'000, dataset.size() - 33}, 33);
   EXPECT_EQ(windows.sizes(), at::IntArrayRef({4, 33}));
   EXPECT_LT(windows.max().item<int64_t>(), kByteVocabSize);
 }
@@ -92,8 +91,7 @@ TEST(Data, RoundTripsExactBytes) {
   ConvertStats stats = convert_text({text.string()}, "fortune", out.string());
   EXPECT_EQ(stats.documents, 2u);
   TokenDataset dataset(out.string());
-  std::mt19937_64 generator(1);
-  at::Tensor all = dataset.sample(1, 7, 0, 7, generator);
+  at::Tensor all = dataset.windows({0}, 7);
   std::vector<int64_t> expected = {'a', 'b', '\n', kEndOfDocument, 'c', '\n', kEndOfDocument};
   EXPECT_EQ(std::vector<int64_t>(all.data_ptr<int64_t>(), all.data_ptr<int64_t>() + 7), expected);
 }

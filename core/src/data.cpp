@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <random>
 #include <fstream>
 #include <sstream>
 
@@ -270,16 +271,6 @@ at::Tensor TokenDataset::windows(const std::vector<uint64_t>& offsets, int64_t l
     for (int64_t i = 0; i < length; ++i) out[row * length + i] = static_cast<int64_t>(token(offsets[row] + i));
   }
   return result;
-}
-
-at::Tensor TokenDataset::sample(int64_t batch, int64_t length, uint64_t begin, uint64_t end,
-                                std::mt19937_64& generator) const {
-  if (end > size() || begin + static_cast<uint64_t>(length) > end)
-    throw Error("dataset '" + path_ + "': the range [" + std::to_string(begin) + ", " + std::to_string(end) +
-                ") is too small for windows of " + std::to_string(length) + " tokens; use more data or a shorter seq_len");
-  std::vector<uint64_t> offsets;
-  for (int64_t row = 0; row < batch; ++row) offsets.push_back(begin + generator() % (end - begin - length + 1));
-  return windows(offsets, length);
 }
 
 WindowOrder::WindowOrder(uint64_t begin, uint64_t end, int64_t length, uint64_t seed)

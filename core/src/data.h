@@ -2,7 +2,6 @@
 // from a memory-mapped file.
 #pragma once
 #include <cstdint>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -71,8 +70,6 @@ class TokenDataset {
   uint64_t token(uint64_t index) const;
   // The windows of `length` tokens starting at `offsets`: int64 [offsets.size(), length].
   at::Tensor windows(const std::vector<uint64_t>& offsets, int64_t length) const;
-  // `batch` windows of `length` tokens at uniform random offsets within [begin, end).
-  at::Tensor sample(int64_t batch, int64_t length, uint64_t begin, uint64_t end, std::mt19937_64& generator) const;
 
  private:
   std::string path_;

@@ -8,6 +8,7 @@
 #include "convert.h"
 #include "data.h"
 #include "explain.h"
+#include "json.h"
 #include "plot.h"
 #include "embedded_config.h"
 #include "pithtrain/conformance.h"
@@ -71,15 +72,6 @@ std::vector<std::string> split_commas(const std::string& text) {
   return items;
 }
 
-std::string json_escape(const std::string& text) {
-  std::string out;
-  for (char c : text) {
-    if (c == '"' || c == '\\') out += '\\';
-    out += c;
-  }
-  return out;
-}
-
 struct Arguments {
   std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
   int64_t train_vocab = 0;
@@ -131,9 +123,9 @@ int command_plugins(const Arguments& args) {
     std::cout << "[";
     for (size_t i = 0; i < plugins.size(); ++i) {
       const auto* d = plugins[i]->descriptor;
-      std::cout << (i ? "," : "") << "\n  {\"kind\":\"" << d->kind << "\",\"name\":\"" << d->name << "\",\"version\":\""
-                << d->version << "\",\"file\":\"" << json_escape(plugins[i]->file.string()) << "\",\"description\":\""
-                << json_escape(d->description) << "\"}";
+      std::cout << (i ? "," : "") << "\n  {\"kind\":" << json_quote(d->kind) << ",\"name\":" << json_quote(d->name)
+                << ",\"version\":" << json_quote(d->version) << ",\"file\":" << json_quote(plugins[i]->file.string())
+                << ",\"description\":" << json_quote(d->description) << "}";
     }
     std::cout << "\n]\n";
     return 0;

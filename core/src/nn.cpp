@@ -46,28 +46,33 @@ at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Te
   return at::linear(at::silu(at::linear(x, gate_proj)) * at::linear(x, up_proj), down_proj);
 }
 
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta) {
+namespace {
+
+// Rotation angles position * theta^(-2i/head_dim) for i < head_dim/2: [seq, head_dim/2], in float32
+// (float64 for double inputs).
+at::Tensor rope_angles(const at::Tensor& x, const at::Tensor& positions, double theta) {
   const int64_t head_dim = x.size(-1);
-  const int64_t half = head_dim / 2;
-  auto float_options = at::TensorOptions().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)
-                           .device(x.device());
-  at::Tensor inverse_frequency = at::pow(theta, -at::arange(0, half, float_options) * 2.0 / head_dim);  // [half]
-  at::Tensor angles = positions.to(float_options.dtype()).unsqueeze(1) * inverse_frequency.unsqueeze(0);  // [seq, half]
+  auto options = at::TensorOptions().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).device(x.device());
+  at::Tensor inverse_frequency = at::pow(theta, -at::arange(0, head_dim / 2, options) * 2.0 / head_dim);  // [half]
+  return positions.to(options.dtype()).unsqueeze(1) * inverse_frequency.unsqueeze(0);                     // [seq, half]
+}
+
+}  // namespace
+
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor angles = rope_angles(x, positions, theta);                                 // [seq, half]
   at::Tensor cos = at::cat({angles.cos(), angles.cos()}, -1).unsqueeze(0).unsqueeze(2);  // [1, seq, 1, head_dim]
   at::Tensor sin = at::cat({angles.sin(), angles.sin()}, -1).unsqueeze(0).unsqueeze(2);
-  at::Tensor x_float = x.to(float_options.dtype());
+  at::Tensor x_float = x.to(angles.scalar_type());
   at::Tensor rotated = at::cat({-x_float.narrow(-1, half, half), x_float.narrow(-1, 0, half)}, -1);
   return (x_float * cos + rotated * sin).to(x.scalar_type());
 }
 
 at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, double theta) {
-  const int64_t head_dim = x.size(-1), half = head_dim / 2;
-  const auto dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto float_options = at::TensorOptions().dtype(dtype).device(x.device());
-  at::Tensor inverse_frequency = at::pow(theta, -at::arange(0, half, float_options) * 2.0 / head_dim);       // [half]
-  at::Tensor angles = positions.to(dtype).unsqueeze(1) * inverse_frequency.unsqueeze(0);                     // [seq, half]
-  at::Tensor cos = angles.cos().unsqueeze(0).unsqueeze(2), sin = angles.sin().unsqueeze(0).unsqueeze(2);   // [1, seq, 1, half]
-  at::Tensor pairs = x.to(dtype).unflatten(-1, {half, 2});                                                  // [..., half, 2]
+  at::Tensor angles = rope_angles(x, positions, theta);                                                   // [seq, half]
+  at::Tensor cos = angles.cos().unsqueeze(0).unsqueeze(2), sin = angles.sin().unsqueeze(0).unsqueeze(2);  // [1, seq, 1, half]
+  at::Tensor pairs = x.to(angles.scalar_type()).unflatten(-1, {x.size(-1) / 2, 2});                      // [..., half, 2]
   at::Tensor real = pairs.select(-1, 0), imaginary = pairs.select(-1, 1);
   return at::stack({real * cos - imaginary * sin, real * sin + imaginary * cos}, -1).flatten(-2).to(x.scalar_type());
 }

@@ -13,8 +13,6 @@ class StepProfiler {
   StepProfiler(const std::string& steps, const std::string& run_dir, bool cuda);
   void before_step(int64_t step);
   void after_step(int64_t step, bool quiet);
-  int64_t first() const { return first_; }
-  int64_t last() const { return last_; }
 
  private:
   int64_t first_ = 0, last_ = 0;

@@ -56,8 +56,6 @@ class Trainer {
   Trainer(Options config, RunSettings settings);
   TrainSummary run();
   Model& model() { return *model_; }
-  const TrainConfig& config() const { return config_; }
-  const std::string& run_dir() const { return run_dir_; }
 
  private:
   double evaluate();
