@@ -450,7 +450,7 @@ TEST(Training, TrainsOnSentencePieceTokens) {
 }
 
 TEST(Architectures, TinyVariantsTrain) {
-  for (const char* name : {"tiny_qwen3_moe", "tiny_mixtral", "tiny_olmoe", "tiny_deepseek_v2", "tiny_deepseek_v3"}) {
+  for (const char* name : {"tiny_qwen3_moe", "tiny_mixtral", "tiny_olmoe", "tiny_deepseek_v2", "tiny_deepseek_v3", "tiny_gpt_oss"}) {
     Options options = Options::from_file(std::string(PITHTRAIN_SOURCE_DIR) + "/configs/" + name + ".toml");
     options.set_override("data.path=\"" + fortunes_tokens() + "\"");
     for (const auto& assignment : {"train.steps=40", "train.seq_len=64", "train.batch_size=8", "eval.batches=1"})

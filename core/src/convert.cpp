@@ -12,6 +12,7 @@
 #include "json.h"
 #include "model.h"
 #include "pithtrain/error.h"
+#include "pithtrain/nn.h"
 #include "pithtrain/options.h"
 
 namespace pithtrain {
@@ -30,6 +31,10 @@ struct Architecture {
   std::string attention = "gqa";             // "gqa" or "mla"
 };
 
+// GPT-OSS stores each layer's experts fused: gate_up_proj [E, H, 2F] with gate and up interleaved
+// along the last dimension (gate = 0::2, up = 1::2), down_proj [E, F, H], and their biases.
+bool fused_experts(const Architecture& arch) { return arch.model_type == "gpt_oss"; }
+
 const std::vector<Architecture> kArchitectures = {
     {"qwen3_moe", "Qwen3MoeForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts", "moe_intermediate_size", "head", false},
     {"mixtral", "MixtralForCausalLM", "block_sparse_moe", "w1", "w3", "w2", "num_local_experts", "intermediate_size", "none", true},
@@ -38,12 +43,13 @@ const std::vector<Architecture> kArchitectures = {
      "none", false, "mla"},
     {"deepseek_v3", "DeepseekV3ForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "n_routed_experts", "moe_intermediate_size",
      "none", false, "mla"},
+    {"gpt_oss", "GptOssForCausalLM", "mlp", "", "", "", "num_local_experts", "intermediate_size", "none", true},
 };
 
 // The layout facts the tensor names depend on.
 struct Layout {
   int64_t layers = 0, first_dense = 0, experts = 0;
-  bool shared_experts = false, q_lora = false;
+  bool shared_experts = false, q_lora = false, attention_bias = false;
 };
 
 const Architecture& architecture(const std::string& model_type, const std::string& where) {
@@ -51,8 +57,7 @@ const Architecture& architecture(const std::string& model_type, const std::strin
     if (candidate.model_type == model_type) return candidate;
   std::string known;
   for (const auto& candidate : kArchitectures) known += (known.empty() ? "" : ", ") + candidate.model_type;
-  throw Error(where + ": model_type '" + model_type + "' is not supported by pithtrain convert (supported: " + known +
-              "; GPT-OSS is not yet)");
+  throw Error(where + ": model_type '" + model_type + "' is not supported by pithtrain convert (supported: " + known + ")");
 }
 
 std::string read_file(const fs::path& path) {
@@ -99,6 +104,15 @@ std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layou
     }
     for (const auto& [our_name, their_name] : attention)
       names.push_back({ours + "attention." + our_name, theirs + "self_attn." + their_name + ".weight"});
+    if (layout.attention_bias)
+      for (const char* projection : {"q_proj", "k_proj", "v_proj", "o_proj"})
+        names.push_back({ours + "attention." + projection + "_bias", theirs + "self_attn." + projection + ".bias"});
+    if (arch.model_type == "gpt_oss") {
+      names.push_back({ours + "attention.sinks", theirs + "self_attn.sinks"});
+      names.push_back({ours + "router.gate.weight", theirs + "mlp.router.weight"});
+      names.push_back({ours + "router.gate.bias", theirs + "mlp.router.bias"});
+      continue;
+    }
     const std::string ffn = layer < layout.first_dense ? "mlp." : "shared_experts.";
     const std::string their_ffn = theirs + "mlp." + (layer < layout.first_dense ? "" : "shared_experts.");
     if (layer < layout.first_dense || layout.shared_experts)
@@ -121,6 +135,26 @@ std::string toml_number(double value) {
   std::string text = buffer;
   if (text.find_first_of(".en") == std::string::npos) text += ".0";
   return text;
+}
+
+// transformers' rope_parameters for an attention table's rope_* keys.
+std::string rope_json(Options& attention, double theta) {
+  std::ostringstream json;
+  json << "{\"rope_theta\": " << toml_number(theta);
+  if (attention.text("rope_scaling", "none") == "yarn") {
+    json << ", \"rope_type\": \"yarn\", \"factor\": " << toml_number(attention.number("rope_factor", 1.0))
+         << ", \"original_max_position_embeddings\": " << attention.integer("rope_original_max_positions", 4096)
+         << ", \"beta_fast\": " << toml_number(attention.number("rope_beta_fast", 32.0))
+         << ", \"beta_slow\": " << toml_number(attention.number("rope_beta_slow", 1.0))
+         << ", \"truncate\": " << (attention.boolean("rope_truncate", true) ? "true" : "false")
+         << ", \"attention_factor\": "
+         << toml_number(attention.number("rope_attention_factor", yarn_mscale(attention.number("rope_factor", 1.0), 1.0)));
+    if (attention.has("rope_mscale_all_dim"))
+      json << ", \"mscale_all_dim\": " << toml_number(attention.number("rope_mscale_all_dim", 0.0));
+  } else {
+    json << ", \"rope_type\": \"default\"";
+  }
+  return json.str() + "}";
 }
 
 }  // namespace
@@ -153,18 +187,65 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   layout.q_lora = deepseek && q_lora && q_lora->type == JsonValue::Type::Number;
   const int64_t top_k = integer("num_experts_per_tok");
   const int64_t head_dim = deepseek ? integer("v_head_dim") : integer("head_dim", static_cast<double>(hidden / heads));
+  // Rotary settings: transformers v5 writes rope_parameters (rope_theta inside), older files rope_theta
+  // and an optional rope_scaling.
   double rope_theta = number(config, "rope_theta", config_file, 10000.0);
-  if (const JsonValue* rope = config.find("rope_parameters")) {
-    if (const JsonValue* type = rope->find("rope_type"); type && type->text != "default")
-      throw Error(config_file + ": rope_type '" + type->text + "' is not supported yet (only default RoPE; DeepSeek's "
-                  "published checkpoints use yarn)");
+  std::ostringstream rope_toml;  // the attention table's rope_* keys
+  const JsonValue* rope = config.find("rope_parameters");
+  if (rope == nullptr || rope->type != JsonValue::Type::Object) rope = config.find("rope_scaling");
+  if (rope != nullptr && rope->type == JsonValue::Type::Object) {
     rope_theta = number(*rope, "rope_theta", config_file, rope_theta);
+    const JsonValue* type = rope->find("rope_type") ? rope->find("rope_type") : rope->find("type");
+    const std::string rope_type = type ? type->text : "default";
+    if (rope_type == "yarn") {
+      const double original = rope->find("original_max_position_embeddings")
+                                  ? number(*rope, "original_max_position_embeddings", config_file)
+                                  : number(config, "max_position_embeddings", config_file);
+      const double factor = rope->find("factor") ? number(*rope, "factor", config_file)
+                                                 : number(config, "max_position_embeddings", config_file) / original;
+      const double mscale = number(*rope, "mscale", config_file, 0.0), mscale_all_dim = number(*rope, "mscale_all_dim", config_file, 0.0);
+      // transformers' default: the ratio of the two corrections when both are given, else 0.1 ln(factor) + 1.
+      const double attention_factor = number(*rope, "attention_factor", config_file,
+          mscale != 0.0 && mscale_all_dim != 0.0 ? yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                                                 : yarn_mscale(factor, 1.0));
+      const double beta_fast = number(*rope, "beta_fast", config_file, 32.0), beta_slow = number(*rope, "beta_slow", config_file, 1.0);
+      rope_toml << "rope_scaling = \"yarn\"\nrope_factor = " << toml_number(factor) << "\nrope_original_max_positions = "
+                << static_cast<int64_t>(original) << "\nrope_beta_fast = " << toml_number(beta_fast == 0 ? 32.0 : beta_fast)
+                << "\nrope_beta_slow = " << toml_number(beta_slow == 0 ? 1.0 : beta_slow) << "\nrope_truncate = "
+                << (number(*rope, "truncate", config_file, 1.0) != 0.0 ? "true" : "false")
+                << "\nrope_attention_factor = " << toml_number(attention_factor) << "\n";
+      if (deepseek) rope_toml << "rope_mscale_all_dim = " << toml_number(mscale_all_dim) << "\n";
+    } else if (rope_type != "default") {
+      throw Error(config_file + ": rope_type '" + rope_type + "' is not supported (default and yarn are; docs/models.md)");
+    }
   }
-  if (const JsonValue* scaling = config.find("rope_scaling"); scaling && scaling->type == JsonValue::Type::Object)
-    unsupported(true, "rope_scaling (yarn and others)");
+  const bool gpt_oss = arch.model_type == "gpt_oss";
+  layout.attention_bias = number(config, "attention_bias", config_file, 0.0) != 0.0;
+  unsupported(layout.attention_bias && !gpt_oss, "attention_bias = true for " + arch.model_type);
+  // GPT-OSS alternates sliding-window and full attention through layer_types.
+  std::string window_toml;
+  if (gpt_oss) {
+    const JsonValue* types = config.find("layer_types");
+    int64_t sliding = 0, even_sliding = 0;
+    const int64_t count = types ? static_cast<int64_t>(types->items.size()) : layout.layers;
+    for (int64_t layer = 0; layer < count; ++layer) {
+      const std::string type = types ? types->items[layer].text : (layer % 2 == 0 ? "sliding_attention" : "full_attention");
+      unsupported(type != "sliding_attention" && type != "full_attention", "layer type '" + type + "'");
+      sliding += type == "sliding_attention", even_sliding += (type == "sliding_attention") == (layer % 2 == 0);
+    }
+    const JsonValue* window = config.find("sliding_window");
+    if (window && window->type == JsonValue::Type::Number && sliding > 0) {
+      std::string pattern = sliding == count ? "all" : even_sliding == count ? "even" : even_sliding == 0 ? "odd" : "";
+      unsupported(pattern.empty(), "a layer_types pattern other than all, even or odd layers sliding");
+      window_toml = "sliding_window = " + std::to_string(static_cast<int64_t>(window->number)) + "\nsliding_window_layers = \"" +
+                    pattern + "\"\n";
+    }
+  }
+  if (config.find("quantization_config"))  // e.g. GPT-OSS's published MXFP4 experts
+    throw Error(config_file + ": a quantized checkpoint (quantization_config) is not supported by pithtrain convert; "
+                "save a dequantized bf16 copy first (docs/models.md, GPT-OSS)");
   unsupported(number(config, "tie_word_embeddings", config_file, 0.0) != 0.0, "tie_word_embeddings = true");
-  unsupported(number(config, "attention_bias", config_file, 0.0) != 0.0, "attention_bias = true");
-  if (const JsonValue* window = config.find("sliding_window"); window && window->type == JsonValue::Type::Number)
+  if (const JsonValue* window = config.find("sliding_window"); window && window->type == JsonValue::Type::Number && !gpt_oss)
     unsupported(number(config, "use_sliding_window", config_file, 1.0) != 0.0, "sliding-window attention");
   if (const JsonValue* dense = config.find("mlp_only_layers"); dense && !dense->items.empty())
     unsupported(true, "mlp_only_layers (dense layers must come first: first_dense_layers)");
@@ -198,7 +279,8 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
        << "\ninit_std = " << toml_number(number(config, "initializer_range", config_file, 0.02));
   if (deepseek)
     toml << "\nfirst_dense_layers = " << layout.first_dense << "\ndense_hidden_size = " << integer("intermediate_size");
-  toml << "\n\n[model.attention]\nplugin = \"" << arch.attention << "\"\n";
+  toml << "\n\n[model.attention]\nplugin = \"" << arch.attention << "\"\n" << rope_toml.str() << window_toml;
+  if (gpt_oss) toml << "bias = " << (layout.attention_bias ? "true" : "false") << "\nsinks = true\n";
   if (deepseek)
     toml << "q_lora_rank = " << (layout.q_lora ? integer("q_lora_rank") : 0) << "\nkv_lora_rank = " << integer("kv_lora_rank")
          << "\nqk_nope_head_dim = " << integer("qk_nope_head_dim") << "\nqk_rope_head_dim = " << integer("qk_rope_head_dim")
@@ -214,10 +296,14 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
          << "\nnum_groups = " << groups << "\ntopk_groups = " << topk_groups;
   else
     toml << "\naux_loss_coeff = " << toml_number(number(config, deepseek ? "aux_loss_alpha" : "router_aux_loss_coef", config_file, 0.001));
+  if (gpt_oss) toml << "\nbias = true";
   if (deepseek && !v3)
     toml << "\nscaling_factor = " << toml_number(number(config, "routed_scaling_factor", config_file, 1.0))
          << "\nnum_groups = " << groups << "\ntopk_groups = " << topk_groups;
   toml << "\n\n[model.moe.experts]\nplugin = \"grouped\"\n";
+  if (gpt_oss)
+    toml << "activation = \"clamped_swiglu\"\nbias = true\nswiglu_alpha = " << toml_number(number(config, "swiglu_alpha", config_file, 1.702))
+         << "\nswiglu_limit = " << toml_number(number(config, "swiglu_limit", config_file, 7.0)) << "\n";
   std::ofstream(fs::path(out_dir) / "config.toml") << toml.str();
 
   // The shapes every tensor must have come from the model this config builds (on the meta device).
@@ -258,7 +344,20 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   };
   std::vector<NamedTensor> tensors;
   for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({ours, fetch(theirs, shape_of.at(ours))});
-  for (int64_t layer = layout.first_dense; layer < layout.layers; ++layer) {
+  for (int64_t layer = layout.first_dense; layer < layout.layers && fused_experts(arch); ++layer) {
+    const std::string base = layer_prefix(layer) + "mlp.experts.", ours = "layers." + std::to_string(layer) + ".experts.";
+    const std::vector<int64_t>& gate = shape_of.at(ours + "gate_proj");  // [E, F, H]
+    const int64_t experts = gate[0], inner = gate[1], width = gate[2];
+    at::Tensor gate_up = fetch(base + "gate_up_proj", {experts, width, 2 * inner});     // [E, H, 2F]
+    at::Tensor gate_up_bias = fetch(base + "gate_up_proj_bias", {experts, 2 * inner});  // [E, 2F]
+    tensors.push_back({ours + "gate_proj", gate_up.slice(2, 0, 2 * inner, 2).transpose(1, 2).contiguous()});
+    tensors.push_back({ours + "up_proj", gate_up.slice(2, 1, 2 * inner, 2).transpose(1, 2).contiguous()});
+    tensors.push_back({ours + "down_proj", fetch(base + "down_proj", {experts, inner, width}).transpose(1, 2).contiguous()});
+    tensors.push_back({ours + "gate_bias", gate_up_bias.slice(1, 0, 2 * inner, 2).contiguous()});
+    tensors.push_back({ours + "up_bias", gate_up_bias.slice(1, 1, 2 * inner, 2).contiguous()});
+    tensors.push_back({ours + "down_bias", fetch(base + "down_proj_bias", {experts, width})});
+  }
+  for (int64_t layer = layout.first_dense; layer < layout.layers && !fused_experts(arch); ++layer) {
     const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
     for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
       const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
@@ -288,6 +387,8 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   layout.first_dense = model.integer("first_dense_layers", 0);
   layout.shared_experts = moe.integer("shared_experts", 0) > 0;
   layout.q_lora = attention.integer("q_lora_rank", 0) > 0;
+  const bool gpt_oss = arch.model_type == "gpt_oss";
+  layout.attention_bias = gpt_oss && attention.boolean("bias", false);
   const int64_t layers = layout.layers, experts = layout.experts;
   if (!deepseek && (layout.shared_experts || layout.first_dense != 0))
     throw Error(config_path + ": shared experts and dense layers have no place in " + arch.model_type);
@@ -301,7 +402,15 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   };
   std::vector<NamedTensor> tensors;
   for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({theirs, get(ours)});
-  for (int64_t layer = layout.first_dense; layer < layers; ++layer)
+  for (int64_t layer = layout.first_dense; layer < layers && fused_experts(arch); ++layer) {
+    const std::string ours = "layers." + std::to_string(layer) + ".experts.", base = layer_prefix(layer) + "mlp.experts.";
+    at::Tensor gate = get(ours + "gate_proj").transpose(1, 2), up = get(ours + "up_proj").transpose(1, 2);  // [E, H, F]
+    tensors.push_back({base + "gate_up_proj", at::stack({gate, up}, -1).flatten(-2)});                   // [E, H, 2F], interleaved
+    tensors.push_back({base + "gate_up_proj_bias", at::stack({get(ours + "gate_bias"), get(ours + "up_bias")}, -1).flatten(-2)});
+    tensors.push_back({base + "down_proj", get(ours + "down_proj").transpose(1, 2).contiguous()});  // [E, F, H]
+    tensors.push_back({base + "down_proj_bias", get(ours + "down_bias")});
+  }
+  for (int64_t layer = layout.first_dense; layer < layers && !fused_experts(arch); ++layer)
     for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
       at::Tensor stacked = get("layers." + std::to_string(layer) + ".experts." + ours);
       for (int64_t expert = 0; expert < experts; ++expert)
@@ -319,8 +428,11 @@ void export_hf(const std::string& config_path, const std::string& weights, const
        << ",\n  \"num_hidden_layers\": " << layers << ",\n  \"num_attention_heads\": " << model.required_integer("num_heads")
        << ",\n  \"num_key_value_heads\": " << model.integer("num_kv_heads", model.required_integer("num_heads"))
        << ",\n  \"head_dim\": " << model.integer("head_dim", 0) << ",\n  \"rms_norm_eps\": " << toml_number(eps)
-       << ",\n  \"rope_parameters\": {\"rope_theta\": " << toml_number(model.number("rope_theta", 10000.0))
-       << ", \"rope_type\": \"default\"},\n  \"num_experts\": " << experts << ",\n  \"num_local_experts\": " << experts
+       << ",\n  \"rope_parameters\": " << rope_json(attention, model.number("rope_theta", 10000.0));
+  if (attention.text("rope_scaling", "none") == "yarn")  // the context YaRN extends to, as transformers expects it
+    json << ",\n  \"max_position_embeddings\": "
+         << static_cast<int64_t>(attention.integer("rope_original_max_positions", 4096) * attention.number("rope_factor", 1.0));
+  json << ",\n  \"num_experts\": " << experts << ",\n  \"num_local_experts\": " << experts
        << ",\n  \"num_experts_per_tok\": " << moe.integer("top_k", 2) << ",\n  \"" << arch.expert_size_key
        << "\": " << moe.integer("expert_hidden_size", 0) << ",\n  \"norm_topk_prob\": "
        << (router.boolean("renormalize", true) ? "true" : "false") << ",\n  \"router_aux_loss_coef\": "
@@ -342,6 +454,19 @@ void export_hf(const std::string& config_path, const std::string& weights, const
          << ",\n  \"topk_method\": \"" << (v3 ? "noaux_tc" : topk_groups < groups ? "group_limited_greedy" : "greedy") << "\""
          << (v3 ? ",\n  \"rope_interleave\": true,\n  \"num_nextn_predict_layers\": 0" : "")
          << ",\n  \"n_group\": " << groups << ",\n  \"topk_group\": " << topk_groups;
+  }
+  if (gpt_oss) {
+    const std::string window_layers = attention.text("sliding_window_layers", "all");
+    const int64_t window = attention.integer("sliding_window", 0);
+    json << ",\n  \"attention_bias\": " << (layout.attention_bias ? "true" : "false") << ",\n  \"sliding_window\": "
+         << (window > 0 ? std::to_string(window) : "null") << ",\n  \"layer_types\": [";
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      const bool sliding = window > 0 && (window_layers == "all" || (window_layers == "even") == (layer % 2 == 0));
+      json << (layer ? ", " : "") << (sliding ? "\"sliding_attention\"" : "\"full_attention\"");
+    }
+    Options experts_table = moe.table("experts");
+    json << "],\n  \"swiglu_alpha\": " << toml_number(experts_table.number("swiglu_alpha", 1.702))
+         << ",\n  \"swiglu_limit\": " << toml_number(experts_table.number("swiglu_limit", 7.0));
   }
   json << "\n}\n";
 }

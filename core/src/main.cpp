@@ -1,5 +1,9 @@
-// The `pithtrain` command line: train (default), plugins, plugin check, data.
+// The `pithtrain` command line: train (default), plugins, plugin check, data, plot, explain, convert.
+#include <unistd.h>
+
+#include <chrono>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <sstream>
 
@@ -62,6 +66,8 @@ token after each document.
   --train-vocab N         sentencepiece: first train a BPE model of N pieces on these inputs
 Hugging Face tokenizer.json tokenizers: scripts/tokenize_hf.py writes the same format (docs/data.md).
 )";
+
+std::string g_device = "cpu";  // the device this process computes on (train.device for training)
 
 std::vector<std::string> split_commas(const std::string& text) {
   std::vector<std::string> items;
@@ -199,7 +205,8 @@ import: a Hugging Face model folder (config.json, model.safetensors or shards wi
         DIR/config.toml and DIR/model.safetensors; train from it with --config DIR/config.toml
         --init-from DIR/model.safetensors.
 export: PithTrain weights (a model.safetensors or a checkpoint) become config.json + model.safetensors.
-Architectures: qwen3_moe, mixtral, olmoe (docs/models.md). The round trip is bit-exact.
+Architectures: qwen3_moe, mixtral, olmoe, deepseek_v2, deepseek_v3, gpt_oss (docs/models.md). The round
+trip is bit-exact.
 )";
 
 int command_convert(const Arguments& args) {
@@ -229,13 +236,26 @@ int command_train(const Arguments& args) {
   settings.profile = args.profile;
   settings.init_from = args.init_from;
   Trainer trainer(load_config(args), settings);
+  g_device = trainer.config().device;
   trainer.run();
   return 0;
 }
 
-}  // namespace
+// ATE-Bench's active-compute ledger (docs/ate-bench.md): when PITHTRAIN_ATE_LEDGER names a file, every
+// pithtrain process appends one JSON line with its command, device, wall seconds and exit status.
+void append_to_ledger(int argc, char** argv, double seconds, int exit_code) {
+  const char* path = std::getenv("PITHTRAIN_ATE_LEDGER");
+  if (path == nullptr || *path == '\0') return;
+  std::string command;
+  for (int i = 0; i < argc; ++i) command += (i ? " " : "") + std::string(argv[i]);
+  std::ofstream ledger(path, std::ios::app);
+  ledger << "{\"tool\":\"pithtrain\",\"pid\":" << getpid() << ",\"command\":" << json_quote(command)
+         << ",\"device\":" << json_quote(g_device) << ",\"wall_seconds\":" << seconds << ",\"exit_code\":" << exit_code
+         << ",\"end_unix\":" << std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count()
+         << "}\n";
+}
 
-int main(int argc, char** argv) {
+int run_command(int argc, char** argv) {
   try {
     std::string command = argc > 1 ? argv[1] : "";
     if (command == "plugins") return command_plugins(parse(argc, argv, 2));
@@ -251,4 +271,13 @@ int main(int argc, char** argv) {
     std::cerr << "pithtrain: error: " << error.what() << "\n";
     return 1;
   }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const auto start = std::chrono::steady_clock::now();
+  const int exit_code = run_command(argc, argv);
+  append_to_ledger(argc, argv, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(), exit_code);
+  return exit_code;
 }

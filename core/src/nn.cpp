@@ -1,6 +1,8 @@
 // Shared building blocks (see pithtrain/nn.h) and the core's logger.
 #include "pithtrain/nn.h"
 
+#include <cmath>
+
 #include <ATen/ATen.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -22,17 +24,51 @@ at::Tensor normal_parameter(at::IntArrayRef shape, double std, const PluginConte
   return tensor.requires_grad_(true);
 }
 
-ExpertWeights::ExpertWeights(const PluginContext& context) {
+ExpertWeights::ExpertWeights(Options& options, const PluginContext& context) {
   const ModelDims& d = context.dims;
+  activation = options.text("activation", "swiglu");
+  swiglu_alpha = options.number("swiglu_alpha", 1.702);
+  swiglu_limit = options.number("swiglu_limit", 7.0);
+  const bool bias = options.boolean("bias", false);
+  if (activation != "swiglu" && activation != "clamped_swiglu")
+    throw Error(options.where("activation") + ": activation must be \"swiglu\" or \"clamped_swiglu\" (GPT-OSS), got \"" +
+                activation + "\"");
+  if (swiglu_limit <= 0) throw Error(options.where("swiglu_limit") + ": swiglu_limit must be positive");
   gate_proj = normal_parameter({d.num_experts, d.expert_hidden_size, d.hidden_size}, d.init_std, context);
   up_proj = normal_parameter({d.num_experts, d.expert_hidden_size, d.hidden_size}, d.init_std, context);
   // Output projections are scaled down with depth (GPT-2 style) so the residual stream stays O(1).
   down_proj = normal_parameter({d.num_experts, d.hidden_size, d.expert_hidden_size},
                                d.init_std / std::sqrt(2.0 * std::max<int64_t>(1, d.num_layers)), context);
+  if (bias) {
+    auto zeros = [&](at::IntArrayRef shape) {
+      return at::zeros(shape, at::TensorOptions().dtype(context.dtype).device(context.device)).requires_grad_(true);
+    };
+    gate_bias = zeros({d.num_experts, d.expert_hidden_size});
+    up_bias = zeros({d.num_experts, d.expert_hidden_size});
+    down_bias = zeros({d.num_experts, d.hidden_size});
+  }
+}
+
+at::Tensor ExpertWeights::apply(const at::Tensor& x, int64_t expert) const {
+  const bool bias = gate_bias.defined();
+  at::Tensor gate = at::linear(x, gate_proj[expert], bias ? gate_bias[expert] : at::Tensor());  // [n, F]
+  at::Tensor up = at::linear(x, up_proj[expert], bias ? up_bias[expert] : at::Tensor());        // [n, F]
+  at::Tensor inner;
+  if (activation == "swiglu") {
+    inner = at::silu(gate) * up;
+  } else {
+    gate = at::clamp_max(gate, swiglu_limit);
+    up = at::clamp(up, -swiglu_limit, swiglu_limit);
+    inner = gate * at::sigmoid(gate * swiglu_alpha) * (up + 1);
+  }
+  return at::linear(inner, down_proj[expert], bias ? down_bias[expert] : at::Tensor());  // [n, H]
 }
 
 std::vector<Parameter> ExpertWeights::parameters() const {
-  return {{"gate_proj", gate_proj, true}, {"up_proj", up_proj, true}, {"down_proj", down_proj, true}};
+  std::vector<Parameter> result = {{"gate_proj", gate_proj, true}, {"up_proj", up_proj, true}, {"down_proj", down_proj, true}};
+  if (gate_bias.defined())
+    result.insert(result.end(), {{"gate_bias", gate_bias, false}, {"up_bias", up_bias, false}, {"down_bias", down_bias, false}});
+  return result;
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -46,33 +82,70 @@ at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Te
   return at::linear(at::silu(at::linear(x, gate_proj)) * at::linear(x, up_proj), down_proj);
 }
 
+Rope read_rope(Options& options, const ModelDims& dims) {
+  Rope rope;
+  rope.theta = dims.rope_theta;
+  rope.scaling = options.text("rope_scaling", "none");
+  if (rope.scaling == "none") return rope;
+  if (rope.scaling != "yarn")
+    throw Error(options.where("rope_scaling") + ": rope_scaling must be \"none\" or \"yarn\", got \"" + rope.scaling + "\"");
+  rope.factor = options.number("rope_factor", 1.0);
+  rope.original_max_positions = options.integer("rope_original_max_positions", 4096);
+  rope.beta_fast = options.number("rope_beta_fast", 32.0);
+  rope.beta_slow = options.number("rope_beta_slow", 1.0);
+  rope.truncate = options.boolean("rope_truncate", true);
+  rope.attention_factor = options.number("rope_attention_factor", yarn_mscale(rope.factor, 1.0));
+  if (rope.factor < 1.0 || rope.original_max_positions < 1 || rope.beta_fast <= 0 || rope.beta_slow <= 0)
+    throw Error(options.where("rope_factor") + ": yarn needs rope_factor >= 1, rope_original_max_positions >= 1 and "
+                "positive rope_beta_fast and rope_beta_slow");
+  return rope;
+}
+
+double yarn_mscale(double factor, double mscale) { return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0; }
+
+at::Tensor rope_inverse_frequency(int64_t head_dim, const Rope& rope, const at::TensorOptions& options) {
+  // theta^(-2i/d) for i < d/2
+  at::Tensor extrapolation = at::pow(rope.theta, -at::arange(0, head_dim / 2, options) * 2.0 / head_dim);  // [d/2]
+  if (rope.scaling != "yarn") return extrapolation;
+  // The dimension whose wavelength fits `rotations` times into the original context.
+  auto dimension_of = [&](double rotations) {
+    return head_dim * std::log(rope.original_max_positions / (rotations * 2 * M_PI)) / (2 * std::log(rope.theta));
+  };
+  double low = dimension_of(rope.beta_fast), high = dimension_of(rope.beta_slow);
+  if (rope.truncate) low = std::floor(low), high = std::ceil(high);
+  low = std::max(low, 0.0), high = std::min(high, static_cast<double>(head_dim - 1));
+  if (low == high) high += 0.001;  // a zero-width ramp would divide by zero
+  // 1 keeps the original frequency (fast dimensions), 0 takes the interpolated one (slow dimensions).
+  at::Tensor keep = 1 - at::clamp((at::arange(0, head_dim / 2, options) - low) / (high - low), 0, 1);  // [d/2]
+  return extrapolation / rope.factor * (1 - keep) + extrapolation * keep;
+}
+
 namespace {
 
-// Rotation angles position * theta^(-2i/head_dim) for i < head_dim/2: [seq, head_dim/2], in float32
-// (float64 for double inputs).
-at::Tensor rope_angles(const at::Tensor& x, const at::Tensor& positions, double theta) {
-  const int64_t head_dim = x.size(-1);
+// Rotation angles position * inverse_frequency: [seq, head_dim/2], in float32 (float64 for double inputs).
+at::Tensor rope_angles(const at::Tensor& x, const at::Tensor& positions, const Rope& rope) {
   auto options = at::TensorOptions().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).device(x.device());
-  at::Tensor inverse_frequency = at::pow(theta, -at::arange(0, head_dim / 2, options) * 2.0 / head_dim);  // [half]
-  return positions.to(options.dtype()).unsqueeze(1) * inverse_frequency.unsqueeze(0);                     // [seq, half]
+  at::Tensor inverse_frequency = rope_inverse_frequency(x.size(-1), rope, options);  // [half]
+  return positions.to(options.dtype()).unsqueeze(1) * inverse_frequency.unsqueeze(0);  // [seq, half]
 }
 
 }  // namespace
 
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta) {
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const Rope& rope) {
   const int64_t half = x.size(-1) / 2;
-  at::Tensor angles = rope_angles(x, positions, theta);                                 // [seq, half]
-  at::Tensor cos = at::cat({angles.cos(), angles.cos()}, -1).unsqueeze(0).unsqueeze(2);  // [1, seq, 1, head_dim]
-  at::Tensor sin = at::cat({angles.sin(), angles.sin()}, -1).unsqueeze(0).unsqueeze(2);
+  at::Tensor angles = rope_angles(x, positions, rope);                                                    // [seq, half]
+  at::Tensor cos = at::cat({angles.cos(), angles.cos()}, -1).unsqueeze(0).unsqueeze(2) * rope.attention_factor;  // [1, seq, 1, head_dim]
+  at::Tensor sin = at::cat({angles.sin(), angles.sin()}, -1).unsqueeze(0).unsqueeze(2) * rope.attention_factor;
   at::Tensor x_float = x.to(angles.scalar_type());
   at::Tensor rotated = at::cat({-x_float.narrow(-1, half, half), x_float.narrow(-1, 0, half)}, -1);
   return (x_float * cos + rotated * sin).to(x.scalar_type());
 }
 
-at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, double theta) {
-  at::Tensor angles = rope_angles(x, positions, theta);                                                   // [seq, half]
-  at::Tensor cos = angles.cos().unsqueeze(0).unsqueeze(2), sin = angles.sin().unsqueeze(0).unsqueeze(2);  // [1, seq, 1, half]
-  at::Tensor pairs = x.to(angles.scalar_type()).unflatten(-1, {x.size(-1) / 2, 2});                      // [..., half, 2]
+at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, const Rope& rope) {
+  at::Tensor angles = rope_angles(x, positions, rope);  // [seq, half]
+  at::Tensor cos = angles.cos().unsqueeze(0).unsqueeze(2) * rope.attention_factor;  // [1, seq, 1, half]
+  at::Tensor sin = angles.sin().unsqueeze(0).unsqueeze(2) * rope.attention_factor;
+  at::Tensor pairs = x.to(angles.scalar_type()).unflatten(-1, {x.size(-1) / 2, 2});  // [..., half, 2]
   at::Tensor real = pairs.select(-1, 0), imaginary = pairs.select(-1, 1);
   return at::stack({real * cos - imaginary * sin, real * sin + imaginary * cos}, -1).flatten(-2).to(x.scalar_type());
 }

@@ -17,6 +17,7 @@
 #include <ATen/Context.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/CachingDeviceAllocator.h>
+#include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/spdlog.h>
 
 #include "json.h"
@@ -281,6 +282,15 @@ TrainSummary Trainer::run() {
   fs::create_directories(run_dir_);
   const std::string resolved = options_.resolved_toml();
   std::ofstream(run_dir_ + "/config.toml") << resolved << "\n";
+  // The log also goes to RUN_DIR/train.log (appended to by each resume) while this run lasts.
+  auto log_file = std::make_shared<spdlog::sinks::basic_file_sink_mt>(run_dir_ + "/train.log");
+  log_file->set_pattern("[%Y-%m-%d %H:%M:%S %l] %v");
+  log.sinks().push_back(log_file);
+  struct DetachSink {
+    spdlog::logger& log;
+    spdlog::sink_ptr sink;
+    ~DetachSink() { std::erase(log.sinks(), sink); }
+  } detach_log_file{log, log_file};
   if (!settings_.quiet) {
     log.info("components:");
     for (const auto& entry : manifest_)
@@ -435,11 +445,14 @@ TrainSummary Trainer::run() {
       double imbalance = 0;
       auto buffers = model_->router_buffers();
       std::string router_json = "[";
-      for (size_t layer = 0; layer < step_load.size(); ++layer)
-        router_json += (layer ? "," : "") + router_stats_json(layer, step_load[layer], buffers[layer], imbalance);
+      for (size_t layer = 0; layer < step_load.size(); ++layer) {
+        if (layer > 0) router_json += ",";
+        router_json += router_stats_json(layer, step_load[layer], buffers[layer], imbalance);
+      }
       router_json += "]";
       metrics << std::setprecision(6) << "{\"step\":" << step << ",\"loss\":" << result.loss
-              << ",\"cross_entropy\":" << result.cross_entropy << ",\"aux_loss\":" << result.aux_loss << ",\"lr\":" << lr
+              << ",\"cross_entropy\":" << result.cross_entropy << ",\"smoothed_loss\":" << smoothed
+              << ",\"aux_loss\":" << result.aux_loss << ",\"lr\":" << lr
               << ",\"grad_norm\":" << result.grad_norm << ",\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
               << ",\"memory_mb\":" << resident_memory_mb();
       if (c10::Device(config_.device).is_cuda())

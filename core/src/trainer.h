@@ -56,6 +56,7 @@ class Trainer {
   Trainer(Options config, RunSettings settings);
   TrainSummary run();
   Model& model() { return *model_; }
+  const TrainConfig& config() const { return config_; }
 
  private:
   double evaluate();

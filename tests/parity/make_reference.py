@@ -35,13 +35,28 @@ elif arch in ("deepseek_v2_lite", "deepseek_v2"):
                                            n_group=4, topk_group=2)
     model_class = transformers.DeepseekV2ForCausalLM
 elif arch == "deepseek_v3":
-    config = transformers.DeepseekV3Config(**{**common, "num_key_value_heads": 4}, intermediate_size=64,
+    config = transformers.DeepseekV3Config(**{**common, "num_key_value_heads": 4, "max_position_embeddings": 1280},
+                                           intermediate_size=64,
                                            moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                                            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=24, q_lora_rank=16,
                                            qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_group=4,
                                            topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
-                                           rope_interleave=True, num_nextn_predict_layers=0)
+                                           rope_interleave=True, num_nextn_predict_layers=0,
+                                           # YaRN as the published checkpoints (factor 40, mscale 1), on a short
+                                           # original context so the blend range covers these rotary dims
+                                           rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                                            "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                                                            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
     model_class = transformers.DeepseekV3ForCausalLM
+elif arch == "gpt_oss":
+    # Layer 0 slides (window 5 of 16 positions), layer 1 is full; a low swiglu_limit so the clamps bite;
+    # YaRN without truncation as GPT-OSS, on a short original context so the blend covers these dims.
+    config = transformers.GptOssConfig(**{**common, "max_position_embeddings": 512}, head_dim=16, intermediate_size=24, num_local_experts=6,
+                                       num_experts_per_tok=2, sliding_window=5, swiglu_limit=1.5,
+                                       rope_parameters={"rope_type": "yarn", "rope_theta": 1000.0, "factor": 8.0,
+                                                        "beta_fast": 8.0, "beta_slow": 1.0, "truncate": False,
+                                                        "original_max_position_embeddings": 64})
+    model_class = transformers.GptOssForCausalLM
 else:
     sys.exit(f"unknown architecture {arch}")
 config.pad_token_id = config.bos_token_id = config.eos_token_id = None
@@ -52,6 +67,9 @@ with torch.no_grad():  # a non-zero aux-free bias, so the test covers how it ste
     for name, buffer in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             buffer.copy_(torch.randn_like(buffer) * 0.2)
+    for name, parameter in model.named_parameters():  # GPT-OSS biases start at zero; make them matter
+        if name.endswith("bias") or name.endswith("sinks"):
+            parameter.copy_(torch.randn_like(parameter) * 0.5)
 model.save_pretrained(out)
 tokens = torch.randint(0, config.vocab_size, (2, 17))
 result = model(input_ids=tokens, labels=tokens)  # the loss excludes the router loss (output_router_logits is off)
@@ -61,15 +79,27 @@ reference = {"tokens": tokens, "logits": result.logits[:, :-1].detach().contiguo
 for name, parameter in model.named_parameters():
     ours = (name.replace("model.embed_tokens.weight", "embedding.weight").replace("model.norm.weight", "final_norm.weight")
             .replace("model.layers.", "layers.").replace("self_attn.", "attention.").replace("input_layernorm", "attention_norm")
-            .replace("post_attention_layernorm", "ffn_norm").replace("block_sparse_moe.", "mlp.").replace("mlp.gate.", "router.gate.")
+            .replace("post_attention_layernorm", "ffn_norm").replace("block_sparse_moe.", "mlp.").replace("mlp.gate.", "router.gate.").replace("mlp.router.", "router.gate.")
             .replace("mlp.experts.", "experts.").replace("mlp.shared_experts.", "shared_experts.")
             .replace("kv_a_proj_with_mqa", "kv_a_proj").replace("kv_a_layernorm", "kv_a_norm").replace("q_a_layernorm", "q_a_norm"))
     if ".mlp." in ours or ".shared_experts." in ours:  # dense FFN and shared experts: PithTrain names drop ".weight"
         ours = ours[: -len(".weight")]
     if ours.startswith("layers.") and ".attention." in ours and ours.endswith(".weight"):
         ours = ours[: -len(".weight")]
+    if ".attention." in ours and ours.endswith(".bias"):  # PithTrain: attention.q_proj_bias
+        ours = ours[: -len(".bias")] + "_bias"
     grad = parameter.grad.detach()
-    if ours.endswith("experts.gate_up_proj"):  # [E, 2F, H]: gate rows first, then up
+    if arch == "gpt_oss" and ours.endswith("experts.gate_up_proj"):  # [E, H, 2F], gate and up interleaved
+        reference["grad/" + ours.replace("gate_up_proj", "gate_proj")] = grad[:, :, 0::2].transpose(1, 2).contiguous()
+        reference["grad/" + ours.replace("gate_up_proj", "up_proj")] = grad[:, :, 1::2].transpose(1, 2).contiguous()
+    elif arch == "gpt_oss" and ours.endswith("experts.gate_up_proj_bias"):  # [E, 2F]
+        reference["grad/" + ours.replace("gate_up_proj_bias", "gate_bias")] = grad[:, 0::2].contiguous()
+        reference["grad/" + ours.replace("gate_up_proj_bias", "up_bias")] = grad[:, 1::2].contiguous()
+    elif arch == "gpt_oss" and ours.endswith("experts.down_proj"):  # [E, F, H]
+        reference["grad/" + ours] = grad.transpose(1, 2).contiguous()
+    elif ours.endswith("experts.down_proj_bias"):
+        reference["grad/" + ours.replace("down_proj_bias", "down_bias")] = grad.contiguous()
+    elif ours.endswith("experts.gate_up_proj"):  # [E, 2F, H]: gate rows first, then up
         half = grad.shape[1] // 2
         reference["grad/" + ours.replace("gate_up_proj", "gate_proj")] = grad[:, :half].contiguous()
         reference["grad/" + ours.replace("gate_up_proj", "up_proj")] = grad[:, half:].contiguous()

@@ -1,5 +1,6 @@
 // Building blocks shared by the core and plugins: initialisation, RMSNorm, SwiGLU, rotary embeddings.
 #pragma once
+#include <string>
 #include <vector>
 
 #include "pithtrain/plugin.h"
@@ -10,11 +11,21 @@ namespace pithtrain {
 // the global generator (seeded by the core), so construction order fixes the values.
 at::Tensor normal_parameter(at::IntArrayRef shape, double std, const PluginContext& context);
 
-// The routed experts' SwiGLU weights in the layout the `loop` and `grouped` experts share, so their
-// weights are interchangeable: gate_proj, up_proj [E, F, H]; down_proj [E, H, F] (F = expert_hidden_size).
+// The routed experts' weights in the layout the `loop` and `grouped` experts share, so their weights
+// are interchangeable: gate_proj, up_proj [E, F, H]; down_proj [E, H, F] (F = expert_hidden_size), and
+// with `bias = true` gate_bias, up_bias [E, F], down_bias [E, H]. The experts table's keys:
+//   activation = "swiglu"          silu(gate) * up
+//              | "clamped_swiglu"  GPT-OSS: g = min(gate, limit), u = clamp(up, -limit, limit),
+//                                  g * sigmoid(alpha * g) * (u + 1)
+//   swiglu_alpha = 1.702, swiglu_limit = 7.0, bias = false
 struct ExpertWeights {
   at::Tensor gate_proj, up_proj, down_proj;
-  explicit ExpertWeights(const PluginContext& context);
+  at::Tensor gate_bias, up_bias, down_bias;  // undefined unless bias = true
+  std::string activation = "swiglu";
+  double swiglu_alpha = 1.702, swiglu_limit = 7.0;
+  ExpertWeights(Options& options, const PluginContext& context);
+  // Expert `expert` on its tokens x [n, H] -> [n, H].
+  at::Tensor apply(const at::Tensor& x, int64_t expert) const;
   std::vector<Parameter> parameters() const;
 };
 
@@ -25,11 +36,36 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
                   const at::Tensor& down_proj);
 
+// Rotary embedding settings: plain RoPE with frequencies theta^(-2i/d), or YaRN (arXiv:2309.00071),
+// which divides the low frequencies by `factor`, keeps the high ones, blends linearly between the
+// dimensions that turn beta_fast and beta_slow times over original_max_positions, and multiplies cos
+// and sin by attention_factor.
+struct Rope {
+  double theta = 10000.0;
+  std::string scaling = "none";  // "none" or "yarn"
+  double factor = 1.0;
+  int64_t original_max_positions = 4096;
+  double beta_fast = 32.0, beta_slow = 1.0;
+  bool truncate = true;          // round the blend range outwards to whole dimensions
+  double attention_factor = 1.0;
+};
+
+// Reads the rotary keys of an attention plugin's table: rope_scaling ("none" | "yarn"), rope_factor,
+// rope_original_max_positions, rope_beta_fast, rope_beta_slow, rope_truncate, rope_attention_factor
+// (default for yarn: yarn_mscale(rope_factor, 1)). theta is the model's rope_theta.
+Rope read_rope(Options& options, const ModelDims& dims);
+
+// YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1).
+double yarn_mscale(double factor, double mscale);
+
+// Inverse frequencies [head_dim / 2] (float32, or float64 when `dtype` is double).
+at::Tensor rope_inverse_frequency(int64_t head_dim, const Rope& rope, const at::TensorOptions& options);
+
 // Rotates x [batch, seq, heads, head_dim] by its positions [seq] (rotate-half convention, pairs
-// (i, i + head_dim/2)) with frequencies theta^(-2i/head_dim).
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, double theta);
+// (i, i + head_dim/2)).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const Rope& rope);
 
 // The same rotation with adjacent pairs (2i, 2i + 1), as complex numbers (DeepSeek's MLA convention).
-at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, double theta);
+at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, const Rope& rope);
 
 }  // namespace pithtrain

@@ -1,5 +1,8 @@
-// GroupedQueryAttention: causal multi-head / grouped-query attention with rotary position embeddings,
-// optionally with RMSNorm on queries and keys (per head as Qwen3, or over the projection as OLMoE).
+// GroupedQueryAttention: causal multi-head / grouped-query attention with rotary position embeddings and
+// the options today's MoE models add: QK RMSNorm (Qwen3, OLMoE), projection biases, learned attention
+// sinks and sliding-window layers (GPT-OSS), YaRN-scaled RoPE.
+#include <limits>
+
 #include <ATen/ATen.h>
 
 #include "pithtrain/attention.h"
@@ -17,51 +20,105 @@ class GroupedQueryAttention final : public Attention {
     if (qk_norm_ != "none" && qk_norm_ != "head" && qk_norm_ != "full")
       throw Error(options.where("qk_norm") + ": qk_norm must be \"none\", \"head\" (Qwen3: RMSNorm over each head) or "
                   "\"full\" (OLMoE: RMSNorm over the whole projection), got \"" + qk_norm_ + "\"");
+    const bool bias = options.boolean("bias", false);
+    const bool sinks = options.boolean("sinks", false);
+    const int64_t window = options.integer("sliding_window", 0);
+    const std::string window_layers = options.text("sliding_window_layers", "all");
+    if (window < 0) throw Error(options.where("sliding_window") + ": sliding_window must be >= 0 (0: full attention)");
+    if (window_layers != "all" && window_layers != "even" && window_layers != "odd")
+      throw Error(options.where("sliding_window_layers") + ": sliding_window_layers must be \"all\", \"even\" (GPT-OSS: "
+                  "layers 0, 2, ...) or \"odd\", got \"" + window_layers + "\"");
+    const int64_t layer = std::max<int64_t>(context.layer_index, 0);
+    if (window_layers == "all" || (window_layers == "even") == (layer % 2 == 0)) window_ = window;
+    rope_ = read_rope(options, dims_);
+
+    auto tensor_options = at::TensorOptions().dtype(context.dtype).device(context.device);
     if (qk_norm_ != "none") {
-      auto ones = at::TensorOptions().dtype(context.dtype).device(context.device);
-      q_norm_ = at::ones({qk_norm_ == "head" ? head_dim : dims_.num_heads * head_dim}, ones).requires_grad_(true);
-      k_norm_ = at::ones({qk_norm_ == "head" ? head_dim : dims_.num_kv_heads * head_dim}, ones).requires_grad_(true);
+      q_norm_ = at::ones({qk_norm_ == "head" ? head_dim : dims_.num_heads * head_dim}, tensor_options).requires_grad_(true);
+      k_norm_ = at::ones({qk_norm_ == "head" ? head_dim : dims_.num_kv_heads * head_dim}, tensor_options).requires_grad_(true);
     }
     q_proj_ = normal_parameter({dims_.num_heads * head_dim, hidden}, dims_.init_std, context);
     k_proj_ = normal_parameter({dims_.num_kv_heads * head_dim, hidden}, dims_.init_std, context);
     v_proj_ = normal_parameter({dims_.num_kv_heads * head_dim, hidden}, dims_.init_std, context);
     o_proj_ = normal_parameter({hidden, dims_.num_heads * head_dim},
                                dims_.init_std / std::sqrt(2.0 * std::max<int64_t>(1, dims_.num_layers)), context);
+    auto zeros = [&](int64_t size) { return at::zeros({size}, tensor_options).requires_grad_(true); };
+    if (bias) {
+      q_bias_ = zeros(dims_.num_heads * head_dim), k_bias_ = zeros(dims_.num_kv_heads * head_dim);
+      v_bias_ = zeros(dims_.num_kv_heads * head_dim), o_bias_ = zeros(hidden);
+    }
+    if (sinks) sinks_ = zeros(dims_.num_heads);
   }
 
   at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions) override {
     const int64_t batch = hidden.size(0), seq = hidden.size(1), head_dim = dims_.head_dim;
-    at::Tensor q = at::linear(hidden, q_proj_);  // [B, S, h * D]
-    at::Tensor k = at::linear(hidden, k_proj_);  // [B, S, kv * D]
+    at::Tensor q = at::linear(hidden, q_proj_, q_bias_);  // [B, S, h * D]
+    at::Tensor k = at::linear(hidden, k_proj_, k_bias_);  // [B, S, kv * D]
     if (qk_norm_ == "full") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
     q = q.view({batch, seq, dims_.num_heads, head_dim});     // [B, S, h, D]
     k = k.view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
     if (qk_norm_ == "head") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
-    at::Tensor v = at::linear(hidden, v_proj_).view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
-    q = apply_rope(q, positions, dims_.rope_theta).transpose(1, 2);  // [B, h, S, D]
-    k = apply_rope(k, positions, dims_.rope_theta).transpose(1, 2);  // [B, kv, S, D]
-    v = v.transpose(1, 2);                                           // [B, kv, S, D]
-    at::Tensor out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, std::nullopt,
-                                                      /*enable_gqa=*/dims_.num_kv_heads != dims_.num_heads);
-    return at::linear(out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * head_dim}), o_proj_);  // [B, S, H]
+    at::Tensor v = at::linear(hidden, v_proj_, v_bias_).view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
+    q = apply_rope(q, positions, rope_).transpose(1, 2);  // [B, h, S, D]
+    k = apply_rope(k, positions, rope_).transpose(1, 2);  // [B, kv, S, D]
+    v = v.transpose(1, 2);                                // [B, kv, S, D]
+    at::Tensor out;                                       // [B, h, S, D]
+    if (!sinks_.defined()) {
+      std::optional<at::Tensor> mask;
+      if (window_ > 0 && window_ < seq) mask = allowed(positions);
+      out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/!mask.has_value(), std::nullopt,
+                                             /*enable_gqa=*/dims_.num_kv_heads != dims_.num_heads);
+    } else {
+      out = attention_with_sinks(q, k, v, positions);
+    }
+    return at::linear(out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * head_dim}), o_proj_, o_bias_);  // [B, S, H]
   }
 
   std::vector<Parameter> parameters() override {
     std::vector<Parameter> result = {{"q_proj", q_proj_, true}, {"k_proj", k_proj_, true}, {"v_proj", v_proj_, true},
                                      {"o_proj", o_proj_, true}};
     if (q_norm_.defined()) result.push_back({"q_norm", q_norm_, false}), result.push_back({"k_norm", k_norm_, false});
+    if (q_bias_.defined())
+      result.insert(result.end(), {{"q_proj_bias", q_bias_, false}, {"k_proj_bias", k_bias_, false},
+                                   {"v_proj_bias", v_bias_, false}, {"o_proj_bias", o_bias_, false}});
+    if (sinks_.defined()) result.push_back({"sinks", sinks_, false});
     return result;
   }
 
  private:
+  // [S, S] bool: query i may see key j when j <= i and, with a window, i - j < window.
+  at::Tensor allowed(const at::Tensor& positions) const {
+    at::Tensor distance = positions.unsqueeze(1) - positions.unsqueeze(0);  // [S, S]: i - j
+    at::Tensor mask = distance >= 0;
+    if (window_ > 0) mask = mask & (distance < window_);
+    return mask;
+  }
+
+  // softmax over [scores ; sink] per head, the sink's column dropped before multiplying by V: each head
+  // may put probability mass on "nothing" (GPT-OSS). Written out because SDPA has no sink term.
+  at::Tensor attention_with_sinks(const at::Tensor& q, at::Tensor k, at::Tensor v, const at::Tensor& positions) const {
+    const int64_t batch = q.size(0), seq = q.size(2), groups = dims_.num_heads / dims_.num_kv_heads;
+    if (groups > 1) k = k.repeat_interleave(groups, 1), v = v.repeat_interleave(groups, 1);  // [B, h, S, D]
+    const auto compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)).to(compute) / std::sqrt(static_cast<double>(dims_.head_dim));
+    scores = scores.masked_fill(allowed(positions).logical_not(), -std::numeric_limits<double>::infinity());  // [B, h, S, S]
+    at::Tensor sink = sinks_.to(compute).view({1, -1, 1, 1}).expand({batch, dims_.num_heads, seq, 1});        // [B, h, S, 1]
+    at::Tensor probs = at::softmax(at::cat({scores, sink}, -1), -1).narrow(-1, 0, seq);                       // [B, h, S, S]
+    return at::matmul(probs.to(v.scalar_type()), v);                                                         // [B, h, S, D]
+  }
+
   ModelDims dims_;
   at::Tensor q_proj_;  // [h * D, H]
   at::Tensor k_proj_;  // [kv * D, H]
   at::Tensor v_proj_;  // [kv * D, H]
   at::Tensor o_proj_;  // [H, h * D]
+  at::Tensor q_bias_, k_bias_, v_bias_, o_bias_;  // [h * D], [kv * D], [kv * D], [H] with bias = true
+  at::Tensor sinks_;                              // [h] with sinks = true
   std::string qk_norm_ = "none";
   double qk_norm_eps_ = 1e-6;
   at::Tensor q_norm_, k_norm_;  // [D] ("head") or [h * D], [kv * D] ("full")
+  int64_t window_ = 0;          // this layer's window; 0: full causal attention
+  Rope rope_;
 };
 
 }  // namespace

@@ -1,7 +1,11 @@
-// gqa against a naive attention: explicit RoPE, repeated key/value heads, masked softmax(QK^T/sqrt(d))V.
+// gqa against a naive attention written element by element: explicit RoPE (plain or YaRN), repeated
+// key/value heads, biases, a causal (optionally windowed) mask and the softmax with a sink term.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include "pithtrain/attention.h"
 
@@ -9,59 +13,122 @@ using namespace pithtrain;
 
 namespace {
 
-// Rotates pairs (i, i + d/2) of x [B, S, heads, d] by position * theta^(-2i/d), element by element.
-at::Tensor naive_rope(const at::Tensor& x, double theta) {
+struct Case {
+  int64_t heads = 3, kv_heads = 3;
+  bool bias = false, sinks = false, yarn = false;
+  int64_t window = 0;
+  std::string window_layers = "all";
+  int64_t layer_index = 0;
+};
+
+// YaRN's inverse frequency of rotary pair i for head width d, from the paper's formulas one scalar at a time.
+double yarn_inverse_frequency(int64_t i, int64_t d, double theta, double factor, double original, double beta_fast,
+                              double beta_slow) {
+  auto dimension_of = [&](double rotations) { return d * std::log(original / (rotations * 2 * M_PI)) / (2 * std::log(theta)); };
+  double low = std::max(std::floor(dimension_of(beta_fast)), 0.0), high = std::min(std::ceil(dimension_of(beta_slow)), d - 1.0);
+  if (low == high) high += 0.001;
+  double ramp = std::clamp((i - low) / (high - low), 0.0, 1.0);  // 0: keep the frequency, 1: divide it by factor
+  double base = std::pow(theta, -2.0 * i / d);
+  return base * (1 - ramp) + base / factor * ramp;
+}
+
+// Rotates pairs (i, i + d/2) of x [B, S, heads, d] by position * inverse_frequency(i), times `scale`.
+at::Tensor naive_rope(const at::Tensor& x, const std::function<double(int64_t)>& inverse_frequency, double scale) {
   at::Tensor out = x.clone();
   const int64_t seq = x.size(1), heads = x.size(2), d = x.size(3);
   for (int64_t b = 0; b < x.size(0); ++b)
     for (int64_t s = 0; s < seq; ++s)
       for (int64_t h = 0; h < heads; ++h)
         for (int64_t i = 0; i < d / 2; ++i) {
-          double angle = s * std::pow(theta, -2.0 * i / d);
+          double angle = s * inverse_frequency(i);
           double a = x[b][s][h][i].item<double>(), c = x[b][s][h][i + d / 2].item<double>();
-          out[b][s][h][i] = a * std::cos(angle) - c * std::sin(angle);
-          out[b][s][h][i + d / 2] = c * std::cos(angle) + a * std::sin(angle);
+          out[b][s][h][i] = scale * (a * std::cos(angle) - c * std::sin(angle));
+          out[b][s][h][i + d / 2] = scale * (c * std::cos(angle) + a * std::sin(angle));
         }
   return out;
 }
 
-void compare(int64_t heads, int64_t kv_heads) {
-  at::manual_seed(heads * 10 + kv_heads);
+void compare(const Case& c) {
+  at::manual_seed(c.heads * 10 + c.kv_heads + c.window);
+  const int64_t heads = c.heads, kv_heads = c.kv_heads, batch = 2, seq = 6, d = 4;
   PluginContext context;
-  context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = heads, .num_kv_heads = kv_heads, .head_dim = 4,
+  context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = heads, .num_kv_heads = kv_heads, .head_dim = d,
                   .rope_theta = 100.0, .init_std = 0.4};
   context.dtype = at::kDouble;
-  Options options = Options::from_string("", "test.toml");
+  context.layer_index = c.layer_index;
+  std::string toml = std::string("bias = ") + (c.bias ? "true" : "false") + "\nsinks = " + (c.sinks ? "true" : "false") +
+                     "\nsliding_window = " + std::to_string(c.window) + "\nsliding_window_layers = \"" + c.window_layers + "\"\n";
+  if (c.yarn) toml += "rope_scaling = \"yarn\"\nrope_factor = 8.0\nrope_original_max_positions = 64\nrope_beta_fast = 4.0\n";
+  Options options = Options::from_string(toml, "test.toml");
   auto attention = pithtrain_plugin()->make_attention(options, context);
-  const int64_t batch = 2, seq = 5, d = 4;
+  options.check_unknown_keys("attention plugin 'gqa'");
+  auto p = attention->parameters();
+  ASSERT_EQ(p.size(), 4u + (c.bias ? 4 : 0) + (c.sinks ? 1 : 0));
+  {
+    at::NoGradGuard no_grad;  // biases and sinks start at zero; give them values that matter
+    for (size_t i = 4; i < p.size(); ++i) p[i].tensor.normal_(0.0, 1.0);
+  }
   at::Tensor x = at::randn({batch, seq, 12}, at::kDouble);
   at::Tensor out = attention->forward(x, at::arange(seq, at::kLong));
 
-  auto p = attention->parameters();
-  at::Tensor q = naive_rope(at::matmul(x, p[0].tensor.detach().t()).view({batch, seq, heads, d}), 100.0);
-  at::Tensor k = naive_rope(at::matmul(x, p[1].tensor.detach().t()).view({batch, seq, kv_heads, d}), 100.0);
-  at::Tensor v = at::matmul(x, p[2].tensor.detach().t()).view({batch, seq, kv_heads, d});
+  auto weight = [&](size_t i) { return p[i].tensor.detach(); };
+  auto bias = [&](size_t i) { return c.bias ? weight(4 + i) : at::zeros({weight(i).size(0)}, at::kDouble); };
+  std::function<double(int64_t)> inverse_frequency = [&](int64_t i) { return std::pow(100.0, -2.0 * i / d); };
+  double scale = 1.0;
+  if (c.yarn) {
+    inverse_frequency = [&](int64_t i) { return yarn_inverse_frequency(i, d, 100.0, 8.0, 64.0, 4.0, 1.0); };
+    scale = 0.1 * std::log(8.0) + 1;
+  }
+  at::Tensor q = naive_rope((at::matmul(x, weight(0).t()) + bias(0)).view({batch, seq, heads, d}), inverse_frequency, scale);
+  at::Tensor k = naive_rope((at::matmul(x, weight(1).t()) + bias(1)).view({batch, seq, kv_heads, d}), inverse_frequency, scale);
+  at::Tensor v = (at::matmul(x, weight(2).t()) + bias(2)).view({batch, seq, kv_heads, d});
+  const bool windowed = c.window > 0 && (c.window_layers == "all" || (c.window_layers == "even") == (c.layer_index % 2 == 0));
   at::Tensor context_out = at::zeros({batch, seq, heads, d}, at::kDouble);
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < heads; ++h) {
       int64_t g = h / (heads / kv_heads);  // the key/value head this query head shares
+      double sink = c.sinks ? p.back().tensor[h].item<double>() : -1e300;
       for (int64_t s = 0; s < seq; ++s) {
+        int64_t first = windowed ? std::max<int64_t>(0, s - c.window + 1) : 0;
         std::vector<double> scores(s + 1);
-        double max_score = -1e300, total = 0;
-        for (int64_t t = 0; t <= s; ++t) {
+        double max_score = sink, total = 0;
+        for (int64_t t = first; t <= s; ++t) {
           scores[t] = at::dot(q[b][s][h], k[b][t][g]).item<double>() / std::sqrt(double(d));
           max_score = std::max(max_score, scores[t]);
         }
-        for (auto& score : scores) total += score = std::exp(score - max_score);
-        for (int64_t t = 0; t <= s; ++t) context_out[b][s][h] += scores[t] / total * v[b][t][g];
+        if (c.sinks) total += std::exp(sink - max_score);
+        for (int64_t t = first; t <= s; ++t) total += scores[t] = std::exp(scores[t] - max_score);
+        for (int64_t t = first; t <= s; ++t) context_out[b][s][h] += scores[t] / total * v[b][t][g];
       }
     }
-  at::Tensor expected = at::matmul(context_out.view({batch, seq, heads * d}), p[3].tensor.detach().t());
+  at::Tensor expected = at::matmul(context_out.view({batch, seq, heads * d}), weight(3).t()) + bias(3);
   EXPECT_TRUE(at::allclose(out, expected, 1e-12, 1e-12)) << (out - expected).abs().max();
 }
 
 }  // namespace
 
-TEST(GroupedQueryAttention, MultiHeadMatchesNaive) { compare(3, 3); }
-TEST(GroupedQueryAttention, GroupedQueryMatchesNaive) { compare(3, 1); }
-TEST(GroupedQueryAttention, TwoGroupsMatchNaive) { compare(4, 2); }
+TEST(GroupedQueryAttention, MultiHeadMatchesNaive) { compare({.heads = 3, .kv_heads = 3}); }
+TEST(GroupedQueryAttention, GroupedQueryMatchesNaive) { compare({.heads = 3, .kv_heads = 1}); }
+TEST(GroupedQueryAttention, TwoGroupsMatchNaive) { compare({.heads = 4, .kv_heads = 2}); }
+TEST(GroupedQueryAttention, BiasesMatchNaive) { compare({.heads = 4, .kv_heads = 2, .bias = true}); }
+TEST(GroupedQueryAttention, SlidingWindowMatchesNaive) { compare({.heads = 4, .kv_heads = 2, .window = 3}); }
+TEST(GroupedQueryAttention, SinksMatchNaive) { compare({.heads = 4, .kv_heads = 2, .sinks = true}); }
+TEST(GroupedQueryAttention, GptOssEvenLayerSinksAndWindowMatchNaive) {
+  compare({.heads = 4, .kv_heads = 2, .bias = true, .sinks = true, .window = 2, .window_layers = "even", .layer_index = 2});
+}
+TEST(GroupedQueryAttention, GptOssOddLayerIsFullAttention) {
+  compare({.heads = 4, .kv_heads = 2, .bias = true, .sinks = true, .window = 2, .window_layers = "even", .layer_index = 1});
+}
+TEST(GroupedQueryAttention, YarnMatchesItsFormula) { compare({.heads = 4, .kv_heads = 2, .yarn = true}); }
+
+TEST(GroupedQueryAttention, RejectsABadWindowLayerPattern) {
+  PluginContext context;
+  context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = 3, .num_kv_heads = 3, .head_dim = 4};
+  Options options = Options::from_string("sliding_window = 4\nsliding_window_layers = \"every_other\"\n", "test.toml");
+  try {
+    pithtrain_plugin()->make_attention(options, context);
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("test.toml:2"), std::string::npos) << error.what();
+  }
+}

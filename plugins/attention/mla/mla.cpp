@@ -19,6 +19,12 @@ class MultiHeadLatentAttention final : public Attention {
     rope_dim_ = options.integer("qk_rope_head_dim", 64);
     v_dim_ = options.integer("v_head_dim", 128);
     norm_eps_ = options.number("norm_eps", 1e-6);
+    rope_ = read_rope(options, dims_);
+    // DeepSeek with YaRN also sharpens the softmax by yarn_mscale(factor, mscale_all_dim)^2.
+    const double mscale_all_dim = options.number("rope_mscale_all_dim", 0.0);
+    softmax_scale_ = 1.0 / std::sqrt(static_cast<double>(nope_dim_ + rope_dim_));
+    if (rope_.scaling == "yarn" && mscale_all_dim != 0.0)
+      softmax_scale_ *= std::pow(yarn_mscale(rope_.factor, mscale_all_dim), 2);
     if (kv_lora_rank_ < 1 || nope_dim_ < 0 || rope_dim_ < 2 || rope_dim_ % 2 != 0 || v_dim_ < 1 || q_lora_rank_ < 0)
       throw Error(options.where("kv_lora_rank") + ": mla needs kv_lora_rank >= 1, an even qk_rope_head_dim >= 2, "
                   "v_head_dim >= 1 and q_lora_rank >= 0 (0: no query compression)");
@@ -49,12 +55,12 @@ class MultiHeadLatentAttention final : public Attention {
     at::Tensor latent = rms_norm(compressed.narrow(-1, 0, kv_lora_rank_), kv_a_norm_, norm_eps_);  // [B, S, c]
     at::Tensor k_rope = compressed.narrow(-1, kv_lora_rank_, rope_dim_).unsqueeze(2);          // [B, S, 1, r]
     at::Tensor kv = at::linear(latent, kv_b_proj_).view({batch, seq, heads, nope_dim_ + v_dim_});  // [B, S, h, n + v]
-    at::Tensor q_rope = apply_rope_interleaved(q.narrow(-1, nope_dim_, rope_dim_), positions, dims_.rope_theta);
-    k_rope = apply_rope_interleaved(k_rope, positions, dims_.rope_theta).expand({batch, seq, heads, rope_dim_});
+    at::Tensor q_rope = apply_rope_interleaved(q.narrow(-1, nope_dim_, rope_dim_), positions, rope_);
+    k_rope = apply_rope_interleaved(k_rope, positions, rope_).expand({batch, seq, heads, rope_dim_});
     at::Tensor query = at::cat({q.narrow(-1, 0, nope_dim_), q_rope}, -1).transpose(1, 2);        // [B, h, S, n + r]
     at::Tensor key = at::cat({kv.narrow(-1, 0, nope_dim_), k_rope}, -1).transpose(1, 2);         // [B, h, S, n + r]
     at::Tensor value = kv.narrow(-1, nope_dim_, v_dim_).transpose(1, 2);                         // [B, h, S, v]
-    at::Tensor out = at::scaled_dot_product_attention(query, key, value, {}, 0.0, /*is_causal=*/true);  // [B, h, S, v]
+    at::Tensor out = at::scaled_dot_product_attention(query, key, value, {}, 0.0, /*is_causal=*/true, softmax_scale_);  // [B, h, S, v]
     return at::linear(out.transpose(1, 2).reshape({batch, seq, heads * v_dim_}), o_proj_);     // [B, S, H]
   }
 
@@ -77,7 +83,8 @@ class MultiHeadLatentAttention final : public Attention {
  private:
   ModelDims dims_;
   int64_t q_lora_rank_ = 0, kv_lora_rank_ = 512, nope_dim_ = 128, rope_dim_ = 64, v_dim_ = 128;
-  double norm_eps_ = 1e-6;
+  double norm_eps_ = 1e-6, softmax_scale_ = 1.0;
+  Rope rope_;
   at::Tensor q_proj_;                        // [h * (n + r), H] without query compression
   at::Tensor q_a_proj_, q_a_norm_, q_b_proj_;  // [q_lora, H], [q_lora], [h * (n + r), q_lora]
   at::Tensor kv_a_proj_;                     // [c + r, H]

@@ -10,7 +10,7 @@ namespace {
 
 class GroupedExperts final : public Experts {
  public:
-  explicit GroupedExperts(const PluginContext& context) : dims_(context.dims), weights_(context) {}
+  GroupedExperts(Options& options, const PluginContext& context) : dims_(context.dims), weights_(options, context) {}
 
   at::Tensor forward(const at::Tensor& hidden, const Routing& routing) override {
     const int64_t k = routing.expert_ids.size(1);
@@ -27,7 +27,7 @@ class GroupedExperts final : public Experts {
     for (int64_t expert = 0; expert < dims_.num_experts; ++expert) {
       const int64_t count = tokens_per_expert[expert];
       if (count == 0) continue;
-      outputs.push_back(swiglu(permuted.narrow(0, offset, count), weights_.gate_proj[expert], weights_.up_proj[expert], weights_.down_proj[expert]));
+      outputs.push_back(weights_.apply(permuted.narrow(0, offset, count), expert));
       offset += count;
     }
     at::Tensor expert_out = at::cat(outputs, 0) * permuted_weights.unsqueeze(1);  // [T * k, H]
@@ -43,8 +43,8 @@ class GroupedExperts final : public Experts {
 
 }  // namespace
 
-std::unique_ptr<Experts> make_grouped_experts(Options&, const PluginContext& context) {
-  return std::make_unique<GroupedExperts>(context);
+std::unique_ptr<Experts> make_grouped_experts(Options& options, const PluginContext& context) {
+  return std::make_unique<GroupedExperts>(options, context);
 }
 
 }  // namespace pithtrain

@@ -27,11 +27,11 @@ Result run(Experts& experts, const at::Tensor& x_in, const Routing& routing_in, 
   return result;
 }
 
-void compare(c10::ScalarType dtype, double tolerance, int64_t tokens, bool leave_an_expert_empty) {
+void compare(c10::ScalarType dtype, double tolerance, int64_t tokens, bool leave_an_expert_empty, const std::string& toml = "") {
   PluginContext context;
   context.dims = {.hidden_size = 16, .num_layers = 2, .num_experts = 6, .top_k = 2, .expert_hidden_size = 8, .init_std = 0.3};
   context.dtype = dtype;
-  Options options = Options::from_string("", "test.toml");
+  Options options = Options::from_string(toml, "test.toml");
   auto grouped = pithtrain_plugin()->make_experts(options, context);
   LoadedPlugin loop_plugin = load_plugin_file(std::string(PITHTRAIN_PLUGIN_DIR) + "/experts_loop.so");
   auto loop = loop_plugin.descriptor->make_experts(options, context);
@@ -41,6 +41,7 @@ void compare(c10::ScalarType dtype, double tolerance, int64_t tokens, bool leave
     ASSERT_EQ(from.size(), to.size());
     for (size_t i = 0; i < from.size(); ++i) {
       ASSERT_EQ(from[i].name, to[i].name);
+      if (from[i].name.find("bias") != std::string::npos) from[i].tensor.normal_(0.0, 0.5);  // zero at init
       to[i].tensor.copy_(from[i].tensor);
     }
   }
@@ -72,4 +73,9 @@ TEST(GroupedExperts, EqualsLoopInFloat) {
 TEST(GroupedExperts, EqualsLoopWithAnExpertThatGetsNoTokens) {
   at::manual_seed(2);
   compare(at::kDouble, 1e-12, 20, true);
+}
+
+TEST(GroupedExperts, EqualsLoopWithClampedSwigluAndBiases) {
+  at::manual_seed(3);
+  compare(at::kDouble, 1e-12, 40, true, "activation = \"clamped_swiglu\"\nbias = true\nswiglu_limit = 0.5\n");
 }

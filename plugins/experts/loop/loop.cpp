@@ -9,7 +9,7 @@ namespace {
 
 class LoopExperts final : public Experts {
  public:
-  explicit LoopExperts(const PluginContext& context) : dims_(context.dims), weights_(context) {}
+  LoopExperts(Options& options, const PluginContext& context) : dims_(context.dims), weights_(options, context) {}
 
   at::Tensor forward(const at::Tensor& hidden, const Routing& routing) override {
     const int64_t k = routing.expert_ids.size(1);
@@ -19,7 +19,7 @@ class LoopExperts final : public Experts {
       at::Tensor chosen = at::nonzero(routing.expert_ids == expert);  // [n, 2]: (token, slot)
       if (chosen.size(0) == 0) continue;
       at::Tensor tokens = chosen.select(1, 0), slots = chosen.select(1, 1);  // [n]
-      at::Tensor expert_out = swiglu(hidden.index_select(0, tokens), weights_.gate_proj[expert], weights_.up_proj[expert], weights_.down_proj[expert]);
+      at::Tensor expert_out = weights_.apply(hidden.index_select(0, tokens), expert);
       at::Tensor weight = flat_weights.index_select(0, tokens * k + slots).unsqueeze(1);  // [n, 1]
       out = out.index_add(0, tokens, expert_out * weight);
     }
@@ -35,8 +35,8 @@ class LoopExperts final : public Experts {
 
 }  // namespace
 
-std::unique_ptr<Experts> make_loop_experts(Options&, const PluginContext& context) {
-  return std::make_unique<LoopExperts>(context);
+std::unique_ptr<Experts> make_loop_experts(Options& options, const PluginContext& context) {
+  return std::make_unique<LoopExperts>(options, context);
 }
 
 }  // namespace pithtrain

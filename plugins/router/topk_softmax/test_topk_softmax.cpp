@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include "pithtrain/router.h"
 
@@ -36,9 +37,17 @@ double imbalance(const at::Tensor& tokens_per_expert) {
 TEST(TopKSoftmax, MatchesAPlainReference) {
   at::manual_seed(0);
   const int64_t tokens = 7, hidden = 5, experts = 6, k = 3;
-  for (bool renormalize : {true, false}) {
-    auto router = make(std::string("renormalize = ") + (renormalize ? "true" : "false") + "\naux_loss_coeff = 0.1\n",
+  for (auto [renormalize, bias] : {std::pair{true, false}, {false, false}, {true, true}}) {
+    auto router = make(std::string("renormalize = ") + (renormalize ? "true" : "false") + "\naux_loss_coeff = 0.1\nbias = " +
+                           (bias ? "true" : "false") + "\n",
                        context_for(hidden, experts, k));
+    ASSERT_EQ(router->parameters().size(), bias ? 2u : 1u);
+    std::vector<double> logit_bias(experts, 0.0);
+    if (bias) {
+      at::NoGradGuard no_grad;  // zero at init: give it values that change the choice
+      router->parameters()[1].tensor.normal_(0.0, 2.0);
+      for (int64_t e = 0; e < experts; ++e) logit_bias[e] = router->parameters()[1].tensor[e].item<double>();
+    }
     at::Tensor x = at::randn({tokens, hidden}, at::kDouble);
     Routing routing = router->route(x);
     at::Tensor gate = router->parameters()[0].tensor.detach();
@@ -49,6 +58,7 @@ TEST(TopKSoftmax, MatchesAPlainReference) {
       std::vector<double> logits(experts), probs(experts);
       double max_logit = -1e300, total = 0;
       for (int64_t e = 0; e < experts; ++e) {
+        logits[e] = logit_bias[e];
         for (int64_t h = 0; h < hidden; ++h) logits[e] += xs[t * hidden + h] * gs[e * hidden + h];
         max_logit = std::max(max_logit, logits[e]);
       }

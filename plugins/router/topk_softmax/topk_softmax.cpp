@@ -21,11 +21,13 @@ class TopKSoftmaxRouter final : public Router {
                   ") and topk_groups (1..num_groups) groups must hold at least top_k experts");
     if (aux_loss_coeff_ < 0) throw Error(options.where("aux_loss_coeff") + ": aux_loss_coeff must be >= 0");
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
+    if (options.boolean("bias", false))  // GPT-OSS: a learned per-expert offset of the router logits
+      gate_bias_ = at::zeros({dims_.num_experts}, at::TensorOptions().dtype(context.dtype).device(context.device)).requires_grad_(true);
   }
 
   Routing route(const at::Tensor& hidden) override {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor probs = at::softmax(at::linear(hidden, gate_).to(compute_dtype), -1);  // [T, E]
+    at::Tensor probs = at::softmax(at::linear(hidden, gate_, gate_bias_).to(compute_dtype), -1);  // [T, E]
     at::Tensor choosable = probs;
     if (topk_groups_ < num_groups_) {
       // Group-limited routing (DeepSeek-V2): keep the topk_groups groups with the highest best expert.
@@ -48,14 +50,19 @@ class TopKSoftmaxRouter final : public Router {
     return routing;
   }
 
-  std::vector<Parameter> parameters() override { return {{"gate.weight", gate_, true}}; }
+  std::vector<Parameter> parameters() override {
+    std::vector<Parameter> result = {{"gate.weight", gate_, true}};
+    if (gate_bias_.defined()) result.push_back({"gate.bias", gate_bias_, false});
+    return result;
+  }
 
  private:
   ModelDims dims_;
   bool renormalize_ = true;
   double aux_loss_coeff_ = 0.01, scaling_factor_ = 1.0;
   int64_t num_groups_ = 1, topk_groups_ = 1;
-  at::Tensor gate_;
+  at::Tensor gate_;       // [E, H]
+  at::Tensor gate_bias_;  // [E] with bias = true
 };
 
 }  // namespace
