@@ -11,7 +11,8 @@ function(pithtrain_plugin_pch)
   file(WRITE ${CMAKE_BINARY_DIR}/pithtrain_plugin_pch.cpp "// Carrier for the plugins' precompiled header.\n")
   add_library(pithtrain_plugin_pch OBJECT ${CMAKE_BINARY_DIR}/pithtrain_plugin_pch.cpp)
   target_link_libraries(pithtrain_plugin_pch PUBLIC pithtrain::core)
-  set_target_properties(pithtrain_plugin_pch PROPERTIES CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON)
+  set_target_properties(pithtrain_plugin_pch PROPERTIES CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON
+                        POSITION_INDEPENDENT_CODE ON)
   target_precompile_headers(pithtrain_plugin_pch PRIVATE <ATen/ATen.h>)
 endfunction()
 
@@ -23,7 +24,9 @@ function(pithtrain_add_plugin)
 
   add_library(${target}_objects OBJECT plugin.cpp ${name}.cpp)
   target_link_libraries(${target}_objects PUBLIC pithtrain::core)
-  set_target_properties(${target}_objects PROPERTIES CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON)
+  # PIC explicitly: out of tree nothing sets CMAKE_POSITION_INDEPENDENT_CODE, and the objects go into a .so.
+  set_target_properties(${target}_objects PROPERTIES CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON
+                        POSITION_INDEPENDENT_CODE ON)
   pithtrain_plugin_pch()
   target_precompile_headers(${target}_objects REUSE_FROM pithtrain_plugin_pch)
 
