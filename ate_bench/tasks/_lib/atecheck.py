@@ -9,6 +9,8 @@ from pathlib import Path
 
 WORK = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("ATE_WORK", ".")).resolve()
 REPO = Path(os.environ.get("ATE_REPO", Path(__file__).resolve().parents[3]))
+# The benchmarked checkout's build folder (scripts/build.sh honours the same variable).
+BUILD = REPO / os.environ.get("PITHTRAIN_BUILD_DIR", "build")
 _problems = []
 
 
@@ -91,7 +93,7 @@ def core_unchanged():
 
 def pithtrain():
     """The pithtrain of the benchmarked checkout's own build (built once if missing)."""
-    binary = REPO / "build" / "bin" / "pithtrain"
+    binary = BUILD / "bin" / "pithtrain"
     if not binary.exists():
         print(f"building {REPO} once for the checks (scripts/build.sh)", flush=True)
         subprocess.run(["bash", str(REPO / "scripts" / "build.sh")], check=True, stdout=subprocess.DEVNULL)

@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from atecheck import REPO, WORK, core_unchanged, fail, finish, pithtrain, problem
+from atecheck import BUILD, WORK, core_unchanged, fail, finish, pithtrain, problem
 
 TASK_DIR = Path(os.environ.get("ATE_TASK_DIR", Path(__file__).resolve().parent))
 LIB = Path(__file__).resolve().parent
@@ -31,7 +31,7 @@ def check_extension(kind, name, config_key, train_sets=(), min_loss_drop=0.1):
             fail(f"plugins/{kind}/{name}/{needed} is missing (one plugin = one folder: plugin.cpp, {name}.cpp, "
                  "CMakeLists.txt, README.md)")
     binary = pithtrain()
-    cache = (REPO / "build" / "CMakeCache.txt").read_text()
+    cache = (BUILD / "CMakeCache.txt").read_text()
     torch_dir = re.search(r"^Torch_DIR:PATH=(.*)$", cache, re.MULTILINE).group(1)
     scratch = Path(tempfile.mkdtemp(prefix=f"ate-{name}-"))
     (scratch / "CMakeLists.txt").write_text(f"""cmake_minimum_required(VERSION 3.22)
@@ -44,8 +44,8 @@ target_include_directories(hidden_test PRIVATE {LIB})
 target_link_libraries(hidden_test PRIVATE pithtrain::core ${{CMAKE_DL_LIBS}})
 """)
     build = scratch / "build"
-    print(f"building plugins/{kind}/{name} and the hidden test against {REPO / 'build'}", flush=True)
-    run(["cmake", "-S", scratch, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", f"-DPithTrain_DIR={REPO / 'build'}",
+    print(f"building plugins/{kind}/{name} and the hidden test against {BUILD}", flush=True)
+    run(["cmake", "-S", scratch, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", f"-DPithTrain_DIR={BUILD}",
          f"-DTorch_DIR={torch_dir}", "-Wno-dev"], "configuring the plugin build")
     run(["cmake", "--build", build], "building the plugin")
     plugin = build / f"{kind}_{name}.so"

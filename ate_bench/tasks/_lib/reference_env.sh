@@ -2,8 +2,9 @@
 # this checkout and makes data/fortunes.tokens. To keep the selftest short it uses the benchmarked
 # repository's existing build of the same sources when there is one; otherwise it builds the copy.
 set -eu
-if [ -x "${ATE_REPO:-}/build/bin/pithtrain" ]; then
-  BIN="$ATE_REPO/build/bin/pithtrain"
+prebuilt=$(cd "${ATE_REPO:-.}" && realpath -m "${PITHTRAIN_BUILD_DIR:-build}")/bin/pithtrain
+if [ -n "${ATE_REPO:-}" ] && [ -x "$prebuilt" ]; then
+  BIN=$prebuilt
 else
   bash scripts/build.sh >/dev/null
   BIN="$PWD/build/bin/pithtrain"
