@@ -2,6 +2,9 @@
 #include "model.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cmath>
 
 #include "pithtrain/nn.h"
 
@@ -109,6 +112,12 @@ ModelOutput Model::forward(const at::Tensor& tokens) {
     at::Tensor ffn_out;                                                                          // [T, H]
     if (layer.router) {
       Routing routing = layer.router->route(normed);
+      if (!router_checked_) check_router_loss(routing, &layer - layers_.data());
+      for (const auto& term : routing.loss_terms) {
+        at::Tensor value = term.tensor.detach().to(at::kFloat);
+        auto [entry, added] = output.router_loss_terms.emplace(term.name, value);
+        if (!added) entry->second = entry->second + value;
+      }
       ffn_out = layer.experts->forward(normed, routing);
       output.aux_loss = output.aux_loss + routing.aux_loss.to(at::kFloat);
       output.tokens_per_expert.push_back(routing.tokens_per_expert.detach());
@@ -122,7 +131,28 @@ ModelOutput Model::forward(const at::Tensor& tokens) {
   output.logits = at::linear(rms_norm(x, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
   output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
   output.loss = output.cross_entropy + output.aux_loss;
+  if (at::GradMode::is_enabled()) router_checked_ = true;
   return output;
+}
+
+void Model::check_router_loss(const Routing& routing, int64_t layer) const {
+  // The loss a user configures must be the loss applied: a term that cannot train the router, or an
+  // aux_loss that is not the sum of the terms it reports, is a plugin bug that would otherwise be silent.
+  // Checked on the first training forward only (it costs a device sync).
+  if (!at::GradMode::is_enabled()) return;
+  const std::string where = "layer " + std::to_string(layer) + " router";
+  double total = 0;
+  for (const auto& term : routing.loss_terms) {
+    const double value = term.tensor.item<double>();
+    if (!std::isfinite(value)) throw Error(where + ": loss term '" + term.name + "' is not finite (" + std::to_string(value) + ")");
+    if (!term.tensor.requires_grad())
+      throw Error(where + ": loss term '" + term.name + "' is detached from the graph, so its coefficient trains nothing");
+    total += value;
+  }
+  const double aux = routing.aux_loss.item<double>();
+  if (std::abs(aux - total) > 1e-5 * std::max(1.0, std::abs(total)))
+    throw Error(where + ": aux_loss " + std::to_string(aux) + " differs from the sum of its loss_terms " + std::to_string(total) +
+                " (every configured loss must be reported as a term)");
 }
 
 std::vector<Parameter> Model::parameters() const {

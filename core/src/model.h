@@ -1,6 +1,7 @@
 // The decoder-only MoE transformer the core assembles from plugins (DESIGN.md, "Data flow").
 // Dimension legend: B batch, S sequence, H hidden_size, V vocab_size, E experts, T = B * S tokens.
 #pragma once
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@ struct ModelOutput {
   at::Tensor cross_entropy;  // []
   at::Tensor aux_loss;       // [] sum of the routers' losses
   std::vector<at::Tensor> tokens_per_expert;  // per MoE layer, [E] int64
+  std::map<std::string, at::Tensor> router_loss_terms;  // per term name, summed over layers, detached []
 };
 
 struct DecoderLayer {
@@ -60,7 +62,10 @@ class Model {
   int64_t num_moe_layers() const;
 
  private:
+  void check_router_loss(const Routing& routing, int64_t layer) const;
+
   PluginContext context_;
+  bool router_checked_ = false;  // the first training forward checks each router's loss terms
   double norm_eps_ = 1e-5;
   int64_t first_dense_layers_ = 0, dense_hidden_size_ = 0, shared_experts_ = 0;
   at::Tensor embedding_;   // [V, H]

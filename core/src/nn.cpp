@@ -1,5 +1,6 @@
 // Shared building blocks (see pithtrain/nn.h) and the core's logger.
 #include "pithtrain/nn.h"
+#include "pithtrain/router.h"
 
 #include <cmath>
 
@@ -70,6 +71,25 @@ std::vector<Parameter> ExpertWeights::parameters() const {
     result.insert(result.end(), {{"gate_bias", gate_bias, false}, {"up_bias", up_bias, false}, {"down_bias", down_bias, false}});
   return result;
 }
+
+at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids) {
+  const int64_t experts = probs.size(1);
+  at::Tensor fraction = at::bincount(expert_ids.reshape(-1), {}, experts).to(probs.scalar_type()) /
+                        static_cast<double>(expert_ids.numel());  // [E]
+  return experts * (fraction * probs.mean(0)).sum();
+}
+
+at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len) {
+  const int64_t tokens = scores.size(0), experts = scores.size(1), k = expert_ids.size(1);
+  if (seq_len <= 0 || tokens % seq_len != 0) seq_len = tokens;
+  const int64_t sequences = tokens / seq_len;
+  at::Tensor normalized = (scores / scores.sum(-1, true).clamp_min(1e-20)).view({sequences, seq_len, experts});  // [N, S, E]
+  at::Tensor chosen = at::zeros({tokens, experts}, scores.options()).scatter(1, expert_ids, 1.0);                // [T, E]
+  at::Tensor fraction = chosen.view({sequences, seq_len, experts}).sum(1) / static_cast<double>(seq_len * k);     // [N, E]
+  return (experts * (fraction * normalized.mean(1)).sum(-1)).mean();
+}
+
+at::Tensor router_z_loss(const at::Tensor& logits) { return at::logsumexp(logits, -1).pow(2).mean(); }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor x32 = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);

@@ -89,9 +89,30 @@ double default_peak_flops(const std::string& device) {
   return static_cast<double>(std::max<long>(1, ::sysconf(_SC_NPROCESSORS_ONLN))) * 32 * 2.5e9;
 }
 
+// `*` matches any run of characters (dots included), everything else itself.
+bool glob_match(const std::string& pattern, const std::string& text) {
+  size_t p = 0, t = 0, star = std::string::npos, resume = 0;
+  while (t < text.size()) {
+    if (p < pattern.size() && pattern[p] == '*') star = p++, resume = t;
+    else if (p < pattern.size() && pattern[p] == text[t]) ++p, ++t;
+    else if (star != std::string::npos) p = star + 1, t = ++resume;
+    else return false;
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+// The group a parameter belongs to, for the trainable-parameter table.
+std::string parameter_group(const std::string& name) {
+  for (const char* group : {"router", "shared_experts", "experts", "attention", "mlp"})
+    if (name.find(std::string(".") + group + ".") != std::string::npos) return group;
+  if (name.find("norm") != std::string::npos) return "norms";
+  return name.substr(0, name.find('.'));  // embedding, lm_head
+}
+
 // Per-layer router diagnostics from one step's load, as a JSON object.
 std::string router_stats_json(size_t layer, const at::Tensor& tokens_per_expert, const std::vector<NamedTensor>& buffers,
-                              double& worst_imbalance) {
+                              int64_t dead_experts, double& worst_imbalance, double& entropy_out) {
   at::Tensor load = tokens_per_expert.to(at::kDouble);
   const double total = load.sum().item<double>(), mean = load.mean().item<double>(), max = load.max().item<double>();
   const double imbalance = mean > 0 ? max / mean : 0.0;
@@ -99,8 +120,12 @@ std::string router_stats_json(size_t layer, const at::Tensor& tokens_per_expert,
   at::Tensor share = load / std::max(total, 1.0);
   // Entropy of the load distribution over experts, divided by log(E): 1 is uniform, 0 all on one expert.
   const double entropy = -(share * at::log(share.clamp_min(1e-30))).sum().item<double>() / std::log(load.numel());
+  entropy_out = entropy;
   std::ostringstream out;
+  // max_violation: (max - mean) / mean, the aux-loss-free paper's MaxVio; dead_experts: no tokens for
+  // train.dead_expert_steps steps.
   out << std::setprecision(6) << "{\"moe_layer\":" << layer << ",\"max_over_mean\":" << imbalance
+      << ",\"max_violation\":" << (mean > 0 ? imbalance - 1.0 : 0.0) << ",\"dead_experts\":" << dead_experts
       << ",\"busiest_fraction\":" << (total > 0 ? max / total : 0.0) << ",\"entropy\":" << entropy
       << ",\"tokens_per_expert\":[";
   at::Tensor counts = tokens_per_expert.to(at::kLong).contiguous();
@@ -149,6 +174,9 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   config_.device = train.text("device", "cpu");
   config_.dtype = train.text("dtype", "float32");
   config_.peak_flops = train.number("peak_tflops", default_peak_flops(config_.device) / 1e12) * 1e12;
+  config_.deterministic = train.boolean("deterministic", false);
+  config_.freeze = train.text_list("freeze", {});
+  config_.dead_expert_steps = train.integer("dead_expert_steps", 100);
   Options eval = options_.table("eval");
   config_.eval_every = eval.integer("every", 0);
   config_.eval_batches = eval.integer("batches", 8);
@@ -177,6 +205,15 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   if (!(config_.validation_fraction >= 0 && config_.validation_fraction < 1))
     throw Error(data.where("validation_fraction") + ": data.validation_fraction must be in [0, 1)");
   if (config_.checkpoint_keep < 1) throw Error(checkpoint.where("keep") + ": checkpoint.keep must be at least 1");
+  if (config_.dead_expert_steps < 1) throw Error(train.where("dead_expert_steps") + ": train.dead_expert_steps must be at least 1");
+  if (config_.deterministic) {
+    // Bit-identical reruns: LibTorch refuses (with the operator's name) any op without a deterministic
+    // implementation; cuBLAS needs a fixed workspace for reproducible reductions.
+    ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+    at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/false);
+    at::globalContext().setDeterministicCuDNN(true);
+    at::globalContext().setBenchmarkCuDNN(false);
+  }
 
   Options plugins = options_.table("plugins");
   registry_ = std::make_unique<PluginRegistry>(default_search_dirs(plugins.text_list("paths", {})),
@@ -187,6 +224,7 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   context.device = c10::Device(config_.device);
   context.dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   context.logger = &logger();
+  context.dims.seq_len = config_.seq_len;  // sequence-wise router losses need the sequence boundaries
   model_ = std::make_unique<Model>(options_.table("model"), *registry_, context);
   manifest_ = model_->manifest();
   parameters_ = model_->parameters();
@@ -197,12 +235,34 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
                                                    parameter.weight_decay}
                                        : parameter);
 
+  // train.freeze: parameters whose names match a pattern keep their values (fine-tuning).
+  std::vector<Parameter> trainable;
+  std::vector<std::string> unmatched = config_.freeze;
+  for (size_t i = 0; i < parameters_.size(); ++i) {
+    bool frozen = false;
+    for (const auto& pattern : config_.freeze)
+      if (glob_match(pattern, parameters_[i].name)) {
+        frozen = true;
+        std::erase(unmatched, pattern);
+      }
+    if (frozen) {
+      parameters_[i].tensor.requires_grad_(false);
+      frozen_.insert(parameters_[i].name);
+    } else {
+      trainable.push_back(master_[i]);
+    }
+  }
+  if (!unmatched.empty())
+    throw Error(train.where("freeze") + ": train.freeze pattern '" + unmatched.front() +
+                "' matches no parameter (names look like layers.1.router.gate.weight; * matches anything)");
+  if (trainable.empty()) throw Error(train.where("freeze") + ": train.freeze leaves no parameter to train");
+
   Options optimizer_options = options_.table("optimizer");
   const LoadedPlugin& optimizer_plugin = registry_->get("optimizer", optimizer_options.text("plugin", "adamw"));
   PluginContext optimizer_context = context;
   optimizer_context.dtype = at::kFloat;
   optimizer_context.dims = model_->dims();
-  optimizer_context.parameters = master_;
+  optimizer_context.parameters = trainable;
   optimizer_ = make_optimizer(optimizer_plugin, optimizer_options, optimizer_context);
   Options schedule_options = options_.table("schedule");
   const LoadedPlugin& schedule_plugin = registry_->get("schedule", schedule_options.text("plugin", "single"));
@@ -303,6 +363,17 @@ TrainSummary Trainer::run() {
              "per epoch) from {}",
              count, model_->num_moe_layers(), model_->dims().num_layers, model_->flops_per_token(config_.seq_len),
              dataset_->size(), train_end_, train_order_->count(), config_.data_path);
+    std::map<std::string, std::pair<int64_t, int64_t>> groups;  // trainable, total
+    for (const auto& parameter : parameters_) {
+      auto& [trainable, total] = groups[parameter_group(parameter.name)];
+      total += parameter.tensor.numel();
+      if (!frozen_.count(parameter.name)) trainable += parameter.tensor.numel();
+    }
+    std::string table;
+    for (const auto& [group, counts] : groups)
+      table += fmt::format("{}{} {}/{}", table.empty() ? "" : ", ", group, counts.first, counts.second);
+    log.info("trainable parameters by group (trainable/total): {}{}", table,
+             frozen_.empty() ? "" : fmt::format("; {} tensors frozen by train.freeze", frozen_.size()));
   }
 
   // Resume from the newest valid checkpoint of this run directory.
@@ -372,6 +443,9 @@ TrainSummary Trainer::run() {
   const double flops_per_token = model_->flops_per_token(config_.seq_len);
   double lr = 0, window_tokens = 0, window_seconds = 0, total_seconds = 0;
   std::vector<at::Tensor> step_load;  // per MoE layer, this step's tokens_per_expert
+  std::map<std::string, double> step_loss_terms;  // router loss terms, mean over the step's micro-batches
+  std::vector<at::Tensor> last_active;            // per MoE layer [E]: the last step the expert got a token
+  std::set<size_t> warned_dead, warned_collapse;  // MoE layers already warned about
   StepFunctions step_functions;
   step_functions.micro_batches = config_.micro_batches;
   step_functions.forward = [&](int64_t) {
@@ -382,6 +456,8 @@ TrainSummary Trainer::run() {
       if (step_load.size() <= layer) step_load.push_back(at::zeros_like(output.tokens_per_expert[layer]));
       step_load[layer] += output.tokens_per_expert[layer];
     }
+    for (const auto& [name, value] : output.router_loss_terms)
+      step_loss_terms[name] += value.item<double>() / static_cast<double>(config_.micro_batches);
     return MicroBatchLoss{output.loss, output.cross_entropy.item<double>(), output.aux_loss.item<double>(),
                           config_.batch_size * config_.seq_len};
   };
@@ -421,6 +497,7 @@ TrainSummary Trainer::run() {
     ++step;
     lr = learning_rate(config_, step);
     step_load.clear();
+    step_loss_terms.clear();
     if (profiler) profiler->before_step(step);
     auto step_start = std::chrono::steady_clock::now();
     StepResult result = schedule_->run_step(step_functions);
@@ -436,6 +513,10 @@ TrainSummary Trainer::run() {
     if (summary.losses.empty()) summary.first_loss = result.cross_entropy;
     summary.losses.emplace_back(step, result.cross_entropy);
     if (trace) trace->record(step, step_load);
+    for (size_t layer = 0; layer < step_load.size(); ++layer) {  // the last step each expert got a token
+      if (last_active.size() <= layer) last_active.push_back(at::full_like(step_load[layer], start_step, at::kLong));
+      last_active[layer] = at::where(step_load[layer] > 0, at::full_like(last_active[layer], step), last_active[layer]);
+    }
     const bool evaluate_now = config_.eval_every > 0 && step % config_.eval_every == 0;
     const double validation_loss = evaluate_now ? evaluate() : std::nan("");
     if (step % config_.log_every == 0 || step == 1 || step == config_.steps || evaluate_now) {
@@ -443,11 +524,23 @@ TrainSummary Trainer::run() {
       const double mfu = tokens_per_second * flops_per_token / config_.peak_flops;
       window_tokens = window_seconds = 0;
       double imbalance = 0;
+      int64_t dead_total = 0;
       auto buffers = model_->router_buffers();
       std::string router_json = "[";
       for (size_t layer = 0; layer < step_load.size(); ++layer) {
         if (layer > 0) router_json += ",";
-        router_json += router_stats_json(layer, step_load[layer], buffers[layer], imbalance);
+        const int64_t dead = ((step - last_active[layer]) >= config_.dead_expert_steps).sum().item<int64_t>();
+        double entropy = 1.0;
+        router_json += router_stats_json(layer, step_load[layer], buffers[layer], dead, imbalance, entropy);
+        dead_total += dead;
+        // Warned once each: the failures people otherwise notice only when the loss stalls.
+        if (dead > 0 && warned_dead.insert(layer).second)
+          log.warn("MoE layer {}: {} expert(s) received no token in the last {} steps (dead experts; metrics.jsonl "
+                   "router[].tokens_per_expert shows which)", layer, dead, config_.dead_expert_steps);
+        if (entropy < 0.5 && warned_collapse.insert(layer).second)
+          log.warn("MoE layer {}: routing collapsed onto few experts at step {} (load entropy {:.2f} of 1, max/mean {:.2f}); "
+                   "a balancing loss or aux_free routing counters this", layer, step, entropy,
+                   step_load[layer].max().item<double>() / std::max(step_load[layer].to(at::kDouble).mean().item<double>(), 1e-9));
       }
       router_json += "]";
       metrics << std::setprecision(6) << "{\"step\":" << step << ",\"loss\":" << result.loss
@@ -458,14 +551,21 @@ TrainSummary Trainer::run() {
       if (c10::Device(config_.device).is_cuda())
         metrics << ",\"device_memory_peak_mb\":" << device_memory_peak_mb(c10::Device(config_.device));
       if (evaluate_now) metrics << ",\"val_loss\":" << validation_loss;
+      if (!step_loss_terms.empty()) {
+        metrics << ",\"router_losses\":{";
+        bool first = true;
+        for (const auto& [name, value] : step_loss_terms) metrics << (first ? "" : ",") << json_quote(name) << ":" << value, first = false;
+        metrics << "}";
+      }
       metrics << ",\"router\":" << router_json << "}\n";
       metrics.flush();
       if (!settings_.quiet)
         log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}){} | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
-                 "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}",
+                 "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}{}",
                  step, config_.steps, result.cross_entropy, smoothed,
                  evaluate_now ? fmt::format(" | val {:.4f}", validation_loss) : std::string(), result.aux_loss, lr,
-                 result.grad_norm, tokens_per_second, 100 * mfu, imbalance);
+                 result.grad_norm, tokens_per_second, 100 * mfu, imbalance,
+                 dead_total > 0 ? fmt::format(" | dead experts {}", dead_total) : std::string());
     }
     if (g_stop_signal != 0) {
       save(step);

@@ -2,6 +2,7 @@
 // the training loop: LR schedule, mixed precision, evaluation, checkpoints and resume, metrics.
 #pragma once
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -32,6 +33,9 @@ struct TrainConfig {
   int64_t eval_every = 0, eval_batches = 0;
   int64_t checkpoint_every = 0, checkpoint_keep = 3;
   bool resume = true;
+  bool deterministic = false;                // train.deterministic
+  std::vector<std::string> freeze;           // train.freeze: parameter-name patterns kept fixed
+  int64_t dead_expert_steps = 100;           // an expert with no tokens for this many steps is dead
 };
 
 struct TrainSummary {
@@ -79,6 +83,7 @@ class Trainer {
   std::vector<Parameter> master_;      // float32 copies the optimizer updates (the same tensors in float32 runs)
   bool mixed_precision_ = false;
   std::vector<ManifestEntry> manifest_;
+  std::set<std::string> frozen_;       // names of the train.freeze parameters
   uint64_t train_end_ = 0;  // tokens [0, train_end_) train, the rest validate
 };
 

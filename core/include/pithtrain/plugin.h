@@ -18,7 +18,8 @@ namespace spdlog { class logger; }
 
 namespace pithtrain {
 
-inline constexpr uint32_t kPluginAbiVersion = 1;
+// 2: Routing gained loss_terms.
+inline constexpr uint32_t kPluginAbiVersion = 2;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.
 inline constexpr const char* kTorchVersion = TORCH_VERSION;
@@ -47,7 +48,7 @@ struct ModelDims {
   int64_t num_experts = 0;
   int64_t top_k = 0;
   int64_t expert_hidden_size = 0;  // inner width of one routed expert's SwiGLU
-  int64_t seq_len = 0;
+  int64_t seq_len = 0;  // tokens per training sequence (train.seq_len); 0 when not training
   double rope_theta = 10000.0;
   double init_std = 0.02;
 };

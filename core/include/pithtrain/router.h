@@ -12,7 +12,23 @@ struct Routing {
   at::Tensor weights;            // [tokens, k] gate weights, differentiable, the hidden dtype
   at::Tensor aux_loss;           // [] the router's loss, already scaled by its coefficient (0 if none)
   at::Tensor tokens_per_expert;  // [experts] int64, how many (token, slot) pairs chose each expert
+  // The terms aux_loss is the sum of, each already scaled by its coefficient, by name ("switch",
+  // "sequence", "z", ...): the trainer logs each one and checks that they add up to aux_loss.
+  std::vector<NamedTensor> loss_terms;
 };
+
+// Router losses in use today, unscaled (multiply by the configured coefficient), in the compute dtype.
+// Switch Transformer load balancing (arXiv:2101.03961): E * sum_e f_e * P_e, with f_e the fraction of
+// (token, slot) pairs on expert e and P_e the mean of probs[:, e]; 1 when perfectly balanced.
+// probs [T, E], expert_ids [T, k].
+at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids);
+// DeepSeek-V3's sequence-wise balance loss (arXiv:2412.19437, eq. 17-20): the same product per
+// sequence, with P from the scores normalised per token (s / sum_j s_j), averaged over sequences.
+// scores [T, E] (affinities >= 0), expert_ids [T, k], seq_len: tokens per sequence (T a multiple of it;
+// 0 or a non-divisor: all T tokens form one sequence).
+at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len);
+// Router z-loss (ST-MoE, arXiv:2202.08906, eq. 5): mean over tokens of logsumexp(logits_t)^2. logits [T, E].
+at::Tensor router_z_loss(const at::Tensor& logits);
 
 class Router {
  public:

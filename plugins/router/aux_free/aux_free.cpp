@@ -17,6 +17,9 @@ class AuxFreeRouter final : public Router {
     scaling_factor_ = options.number("routed_scaling_factor", 1.0);
     renormalize_ = options.boolean("renormalize", true);
     num_groups_ = options.integer("num_groups", 1);
+    seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0);
+    z_loss_coeff_ = options.number("z_loss_coeff", 0.0);
+    freeze_bias_ = options.boolean("freeze_bias", false);
     topk_groups_ = options.integer("topk_groups", num_groups_);
     const int64_t group_size = num_groups_ > 0 ? dims_.num_experts / num_groups_ : 0;
     if (num_groups_ < 1 || dims_.num_experts % num_groups_ != 0 || topk_groups_ < 1 || topk_groups_ > num_groups_ ||
@@ -24,6 +27,8 @@ class AuxFreeRouter final : public Router {
       throw Error(options.where("num_groups") + ": num_groups must divide num_experts (" + std::to_string(dims_.num_experts) +
                   ") into groups of at least 2, and topk_groups (1..num_groups) groups must hold at least top_k experts");
     if (update_rate_ < 0) throw Error(options.where("update_rate") + ": update_rate must be >= 0");
+    if (seq_aux_loss_coeff_ < 0 || z_loss_coeff_ < 0)
+      throw Error(options.where("seq_aux_loss_coeff") + ": seq_aux_loss_coeff and z_loss_coeff must be >= 0");
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
     auto options_of = at::TensorOptions().device(context.device);
     bias_ = at::zeros({dims_.num_experts}, options_of.dtype(context.dtype == at::kDouble ? at::kDouble : at::kFloat));
@@ -32,7 +37,8 @@ class AuxFreeRouter final : public Router {
 
   Routing route(const at::Tensor& hidden) override {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor scores = at::sigmoid(at::linear(hidden, gate_).to(compute_dtype));  // [T, E]
+    at::Tensor logits = at::linear(hidden, gate_).to(compute_dtype);  // [T, E]
+    at::Tensor scores = at::sigmoid(logits);                           // [T, E]
     // The bias steers only which experts are chosen; the gate weights come from the unbiased scores.
     at::Tensor for_choice = scores.detach() + bias_;                                          // [T, E]
     if (topk_groups_ < num_groups_) {
@@ -51,7 +57,12 @@ class AuxFreeRouter final : public Router {
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
     routing.tokens_per_expert = at::bincount(expert_ids.reshape(-1), {}, dims_.num_experts);  // [E]
+    // No balancing loss is needed; DeepSeek-V3 still adds a tiny sequence-wise one (alpha = 1e-4).
     routing.aux_loss = at::zeros({}, at::TensorOptions().dtype(compute_dtype).device(hidden.device()));
+    if (seq_aux_loss_coeff_ > 0)
+      routing.loss_terms.push_back({"sequence", seq_aux_loss_coeff_ * sequence_balance_loss(scores, expert_ids, dims_.seq_len)});
+    if (z_loss_coeff_ > 0) routing.loss_terms.push_back({"z", z_loss_coeff_ * router_z_loss(logits)});
+    for (const auto& term : routing.loss_terms) routing.aux_loss = routing.aux_loss + term.tensor;
     if (at::GradMode::is_enabled()) load_ += routing.tokens_per_expert;  // training: count toward the update
     return routing;
   }
@@ -60,7 +71,7 @@ class AuxFreeRouter final : public Router {
   void after_optimizer_step() override {
     at::NoGradGuard no_grad;
     at::Tensor load = load_.to(bias_.scalar_type());
-    if (load.sum().item<double>() > 0) bias_ += update_rate_ * at::sign(load.mean() - load);
+    if (!freeze_bias_ && load.sum().item<double>() > 0) bias_ += update_rate_ * at::sign(load.mean() - load);
     load_.zero_();
   }
 
@@ -70,7 +81,8 @@ class AuxFreeRouter final : public Router {
  private:
   ModelDims dims_;
   double update_rate_ = 1e-3;
-  double scaling_factor_ = 1.0;
+  double scaling_factor_ = 1.0, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0;
+  bool freeze_bias_ = false;  // fine-tuning: keep the loaded bias
   bool renormalize_ = true;
   int64_t num_groups_ = 1, topk_groups_ = 1;
   at::Tensor gate_;  // [E, H]

@@ -1,6 +1,8 @@
 // TopKSoftmaxRouter: softmax gate, top-k choice, Switch-Transformer load-balancing loss.
 #include <ATen/ATen.h>
 
+#include <functional>
+
 #include "pithtrain/nn.h"
 #include "pithtrain/router.h"
 
@@ -12,6 +14,8 @@ class TopKSoftmaxRouter final : public Router {
   TopKSoftmaxRouter(Options& options, const PluginContext& context) : dims_(context.dims) {
     renormalize_ = options.boolean("renormalize", true);
     aux_loss_coeff_ = options.number("aux_loss_coeff", 0.01);
+    seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0);
+    z_loss_coeff_ = options.number("z_loss_coeff", 0.0);
     scaling_factor_ = options.number("scaling_factor", 1.0);
     num_groups_ = options.integer("num_groups", 1);
     topk_groups_ = options.integer("topk_groups", num_groups_);
@@ -19,7 +23,8 @@ class TopKSoftmaxRouter final : public Router {
         topk_groups_ * (dims_.num_experts / num_groups_) < dims_.top_k)
       throw Error(options.where("num_groups") + ": num_groups must divide num_experts (" + std::to_string(dims_.num_experts) +
                   ") and topk_groups (1..num_groups) groups must hold at least top_k experts");
-    if (aux_loss_coeff_ < 0) throw Error(options.where("aux_loss_coeff") + ": aux_loss_coeff must be >= 0");
+    if (aux_loss_coeff_ < 0 || seq_aux_loss_coeff_ < 0 || z_loss_coeff_ < 0)
+      throw Error(options.where("aux_loss_coeff") + ": aux_loss_coeff, seq_aux_loss_coeff and z_loss_coeff must be >= 0");
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
     if (options.boolean("bias", false))  // GPT-OSS: a learned per-expert offset of the router logits
       gate_bias_ = at::zeros({dims_.num_experts}, at::TensorOptions().dtype(context.dtype).device(context.device)).requires_grad_(true);
@@ -27,7 +32,8 @@ class TopKSoftmaxRouter final : public Router {
 
   Routing route(const at::Tensor& hidden) override {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor probs = at::softmax(at::linear(hidden, gate_, gate_bias_).to(compute_dtype), -1);  // [T, E]
+    at::Tensor logits = at::linear(hidden, gate_, gate_bias_).to(compute_dtype);  // [T, E]
+    at::Tensor probs = at::softmax(logits, -1);                                    // [T, E]
     at::Tensor choosable = probs;
     if (topk_groups_ < num_groups_) {
       // Group-limited routing (DeepSeek-V2): keep the topk_groups groups with the highest best expert.
@@ -43,10 +49,16 @@ class TopKSoftmaxRouter final : public Router {
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
     routing.tokens_per_expert = at::bincount(expert_ids.reshape(-1), {}, dims_.num_experts);  // [E]
-    // Switch loss: coeff * E * sum_e f_e * P_e, with f_e the fraction of (token, slot) pairs sent to
-    // expert e and P_e its mean probability; equals coeff when the load is perfectly balanced.
-    at::Tensor fraction = routing.tokens_per_expert.to(compute_dtype) / static_cast<double>(expert_ids.numel());
-    routing.aux_loss = aux_loss_coeff_ * dims_.num_experts * (fraction * probs.mean(0)).sum();
+    // Each configured loss is one named term; aux_loss is their sum (router.h has the formulas).
+    routing.aux_loss = at::zeros({}, probs.options());
+    auto add = [&](const char* name, double coeff, const std::function<at::Tensor()>& term) {
+      if (coeff <= 0) return;
+      routing.loss_terms.push_back({name, coeff * term()});
+      routing.aux_loss = routing.aux_loss + routing.loss_terms.back().tensor;
+    };
+    add("switch", aux_loss_coeff_, [&] { return switch_balance_loss(probs, expert_ids); });
+    add("sequence", seq_aux_loss_coeff_, [&] { return sequence_balance_loss(probs, expert_ids, dims_.seq_len); });
+    add("z", z_loss_coeff_, [&] { return router_z_loss(logits); });
     return routing;
   }
 
@@ -59,7 +71,7 @@ class TopKSoftmaxRouter final : public Router {
  private:
   ModelDims dims_;
   bool renormalize_ = true;
-  double aux_loss_coeff_ = 0.01, scaling_factor_ = 1.0;
+  double aux_loss_coeff_ = 0.01, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0, scaling_factor_ = 1.0;
   int64_t num_groups_ = 1, topk_groups_ = 1;
   at::Tensor gate_;       // [E, H]
   at::Tensor gate_bias_;  // [E] with bias = true
