@@ -33,6 +33,7 @@ check "headline: --plugins router_aux_free.so" 0 "model.moe.router.plugin += aux
 check "run dir outputs" 0 "expert_bias" -- grep -a -o expert_bias run_aux_free/model.safetensors
 check "plot" 0 "wrote .*router_load.png" -- "$bin" plot run_aux_free
 check "plot writes PNGs" 0 "PNG" -- head -c 4 run_aux_free/loss.png
+check "plot draws the expert-load heat map" 0 "PNG" -- head -c 4 run_aux_free/expert_load.png
 check "plot without metrics" nonzero "no metrics at" -- "$bin" plot /nonexistent_run
 # Both extra search-path sources are honoured: a copy of a plugin there is reported as a duplicate.
 mkdir -p extra_plugins && cp "$(dirname "$bin")/../lib/plugins/router_aux_free.so" extra_plugins/

@@ -268,3 +268,42 @@ TEST(Diagnostics, MaxViolationAndDeadExpertsAreReportedPerLayer) {
   EXPECT_EQ(count("dead experts"), 2) << text;
   EXPECT_EQ(count("routing collapsed"), 2) << text;
 }
+
+// ---- capacity and drops ----------------------------------------------------------------------------------
+
+TEST(Capacity, EachExpertKeepsItsHeaviestPairsUpToTheCapacity) {
+  // 4 tokens, top-1, 2 experts: all on expert 0 with weights .9 .3 .8 .2; capacity factor 1 gives
+  // C = ceil(4 / 2) = 2, so the .9 and .8 pairs stay and half of the pairs are dropped.
+  Routing routing;
+  routing.expert_ids = at::zeros({4, 1}, at::kLong);
+  routing.weights = at::tensor({0.9, 0.3, 0.8, 0.2}, at::kDouble).view({4, 1}).requires_grad_(true);
+  Routing dropless = routing;
+  apply_expert_capacity(dropless, 0.0, 2);
+  EXPECT_FALSE(dropless.dropped_fraction.defined());
+  apply_expert_capacity(routing, 1.0, 2);
+  EXPECT_TRUE(at::equal(routing.weights.detach(), at::tensor({0.9, 0.0, 0.8, 0.0}, at::kDouble).view({4, 1})));
+  EXPECT_DOUBLE_EQ(routing.dropped_fraction.item<double>(), 0.5);
+  // Two experts, top-2, capacity 1.5: C = ceil(1.5 * 6 / 2) = 5 > 3 pairs each: nothing dropped.
+  Routing wide;
+  wide.expert_ids = at::tensor({0, 1, 1, 0, 0, 1}, at::kLong).view({3, 2});
+  wide.weights = at::rand({3, 2}, at::kDouble);
+  apply_expert_capacity(wide, 1.5, 2);
+  EXPECT_DOUBLE_EQ(wide.dropped_fraction.item<double>(), 0.0);
+}
+
+TEST(Capacity, TheDroppedShareIsLoggedPerLayer) {
+  TrainSummary summary = Trainer(small_config({"model.moe.router.plugin=topk_softmax", "model.moe.router.capacity_factor=0.5",
+                                               "train.steps=3"}),
+                                 quiet("capacity"))
+                             .run();
+  for (const auto& row : metrics(summary))
+    for (const auto& layer : row.find("router")->items) {
+      ASSERT_NE(layer.find("dropped_fraction"), nullptr);
+      // Half the capacity of a perfectly balanced load: at least half the pairs are dropped.
+      EXPECT_GE(layer.find("dropped_fraction")->number, 0.5 - 1e-9);
+      EXPECT_LT(layer.find("dropped_fraction")->number, 1.0);
+    }
+  // Dropless (the default) logs no dropped share.
+  TrainSummary dropless = Trainer(small_config({"train.steps=1"}), quiet("dropless")).run();
+  EXPECT_EQ(metrics(dropless)[0].find("router")->items[0].find("dropped_fraction"), nullptr);
+}

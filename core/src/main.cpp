@@ -178,7 +178,8 @@ int command_data(const Arguments& args) {
 
 const char* kPlotHelp = R"(usage: pithtrain plot RUN_DIR
 Writes PNG charts of RUN_DIR/metrics.jsonl into RUN_DIR with gnuplot: loss.png (train and validation),
-lr.png, throughput.png (tokens/s and MFU) and router_load.png (max/mean expert load per MoE layer).
+lr.png, throughput.png (tokens/s and MFU), router_load.png (max/mean expert load per MoE layer) and
+expert_load.png (a heat map per MoE layer: each expert's share of the tokens at each logged step).
 )";
 
 int command_plot(const Arguments& args) {

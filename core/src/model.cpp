@@ -121,6 +121,7 @@ ModelOutput Model::forward(const at::Tensor& tokens) {
       ffn_out = layer.experts->forward(normed, routing);
       output.aux_loss = output.aux_loss + routing.aux_loss.to(at::kFloat);
       output.tokens_per_expert.push_back(routing.tokens_per_expert.detach());
+      output.dropped_fraction.push_back(routing.dropped_fraction.defined() ? routing.dropped_fraction.detach() : at::Tensor());
     }
     if (layer.ffn_gate_proj.defined()) {
       at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);

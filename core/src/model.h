@@ -25,7 +25,8 @@ struct ModelOutput {
   at::Tensor cross_entropy;  // []
   at::Tensor aux_loss;       // [] sum of the routers' losses
   std::vector<at::Tensor> tokens_per_expert;  // per MoE layer, [E] int64
-  std::map<std::string, at::Tensor> router_loss_terms;  // per term name, summed over layers, detached []
+  std::map<std::string, at::Tensor> router_loss_terms;
+  std::vector<at::Tensor> dropped_fraction;  // per MoE layer, [] (undefined when that router is dropless)  // per term name, summed over layers, detached []
 };
 
 struct DecoderLayer {

@@ -89,6 +89,22 @@ at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& exp
   return (experts * (fraction * normalized.mean(1)).sum(-1)).mean();
 }
 
+void apply_expert_capacity(Routing& routing, double capacity_factor, int64_t num_experts) {
+  if (capacity_factor <= 0) return;
+  const int64_t pairs = routing.expert_ids.numel();
+  const int64_t capacity = static_cast<int64_t>(std::ceil(capacity_factor * pairs / static_cast<double>(num_experts)));
+  at::Tensor ids = routing.expert_ids.reshape(-1);                                               // [T * k]
+  // Pairs grouped by expert, heaviest first within each: sort by weight, then stably by expert.
+  at::Tensor by_weight = std::get<1>(at::sort(routing.weights.detach().reshape(-1), /*stable=*/true, 0, /*descending=*/true));
+  at::Tensor order = by_weight.index_select(0, std::get<1>(at::sort(ids.index_select(0, by_weight), /*stable=*/true, 0, false)));
+  at::Tensor counts = at::bincount(ids, {}, num_experts);                                        // [E]
+  at::Tensor starts = counts.cumsum(0) - counts;                                                 // [E]
+  at::Tensor rank = at::arange(pairs, ids.options()) - starts.index_select(0, ids.index_select(0, order));  // within its expert
+  at::Tensor keep = at::zeros({pairs}, ids.options().dtype(at::kBool)).index_put_({order}, rank < capacity);
+  routing.weights = routing.weights * keep.view_as(routing.weights).to(routing.weights.scalar_type());
+  routing.dropped_fraction = 1.0 - keep.to(at::kFloat).mean();
+}
+
 at::Tensor router_z_loss(const at::Tensor& logits) { return at::logsumexp(logits, -1).pow(2).mean(); }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {

@@ -34,6 +34,8 @@ std::vector<std::string> plot_run(const std::string& run_dir) {
   data << "# step cross_entropy val_loss lr tokens_per_s mfu max_over_mean[layer...]\n";
   std::string line;
   size_t layers = 0, line_number = 0;
+  // Per MoE layer, per logged step: each expert's share of the layer's tokens (the heat map).
+  std::vector<std::vector<std::pair<double, std::vector<double>>>> shares;
   bool has_validation = false, has_mfu = false;
   auto column = [&](double value) { return std::isnan(value) ? std::string("NaN") : std::to_string(value); };
   while (std::getline(metrics, line)) {
@@ -48,6 +50,16 @@ std::vector<std::string> plot_run(const std::string& run_dir) {
     if (const JsonValue* router = record.find("router")) {
       layers = std::max(layers, router->items.size());
       for (const auto& layer : router->items) data << " " << column(number_or_nan(layer, "max_over_mean"));
+      shares.resize(layers);
+      for (size_t index = 0; index < router->items.size(); ++index) {
+        const JsonValue* counts = router->items[index].find("tokens_per_expert");
+        if (counts == nullptr) continue;
+        std::vector<double> share;
+        double total = 0;
+        for (const auto& count : counts->items) total += count.number;
+        for (const auto& count : counts->items) share.push_back(total > 0 ? count.number / total : 0.0);
+        shares[index].emplace_back(number_or_nan(record, "step"), share);
+      }
     }
     data << "\n";
   }
@@ -72,11 +84,35 @@ std::vector<std::string> plot_run(const std::string& run_dir) {
   for (size_t layer = 0; layer < layers; ++layer)
     script << (layer ? ", " : "plot ") << d << " using 1:" << 7 + layer << " with lines title 'MoE layer " << layer << "'";
   script << "\n";
+  // expert_load.png: one heat map per MoE layer, step by expert, coloured by the expert's token share.
+  const fs::path load_path = fs::path(run_dir) / "plot_expert_load.txt";
+  std::ofstream load_data(load_path);
+  for (size_t layer = 0; layer < shares.size(); ++layer) {
+    load_data << "# MoE layer " << layer << ": step expert share half_width (a box per logged step and expert)\n";
+    for (size_t row = 0; row < shares[layer].size(); ++row) {
+      const auto& [step, share] = shares[layer][row];
+      const double previous = row > 0 ? shares[layer][row - 1].first : step - 1;
+      for (size_t expert = 0; expert < share.size(); ++expert)
+        load_data << step << " " << expert << " " << share[expert] << " " << (step - previous) / 2 << "\n";
+    }
+    load_data << "\n\n";
+  }
+  load_data.close();
+  const size_t panels = std::max<size_t>(1, shares.size());
+  script << "unset grid\nset terminal pngcairo size 900," << 120 + 180 * panels << "\nset output '" << out("expert_load.png")
+         << "'\nset palette rgbformulae 33,13,10\nset cbrange [0:*]\nset ylabel 'expert'\nset ytics 1\nset autoscale fix\n"
+         << "set style fill solid noborder\n"
+         << "set multiplot layout " << panels << ",1 title \"share of each layer's tokens per expert (uniform = 1/E)\"\n";
+  if (shares.empty()) script << "plot 1 title 'no MoE layers'\n";
+  for (size_t layer = 0; layer < shares.size(); ++layer)
+    script << "set title 'MoE layer " << layer << "'\nplot '" << load_path.string() << "' index " << layer
+           << " using ($1 - $4):2:4:(0.5):3 with boxxyerror fc palette notitle\n";
+  script << "unset multiplot\n";
   const fs::path script_path = fs::path(run_dir) / "plot.gnuplot";
   std::ofstream(script_path) << script.str();
   if (std::system(("gnuplot '" + script_path.string() + "'").c_str()) != 0)
     throw Error("gnuplot failed on " + script_path.string());
-  return {out("loss.png"), out("lr.png"), out("throughput.png"), out("router_load.png")};
+  return {out("loss.png"), out("lr.png"), out("throughput.png"), out("router_load.png"), out("expert_load.png")};
 }
 
 }  // namespace pithtrain

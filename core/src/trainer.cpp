@@ -444,6 +444,7 @@ TrainSummary Trainer::run() {
   double lr = 0, window_tokens = 0, window_seconds = 0, total_seconds = 0;
   std::vector<at::Tensor> step_load;  // per MoE layer, this step's tokens_per_expert
   std::map<std::string, double> step_loss_terms;  // router loss terms, mean over the step's micro-batches
+  std::vector<double> step_dropped;               // per MoE layer, dropped share this step (-1: dropless)
   std::vector<at::Tensor> last_active;            // per MoE layer [E]: the last step the expert got a token
   std::set<size_t> warned_dead, warned_collapse;  // MoE layers already warned about
   StepFunctions step_functions;
@@ -456,6 +457,11 @@ TrainSummary Trainer::run() {
       if (step_load.size() <= layer) step_load.push_back(at::zeros_like(output.tokens_per_expert[layer]));
       step_load[layer] += output.tokens_per_expert[layer];
     }
+    step_dropped.resize(output.dropped_fraction.size(), -1.0);
+    for (size_t layer = 0; layer < output.dropped_fraction.size(); ++layer)
+      if (output.dropped_fraction[layer].defined())
+        step_dropped[layer] = std::max(step_dropped[layer], 0.0) +
+                              output.dropped_fraction[layer].item<double>() / static_cast<double>(config_.micro_batches);
     for (const auto& [name, value] : output.router_loss_terms)
       step_loss_terms[name] += value.item<double>() / static_cast<double>(config_.micro_batches);
     return MicroBatchLoss{output.loss, output.cross_entropy.item<double>(), output.aux_loss.item<double>(),
@@ -498,6 +504,7 @@ TrainSummary Trainer::run() {
     lr = learning_rate(config_, step);
     step_load.clear();
     step_loss_terms.clear();
+    step_dropped.clear();
     if (profiler) profiler->before_step(step);
     auto step_start = std::chrono::steady_clock::now();
     StepResult result = schedule_->run_step(step_functions);
@@ -525,6 +532,7 @@ TrainSummary Trainer::run() {
       window_tokens = window_seconds = 0;
       double imbalance = 0;
       int64_t dead_total = 0;
+      double worst_dropped = -1;
       auto buffers = model_->router_buffers();
       std::string router_json = "[";
       for (size_t layer = 0; layer < step_load.size(); ++layer) {
@@ -532,6 +540,11 @@ TrainSummary Trainer::run() {
         const int64_t dead = ((step - last_active[layer]) >= config_.dead_expert_steps).sum().item<int64_t>();
         double entropy = 1.0;
         router_json += router_stats_json(layer, step_load[layer], buffers[layer], dead, imbalance, entropy);
+        if (layer < step_dropped.size() && step_dropped[layer] >= 0) {  // splice the dropped share into the object
+          router_json.pop_back();
+          router_json += fmt::format(",\"dropped_fraction\":{:.6g}}}", step_dropped[layer]);
+          worst_dropped = std::max(worst_dropped, step_dropped[layer]);
+        }
         dead_total += dead;
         // Warned once each: the failures people otherwise notice only when the loss stalls.
         if (dead > 0 && warned_dead.insert(layer).second)
@@ -561,10 +574,11 @@ TrainSummary Trainer::run() {
       metrics.flush();
       if (!settings_.quiet)
         log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}){} | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
-                 "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}{}",
+                 "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}{}{}",
                  step, config_.steps, result.cross_entropy, smoothed,
                  evaluate_now ? fmt::format(" | val {:.4f}", validation_loss) : std::string(), result.aux_loss, lr,
                  result.grad_norm, tokens_per_second, 100 * mfu, imbalance,
+                 worst_dropped >= 0 ? fmt::format(" | dropped {:.1f}%", 100 * worst_dropped) : std::string(),
                  dead_total > 0 ? fmt::format(" | dead experts {}", dead_total) : std::string());
     }
     if (g_stop_signal != 0) {

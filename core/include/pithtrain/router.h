@@ -15,7 +15,16 @@ struct Routing {
   // The terms aux_loss is the sum of, each already scaled by its coefficient, by name ("switch",
   // "sequence", "z", ...): the trainer logs each one and checks that they add up to aux_loss.
   std::vector<NamedTensor> loss_terms;
+  // [] share of the (token, slot) pairs dropped by an expert capacity (apply_expert_capacity);
+  // undefined when the router is dropless.
+  at::Tensor dropped_fraction;
 };
+
+// Token dropping under an expert capacity: each expert keeps at most C = ceil(capacity_factor * T * k / E)
+// of the (token, slot) pairs routed to it in this call (the scope is one micro-batch), those with the
+// highest routing weight; the others ("lowest score first") get weight 0, so the token keeps only its
+// residual path for that slot. Sets routing.dropped_fraction. capacity_factor <= 0: dropless, no change.
+void apply_expert_capacity(Routing& routing, double capacity_factor, int64_t num_experts);
 
 // Router losses in use today, unscaled (multiply by the configured coefficient), in the compute dtype.
 // Switch Transformer load balancing (arXiv:2101.03961): E * sum_e f_e * P_e, with f_e the fraction of

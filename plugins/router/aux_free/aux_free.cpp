@@ -19,6 +19,7 @@ class AuxFreeRouter final : public Router {
     num_groups_ = options.integer("num_groups", 1);
     seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0);
     z_loss_coeff_ = options.number("z_loss_coeff", 0.0);
+    capacity_factor_ = options.number("capacity_factor", 0.0);
     freeze_bias_ = options.boolean("freeze_bias", false);
     topk_groups_ = options.integer("topk_groups", num_groups_);
     const int64_t group_size = num_groups_ > 0 ? dims_.num_experts / num_groups_ : 0;
@@ -64,6 +65,7 @@ class AuxFreeRouter final : public Router {
     if (z_loss_coeff_ > 0) routing.loss_terms.push_back({"z", z_loss_coeff_ * router_z_loss(logits)});
     for (const auto& term : routing.loss_terms) routing.aux_loss = routing.aux_loss + term.tensor;
     if (at::GradMode::is_enabled()) load_ += routing.tokens_per_expert;  // training: count toward the update
+    apply_expert_capacity(routing, capacity_factor_, dims_.num_experts);
     return routing;
   }
 
@@ -81,7 +83,7 @@ class AuxFreeRouter final : public Router {
  private:
   ModelDims dims_;
   double update_rate_ = 1e-3;
-  double scaling_factor_ = 1.0, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0;
+  double scaling_factor_ = 1.0, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0, capacity_factor_ = 0.0;
   bool freeze_bias_ = false;  // fine-tuning: keep the loaded bias
   bool renormalize_ = true;
   int64_t num_groups_ = 1, topk_groups_ = 1;

@@ -16,6 +16,7 @@ class TopKSoftmaxRouter final : public Router {
     aux_loss_coeff_ = options.number("aux_loss_coeff", 0.01);
     seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0);
     z_loss_coeff_ = options.number("z_loss_coeff", 0.0);
+    capacity_factor_ = options.number("capacity_factor", 0.0);
     scaling_factor_ = options.number("scaling_factor", 1.0);
     num_groups_ = options.integer("num_groups", 1);
     topk_groups_ = options.integer("topk_groups", num_groups_);
@@ -59,6 +60,7 @@ class TopKSoftmaxRouter final : public Router {
     add("switch", aux_loss_coeff_, [&] { return switch_balance_loss(probs, expert_ids); });
     add("sequence", seq_aux_loss_coeff_, [&] { return sequence_balance_loss(probs, expert_ids, dims_.seq_len); });
     add("z", z_loss_coeff_, [&] { return router_z_loss(logits); });
+    apply_expert_capacity(routing, capacity_factor_, dims_.num_experts);
     return routing;
   }
 
@@ -71,7 +73,7 @@ class TopKSoftmaxRouter final : public Router {
  private:
   ModelDims dims_;
   bool renormalize_ = true;
-  double aux_loss_coeff_ = 0.01, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0, scaling_factor_ = 1.0;
+  double aux_loss_coeff_ = 0.01, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0, capacity_factor_ = 0.0, scaling_factor_ = 1.0;
   int64_t num_groups_ = 1, topk_groups_ = 1;
   at::Tensor gate_;       // [E, H]
   at::Tensor gate_bias_;  // [E] with bias = true
