@@ -54,7 +54,7 @@ def reported_number(text, label):
 
 
 def reported_word(text, label):
-    match = re.search(label + r"\s*[:=]?\s*`?([A-Za-z0-9_:.\-]+)`?", text, re.IGNORECASE)
+    match = re.search(label + r"\s*[:=]?\s*`?([A-Za-z0-9_:./\-]+)`?", text, re.IGNORECASE)
     if match is None:
         fail(f"nothing after '{label}' in the report")
     return match.group(1)
