@@ -10,7 +10,7 @@ say() { echo "[setup] $*" >&2; }
 
 # --- Debian packages -------------------------------------------------------
 apt_packages=(g++ cmake ninja-build ccache libboost-dev libtomlplusplus-dev libspdlog-dev libfmt-dev
-              libgtest-dev fortunes python3-venv gnuplot-nox libsentencepiece-dev sentencepiece)
+              libgtest-dev fortunes python3-venv gnuplot-nox libsentencepiece-dev sentencepiece libgloo-dev)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -41,7 +41,7 @@ for skill in skills:
                 if word.endswith("bin/pithtrain") or word == "pithtrain":
                     rest = words[index + 1:]
                     subcommand = ""
-                    if rest and rest[0] in ("plugins", "explain", "plot"):
+                    if rest and rest[0] in ("plugins", "explain", "plot", "launch"):
                         subcommand = rest[0]
                     elif rest and rest[0] in ("plugin", "data", "convert"):
                         subcommand = rest[0]
@@ -49,9 +49,15 @@ for skill in skills:
                     commands_checked += 1
                     if code != 0:
                         problems.append(f"{where}: `pithtrain {subcommand} --help` exits {code}")
-                    for flag in [w.split("=")[0] for w in rest if w.startswith("--")]:
-                        if flag not in usage:
-                            problems.append(f"{where}: `{line}` uses {flag}, which `pithtrain {subcommand} --help` does not list")
+                    checks = [(subcommand, rest)]
+                    if subcommand == "launch" and "--" in rest:  # after `--`: the training arguments
+                        split = rest.index("--")
+                        checks = [("launch", rest[:split]), ("", rest[split + 1:])]
+                    for checked, words_to_check in checks:
+                        usage = help_text(checked)[1]
+                        for flag in [w.split("=")[0] for w in words_to_check if w.startswith("--") and w != "--"]:
+                            if flag not in usage:
+                                problems.append(f"{where}: `{line}` uses {flag}, which `pithtrain {checked} --help` does not list")
                 elif word.startswith("scripts/") or word.startswith("tests/parity/"):
                     paths_checked += 1
                     if not (source / word).exists():

@@ -11,6 +11,7 @@
 
 #include "convert.h"
 #include "data.h"
+#include "distributed.h"
 #include "explain.h"
 #include "json.h"
 #include "plot.h"
@@ -30,6 +31,7 @@ const char* kTrainHelp = R"(usage: pithtrain [--config FILE] [--plugins A.so,B.s
        pithtrain plot RUN_DIR
        pithtrain explain [--config FILE] [--set ...]
        pithtrain convert import HF_DIR --out DIR | convert export --config F --weights W --out HF_DIR
+       pithtrain launch --nproc N -- [training arguments]
 
 Trains the MoE model described by the TOML config (default: the embedded configs/tiny.toml).
   --config FILE      TOML config (docs/config.md lists every key)
@@ -227,6 +229,30 @@ int command_convert(const Arguments& args) {
   return std::cout << kConvertHelp, 2;
 }
 
+const char* kLaunchHelp = R"(usage: pithtrain launch --nproc N [--] [training arguments...]
+Starts N local training processes of this pithtrain with the rank environment (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT: a free port) and the same arguments: data parallel over a
+Gloo process group on CPUs (docs/distributed.md). Each process takes train.batch_size sequences of the
+global batch; rank 0 prints progress and writes the run directory, ranks 1.. keep their logs in
+RUN_DIR/rank_N. If one process fails, the others are stopped and the exit status is non-zero, naming the
+rank. torchrun and SLURM can start the same processes instead (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS).
+  --nproc N   processes on this machine
+)";
+
+int command_launch(int argc, char** argv) {
+  int64_t processes = 0;
+  std::vector<std::string> rest;
+  for (int i = 2; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (rest.empty() && (arg == "--help" || arg == "-h")) return std::cout << kLaunchHelp, 0;
+    if (rest.empty() && arg == "--nproc" && i + 1 < argc) processes = std::stoll(argv[++i]);
+    else if (rest.empty() && arg == "--") continue;
+    else rest.push_back(arg);
+  }
+  if (processes < 1) throw Error("launch: needs --nproc N (see pithtrain launch --help)");
+  return launch(processes, rest);
+}
+
 int command_train(const Arguments& args) {
   if (args.help) return std::cout << kTrainHelp, 0;
   if (!args.positional.empty()) throw Error("unexpected argument '" + args.positional[0] + "' (see --help)");
@@ -247,6 +273,7 @@ int command_train(const Arguments& args) {
 void append_to_ledger(int argc, char** argv, double seconds, int exit_code) {
   const char* path = std::getenv("PITHTRAIN_ATE_LEDGER");
   if (path == nullptr || *path == '\0') return;
+  if (argc > 1 && std::string(argv[1]) == "launch") return;  // its processes write their own lines
   std::string command;
   for (int i = 0; i < argc; ++i) command += (i ? " " : "") + std::string(argv[i]);
   std::ofstream ledger(path, std::ios::app);
@@ -265,8 +292,10 @@ int run_command(int argc, char** argv) {
     if (command == "plot") return command_plot(parse(argc, argv, 2));
     if (command == "explain") return command_explain(parse(argc, argv, 2));
     if (command == "convert") return command_convert(parse(argc, argv, 2));
+    if (command == "launch") return command_launch(argc, argv);
     if (!command.empty() && command[0] != '-')
-      throw Error("unknown command '" + command + "'; commands: plugins, plugin check, data build, plot, explain, convert (or none, to train)");
+      throw Error("unknown command '" + command +
+                  "'; commands: plugins, plugin check, data build, plot, explain, convert, launch (or none, to train)");
     return command_train(parse(argc, argv, 1));
   } catch (const std::exception& error) {
     std::cerr << "pithtrain: error: " << error.what() << "\n";

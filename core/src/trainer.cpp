@@ -20,6 +20,7 @@
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/spdlog.h>
 
+#include "distributed.h"
 #include "json.h"
 #include "pithtrain/nn.h"
 #include "profiler.h"
@@ -219,8 +220,15 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   registry_ = std::make_unique<PluginRegistry>(default_search_dirs(plugins.text_list("paths", {})),
                                                settings_.plugin_files);
 
+  // Several processes (pithtrain launch, torchrun, SLURM): data parallel over a Gloo process group.
+  const double collective_timeout = train.number("collective_timeout_seconds", 300.0);
+  if (auto environment = process_environment()) {
+    communicator_ = connect(*environment, config_.device, collective_timeout);
+    if (communicator_->rank() > 0) settings_.quiet = true;  // rank 0 reports; the others only warn
+  }
   at::manual_seed(config_.seed);
   PluginContext context;
+  context.communicator = communicator_;
   context.device = c10::Device(config_.device);
   context.dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   context.logger = &logger();
@@ -280,6 +288,10 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   train_end_ = static_cast<uint64_t>(std::llround(dataset_->size() * (1.0 - config_.validation_fraction)));
   train_order_ = std::make_unique<WindowOrder>(0, train_end_, config_.seq_len + 1, config_.seed);
   run_dir_ = settings_.out_dir.empty() ? "runs/" + config_.run_name : settings_.out_dir;
+  checkpoint_dir_ = (fs::path(run_dir_) / "checkpoints").string();
+  // Other ranks keep their own config, log and metrics below the run directory; checkpoints and the
+  // final weights are rank 0's (all ranks hold the same state).
+  if (communicator_ && communicator_->rank() > 0) run_dir_ += "/rank_" + std::to_string(communicator_->rank());
 }
 
 double Trainer::evaluate() {
@@ -377,7 +389,9 @@ TrainSummary Trainer::run() {
   }
 
   // Resume from the newest valid checkpoint of this run directory.
-  CheckpointFolder checkpoints(fs::path(run_dir_) / "checkpoints", config_.checkpoint_keep);
+  CheckpointFolder checkpoints(checkpoint_dir_, config_.checkpoint_keep);
+  const bool writes_checkpoints = !communicator_ || communicator_->rank() == 0;
+  const int64_t ranks = communicator_ ? communicator_->size() : 1, rank = communicator_ ? communicator_->rank() : 0;
   double smoothed = 0;
   int64_t start_step = 0;
   if (config_.resume) {
@@ -451,7 +465,12 @@ TrainSummary Trainer::run() {
   step_functions.micro_batches = config_.micro_batches;
   step_functions.forward = [&](int64_t) {
     std::vector<uint64_t> offsets;
-    for (int64_t row = 0; row < config_.batch_size; ++row) offsets.push_back(train_order_->next());
+    // Data parallel: the global batch is batch_size x ranks windows in the one-process order; each rank
+    // takes its consecutive slice, so N ranks see exactly what one process with N x the batch would.
+    for (int64_t row = 0; row < config_.batch_size * ranks; ++row) {
+      const uint64_t offset = train_order_->next();
+      if (row / config_.batch_size == rank) offsets.push_back(offset);
+    }
     ModelOutput output = model_->forward(dataset_->windows(offsets, config_.seq_len + 1));
     for (size_t layer = 0; layer < output.tokens_per_expert.size(); ++layer) {
       if (step_load.size() <= layer) step_load.push_back(at::zeros_like(output.tokens_per_expert[layer]));
@@ -471,6 +490,16 @@ TrainSummary Trainer::run() {
     for (auto& parameter : parameters_) parameter.tensor.mutable_grad() = at::Tensor();
   };
   step_functions.clip_gradients = [&] {
+    if (communicator_) {  // data parallel: the mean gradient over ranks (every trainable tensor, in one buffer)
+      std::vector<at::Tensor> grads;
+      for (auto& parameter : parameters_) {
+        if (frozen_.count(parameter.name)) continue;
+        if (!parameter.tensor.grad().defined()) parameter.tensor.mutable_grad() = at::zeros_like(parameter.tensor);
+        grads.push_back(parameter.tensor.grad());
+      }
+      communicator_->all_reduce_sum(grads);
+      for (auto& grad : grads) grad.div_(static_cast<double>(communicator_->size()));
+    }
     at::NoGradGuard no_grad;
     if (mixed_precision_)
       for (size_t i = 0; i < parameters_.size(); ++i)
@@ -495,8 +524,9 @@ TrainSummary Trainer::run() {
   int64_t step = start_step;
   int64_t last_saved = start_step;
   auto save = [&](int64_t at_step) {
-    fs::path path = checkpoints.save(at_step, checkpoint_tensors(), checkpoint_metadata(at_step, smoothed));
     last_saved = at_step;
+    if (!writes_checkpoints) return;
+    fs::path path = checkpoints.save(at_step, checkpoint_tensors(), checkpoint_metadata(at_step, smoothed));
     if (!settings_.quiet) log.info("saved checkpoint {}", path.string());
   };
   while (step < config_.steps) {
@@ -510,6 +540,21 @@ TrainSummary Trainer::run() {
     StepResult result = schedule_->run_step(step_functions);
     double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     if (profiler) profiler->after_step(step, settings_.quiet);
+    bool stop = g_stop_signal != 0;
+    if (communicator_) {
+      // Ranks agree on the logged figures (means), the load (sums) and on stopping (any rank's signal).
+      std::vector<at::Tensor> shared = {at::tensor({result.loss, result.cross_entropy, result.aux_loss, stop ? 1.0 : 0.0}, at::kDouble)};
+      for (auto& load : step_load) shared.push_back(load);
+      for (auto& [name, value] : step_loss_terms) shared.push_back(at::tensor({value}, at::kDouble));
+      for (auto& dropped : step_dropped) shared.push_back(at::tensor({dropped}, at::kDouble));
+      communicator_->all_reduce_sum(shared);
+      const double n = static_cast<double>(communicator_->size());
+      result.loss = shared[0][0].item<double>() / n, result.cross_entropy = shared[0][1].item<double>() / n;
+      result.aux_loss = shared[0][2].item<double>() / n, stop = shared[0][3].item<double>() > 0;
+      size_t index = 1 + step_load.size();
+      for (auto& [name, value] : step_loss_terms) value = shared[index++].item<double>() / n;
+      for (auto& dropped : step_dropped) dropped = shared[index++].item<double>() / n;
+    }
     if (!std::isfinite(result.loss))
       throw Error("loss became " + std::to_string(result.loss) + " at step " + std::to_string(step) +
                   "; lower train.lr or set train.grad_clip (see " + run_dir_ + "/metrics.jsonl)");
@@ -581,7 +626,7 @@ TrainSummary Trainer::run() {
                  worst_dropped >= 0 ? fmt::format(" | dropped {:.1f}%", 100 * worst_dropped) : std::string(),
                  dead_total > 0 ? fmt::format(" | dead experts {}", dead_total) : std::string());
     }
-    if (g_stop_signal != 0) {
+    if (stop) {
       save(step);
       summary.interrupted = true;
       if (!settings_.quiet)
@@ -601,7 +646,7 @@ TrainSummary Trainer::run() {
   std::vector<NamedTensor> weights;
   for (const auto& parameter : master_) weights.push_back({parameter.name, parameter.tensor});
   for (const auto& item : buffers()) weights.push_back(item);
-  save_safetensors(run_dir_ + "/model.safetensors", weights, {{"step", std::to_string(step)}});
+  if (writes_checkpoints) save_safetensors(run_dir_ + "/model.safetensors", weights, {{"step", std::to_string(step)}});
   if (!settings_.quiet) {
     if (summary.losses.empty())
       log.info("done: nothing to train (already at step {}); validation loss {:.4f}", summary.steps, summary.validation_loss);

@@ -10,6 +10,7 @@
 #include "checkpoint.h"
 #include "data.h"
 #include "model.h"
+#include "pithtrain/distributed.h"
 #include "pithtrain/optimizer.h"
 #include "pithtrain/schedule.h"
 
@@ -84,6 +85,8 @@ class Trainer {
   bool mixed_precision_ = false;
   std::vector<ManifestEntry> manifest_;
   std::set<std::string> frozen_;       // names of the train.freeze parameters
+  std::shared_ptr<Communicator> communicator_;  // multi-process runs; null with one process
+  std::string checkpoint_dir_;                   // RUN_DIR/checkpoints, shared by all ranks
   uint64_t train_end_ = 0;  // tokens [0, train_end_) train, the rest validate
 };
 

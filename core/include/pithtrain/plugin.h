@@ -18,7 +18,7 @@ namespace spdlog { class logger; }
 
 namespace pithtrain {
 
-// 2: Routing gained loss_terms.
+// 2: Routing gained loss_terms and dropped_fraction, PluginContext the communicator.
 inline constexpr uint32_t kPluginAbiVersion = 2;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.
@@ -53,6 +53,8 @@ struct ModelDims {
   double init_std = 0.02;
 };
 
+class Communicator;  // pithtrain/distributed.h
+
 // What a factory gets besides its own TOML table: never the whole config.
 struct PluginContext {
   ModelDims dims;
@@ -61,6 +63,7 @@ struct PluginContext {
   c10::ScalarType dtype = c10::kFloat;  // dtype of parameters the plugin creates
   spdlog::logger* logger = nullptr;     // the core's logger (pithtrain::logger())
   std::vector<Parameter> parameters;    // optimizer plugins: the parameters to update
+  std::shared_ptr<Communicator> communicator;  // the run's process group; null in a one-process run
 };
 
 class Router;

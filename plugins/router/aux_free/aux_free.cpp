@@ -5,6 +5,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include "pithtrain/nn.h"
+#include "pithtrain/distributed.h"
 #include "pithtrain/router.h"
 
 namespace pithtrain {
@@ -31,6 +32,7 @@ class AuxFreeRouter final : public Router {
     if (seq_aux_loss_coeff_ < 0 || z_loss_coeff_ < 0)
       throw Error(options.where("seq_aux_loss_coeff") + ": seq_aux_loss_coeff and z_loss_coeff must be >= 0");
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
+    context_communicator_ = context.communicator;
     auto options_of = at::TensorOptions().device(context.device);
     bias_ = at::zeros({dims_.num_experts}, options_of.dtype(context.dtype == at::kDouble ? at::kDouble : at::kFloat));
     load_ = at::zeros({dims_.num_experts}, options_of.dtype(at::kLong));
@@ -73,6 +75,10 @@ class AuxFreeRouter final : public Router {
   void after_optimizer_step() override {
     at::NoGradGuard no_grad;
     at::Tensor load = load_.to(bias_.scalar_type());
+    if (context_communicator_) {  // data parallel: the bias follows the load of the whole global batch
+      std::vector<at::Tensor> shared = {load};
+      context_communicator_->all_reduce_sum(shared);
+    }
     if (!freeze_bias_ && load.sum().item<double>() > 0) bias_ += update_rate_ * at::sign(load.mean() - load);
     load_.zero_();
   }
@@ -84,7 +90,8 @@ class AuxFreeRouter final : public Router {
   ModelDims dims_;
   double update_rate_ = 1e-3;
   double scaling_factor_ = 1.0, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0, capacity_factor_ = 0.0;
-  bool freeze_bias_ = false;  // fine-tuning: keep the loaded bias
+  bool freeze_bias_ = false;
+  std::shared_ptr<Communicator> context_communicator_;  // data-parallel runs: sums the load over ranks  // fine-tuning: keep the loaded bias
   bool renormalize_ = true;
   int64_t num_groups_ = 1, topk_groups_ = 1;
   at::Tensor gate_;  // [E, H]

@@ -1,0 +1,163 @@
+// Process-group set-up over c10d (TCPStore rendezvous, ProcessGroupGloo) and the local launcher.
+#include "distributed.h"
+
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <iostream>
+
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "pithtrain/error.h"
+
+namespace pithtrain {
+namespace {
+
+std::optional<int64_t> integer_from(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return std::nullopt;
+  try {
+    return std::stoll(value);
+  } catch (const std::exception&) {
+    throw Error(std::string("environment variable ") + name + "='" + value + "' is not an integer");
+  }
+}
+
+class GlooCommunicator final : public Communicator {
+ public:
+  GlooCommunicator(const ProcessEnvironment& environment, double timeout_seconds)
+      : rank_(environment.rank), size_(environment.world_size) {
+    c10d::TCPStoreOptions store_options;
+    store_options.port = static_cast<uint16_t>(environment.master_port);
+    store_options.isServer = environment.rank == 0;
+    store_options.numWorkers = static_cast<size_t>(environment.world_size);
+    store_options.waitWorkers = true;
+    store_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+    auto store = c10::make_intrusive<c10d::TCPStore>(environment.master_address, store_options);
+    auto options = c10d::ProcessGroupGloo::Options::create();
+    options->timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
+        environment.master_address == "localhost" ? "127.0.0.1" : "127.0.0.1"));
+    group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank_), static_cast<int>(size_), options);
+  }
+  ~GlooCommunicator() override { group_->shutdown(); }
+
+  int64_t rank() const override { return rank_; }
+  int64_t size() const override { return size_; }
+  void all_reduce_sum(std::vector<at::Tensor>& tensors) override {
+    if (tensors.empty()) return;
+    // One flat buffer: one collective per call, whatever the number of tensors.
+    std::vector<at::Tensor> flat_parts;
+    for (const auto& tensor : tensors) flat_parts.push_back(tensor.reshape(-1).to(at::kFloat));
+    std::vector<at::Tensor> buffer = {at::cat(flat_parts)};
+    group_->allreduce(buffer)->wait();
+    int64_t offset = 0;
+    for (auto& tensor : tensors) {
+      tensor.copy_(buffer[0].narrow(0, offset, tensor.numel()).view_as(tensor));
+      offset += tensor.numel();
+    }
+  }
+
+ private:
+  int64_t rank_, size_;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> group_;
+};
+
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = 0;
+  socklen_t length = sizeof(address);
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address)) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) != 0)
+    throw Error("launch: cannot find a free TCP port on 127.0.0.1 for the rendezvous");
+  ::close(fd);
+  return ntohs(address.sin_port);
+}
+
+}  // namespace
+
+std::optional<ProcessEnvironment> process_environment() {
+  ProcessEnvironment environment;
+  auto world = integer_from("WORLD_SIZE"), rank = integer_from("RANK");
+  if (!world) world = integer_from("SLURM_NTASKS"), rank = integer_from("SLURM_PROCID");
+  if (!world || *world <= 1) return std::nullopt;
+  if (!rank || *rank < 0 || *rank >= *world)
+    throw Error("WORLD_SIZE (or SLURM_NTASKS) is " + std::to_string(*world) + " but RANK (or SLURM_PROCID) is " +
+                (rank ? std::to_string(*rank) : std::string("unset")) + "; set a rank in [0, world size)");
+  environment.world_size = *world;
+  environment.rank = *rank;
+  environment.local_rank = integer_from("LOCAL_RANK").value_or(integer_from("SLURM_LOCALID").value_or(*rank));
+  if (const char* address = std::getenv("MASTER_ADDR"); address && *address) environment.master_address = address;
+  environment.master_port = static_cast<int>(integer_from("MASTER_PORT").value_or(29500));
+  return environment;
+}
+
+std::shared_ptr<Communicator> connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds) {
+  if (device != "cpu")
+    throw Error("train.device = \"" + device + "\" with " + std::to_string(environment.world_size) +
+                " processes: multi-process training runs on CPUs (Gloo) so far; NCCL for GPUs is not implemented yet");
+  return std::make_shared<GlooCommunicator>(environment, timeout_seconds);
+}
+
+int launch(int64_t processes, const std::vector<std::string>& arguments) {
+  if (processes < 1) throw Error("launch: --nproc must be at least 1");
+  const int port = free_port();
+  std::vector<std::string> argv_strings = {"/proc/self/exe"};
+  argv_strings.insert(argv_strings.end(), arguments.begin(), arguments.end());
+  char self[4096];
+  const ssize_t length = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+  if (length <= 0) throw Error("launch: cannot find this executable (/proc/self/exe)");
+  self[length] = '\0';
+  std::vector<pid_t> children;
+  for (int64_t rank = 0; rank < processes; ++rank) {
+    const pid_t pid = ::fork();
+    if (pid < 0) throw Error("launch: fork failed");
+    if (pid == 0) {
+      ::setenv("RANK", std::to_string(rank).c_str(), 1);
+      ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(processes).c_str(), 1);
+      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      // Share the cores instead of every process starting one thread per core.
+      const long cores = std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN));
+      ::setenv("OMP_NUM_THREADS", std::to_string(std::max<long>(1, cores / processes)).c_str(), /*overwrite=*/0);
+      std::vector<char*> argv;
+      for (auto& argument : argv_strings) argv.push_back(argument.data());
+      argv.push_back(nullptr);
+      ::execv(self, argv.data());
+      std::perror("pithtrain launch: exec");
+      std::_Exit(127);
+    }
+    children.push_back(pid);
+  }
+  int result = 0;
+  for (size_t remaining = children.size(); remaining > 0; --remaining) {
+    int status = 0;
+    const pid_t pid = ::waitpid(-1, &status, 0);
+    if (pid < 0) break;
+    const bool failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
+    if (failed && result == 0) {
+      const size_t rank = std::find(children.begin(), children.end(), pid) - children.begin();
+      std::cerr << "pithtrain launch: rank " << rank << " of " << processes << " "
+                << (WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
+                                      : "was killed by signal " + std::to_string(WTERMSIG(status)))
+                << "; stopping the other ranks\n";
+      result = 1;
+      for (pid_t other : children)
+        if (other != pid) ::kill(other, SIGTERM);
+    }
+  }
+  return result;
+}
+
+}  // namespace pithtrain

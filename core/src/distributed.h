@@ -1,0 +1,31 @@
+// Multi-process runs: the process group from the environment that torchrun, SLURM or `pithtrain launch`
+// set, and the launcher that starts N local processes (docs/distributed.md).
+#pragma once
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "pithtrain/distributed.h"
+
+namespace pithtrain {
+
+struct ProcessEnvironment {
+  int64_t rank = 0, world_size = 1, local_rank = 0;
+  std::string master_address = "127.0.0.1";
+  int master_port = 29500;
+};
+
+// RANK/WORLD_SIZE/LOCAL_RANK (torchrun, pithtrain launch) or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, with
+// MASTER_ADDR and MASTER_PORT; nullopt when there is one process.
+std::optional<ProcessEnvironment> process_environment();
+
+// Joins the process group (c10d TCPStore rendezvous at MASTER_ADDR:MASTER_PORT, Gloo for CPU runs).
+// Collectives that take longer than timeout_seconds fail instead of hanging.
+std::shared_ptr<Communicator> connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds);
+
+// `pithtrain launch --nproc N -- ARGS`: runs N copies of this executable with ARGS and the rank
+// environment; when one fails, stops the others and returns non-zero naming the rank.
+int launch(int64_t processes, const std::vector<std::string>& arguments);
+
+}  // namespace pithtrain

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# ctest `data_parallel`: `pithtrain launch` with 2 and 4 Gloo processes gives the loss sequence, gradient
+# norms, expert loads and final weights of one process with the same global batch; a failing job exits
+# non-zero naming a rank. Args: PITHTRAIN_BIN FORTUNES_DIR
+set -eu
+bin=$1; fortunes=$2
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+"$bin" data build --format fortune --out "$work/tokens" "$fortunes/literature" > /dev/null
+common=(--set data.path="\"$work/tokens\"" --set train.steps=5 --set train.log_every=1 --set checkpoint.every=0
+        --set eval.every=0 --set eval.batches=1 --set model.num_layers=3 --set train.seq_len=32)
+"$bin" "${common[@]}" --set train.batch_size=8 --out "$work/one" > "$work/one.log" 2>&1 || { cat "$work/one.log"; exit 1; }
+"$bin" launch --nproc 2 -- "${common[@]}" --set train.batch_size=4 --out "$work/two" > "$work/two.log" 2>&1 || { cat "$work/two.log"; exit 1; }
+"$bin" launch --nproc 4 -- "${common[@]}" --set train.batch_size=2 --out "$work/four" > "$work/four.log" 2>&1 || { cat "$work/four.log"; exit 1; }
+python3 - "$work" <<'PY'
+import array, json, struct, sys
+work = sys.argv[1]
+def metrics(run):
+    return [json.loads(line) for line in open(f"{work}/{run}/metrics.jsonl")]
+def weights(run):
+    raw = open(f"{work}/{run}/model.safetensors", "rb").read()
+    (length,) = struct.unpack_from("<Q", raw)
+    header = json.loads(raw[8:8 + length]); header.pop("__metadata__", None)
+    return {name: array.array("f", raw[8 + length + t["data_offsets"][0]:8 + length + t["data_offsets"][1]])
+            for name, t in header.items() if t["dtype"] == "F32"}
+reference, reference_weights = metrics("one"), weights("one")
+for run in ("two", "four"):
+    rows = metrics(run)
+    assert len(rows) == len(reference) == 5, (run, len(rows))
+    for a, b in zip(reference, rows):
+        for field in ("cross_entropy", "grad_norm"):
+            assert abs(a[field] - b[field]) <= 1e-5 * abs(a[field]), (run, a["step"], field, a[field], b[field])
+        assert [l["tokens_per_expert"] for l in a["router"]] == [l["tokens_per_expert"] for l in b["router"]], (run, a["step"])
+    other = weights(run)
+    worst = max(abs(x - y) for name in reference_weights for x, y in zip(reference_weights[name], other[name]))
+    assert worst < 1e-5, (run, worst)
+    print(f"{run} processes vs one: 5 steps of loss, grad norm and expert load equal; final weights max |diff| {worst:.2e}")
+PY
+if "$bin" launch --nproc 2 -- --config "$work/missing.toml" > "$work/fail.log" 2>&1; then
+  echo "a failing job exited 0"; exit 1
+fi
+grep -q "pithtrain launch: rank [01] of 2 exited with status 1" "$work/fail.log" || { cat "$work/fail.log"; exit 1; }
+echo "a failing job exits non-zero naming the rank"
