@@ -35,6 +35,20 @@ for run in ("two", "four"):
     assert worst < 1e-5, (run, worst)
     print(f"{run} processes vs one: 5 steps of loss, grad norm and expert load equal; final weights max |diff| {worst:.2e}")
 PY
+# The global-batch balance loss sums the expert counts over ranks: 2 processes equal one, aux loss included.
+router=(--set model.moe.router.plugin=topk_softmax --set model.moe.router.aux_loss_coeff=0.0 --set model.moe.router.global_aux_loss_coeff=0.01)
+"$bin" "${common[@]}" "${router[@]}" --set train.batch_size=8 --out "$work/global_one" > "$work/g1.log" 2>&1 || { cat "$work/g1.log"; exit 1; }
+"$bin" launch --nproc 2 -- "${common[@]}" "${router[@]}" --set train.batch_size=4 --out "$work/global_two" > "$work/g2.log" 2>&1 \
+  || { cat "$work/g2.log"; exit 1; }
+python3 - "$work" <<'PY'
+import json, sys
+rows = [[json.loads(line) for line in open(f"{sys.argv[1]}/{run}/metrics.jsonl")] for run in ("global_one", "global_two")]
+for a, b in zip(*rows):
+    for field in ("cross_entropy", "aux_loss", "grad_norm"):
+        assert abs(a[field] - b[field]) <= 1e-5 * abs(a[field]), (a["step"], field, a[field], b[field])
+    assert abs(a["router_losses"]["global"] - a["aux_loss"]) < 1e-6
+print(f"global-batch balance loss: 2 processes equal one (aux loss {rows[0][-1]['aux_loss']:.6f} at step 5)")
+PY
 if "$bin" launch --nproc 2 -- --config "$work/missing.toml" > "$work/fail.log" 2>&1; then
   echo "a failing job exited 0"; exit 1
 fi

@@ -90,6 +90,19 @@ TEST(RouterLosses, SequenceBalanceLossByHand) {
   EXPECT_NEAR(sequence_balance_loss(kProbs, kIds, 4).item<double>(), 1.05, 1e-12);
 }
 
+TEST(RouterLosses, OneProcessGlobalBatchLossEqualsTheSwitchLoss) {
+  // With one process and one micro-batch the global-batch frequencies are the micro-batch's.
+  auto run = [](const std::string& key, const std::string& name) {
+    return metrics(Trainer(small_config({"model.moe.router.plugin=topk_softmax", "model.moe.router.aux_loss_coeff=0.0",
+                                         "model.moe.router." + key + "=0.01", "train.steps=2"}),
+                           quiet(name))
+                       .run());
+  };
+  auto global = run("global_aux_loss_coeff", "global_loss"), local = run("aux_loss_coeff", "switch_loss");
+  for (size_t i = 0; i < global.size(); ++i)
+    EXPECT_NEAR(global[i].find("router_losses")->find("global")->number, local[i].find("router_losses")->find("switch")->number, 1e-7);
+}
+
 TEST(RouterLosses, ZLossByHand) {
   // logsumexp([0, 0]) = ln 2, logsumexp([ln 3, 0]) = ln 4 = 2 ln 2: mean of squares = 2.5 ln^2 2.
   at::Tensor logits = at::tensor({0.0, 0.0, std::log(3.0), 0.0}, at::kDouble).view({2, 2});
