@@ -52,5 +52,16 @@ PY
 if "$bin" launch --nproc 2 -- --config "$work/missing.toml" > "$work/fail.log" 2>&1; then
   echo "a failing job exited 0"; exit 1
 fi
-grep -q "pithtrain launch: rank [01] of 2 exited with status 1" "$work/fail.log" || { cat "$work/fail.log"; exit 1; }
+grep -q "pithtrain launch: rank [01] of 2 exited with status 1; stopping the other ranks" "$work/fail.log" || { cat "$work/fail.log"; exit 1; }
 echo "a failing job exits non-zero naming the rank"
+# Only rank 1 fails (its log folder cannot be made); rank 0 would wait for it in a collective: the
+# launcher stops it and the job ends promptly, naming rank 1.
+mkdir -p "$work/one_fails" && touch "$work/one_fails/rank_1"
+start=$(date +%s)
+if "$bin" launch --nproc 2 -- "${common[@]}" --set train.steps=50 --out "$work/one_fails" > "$work/one_fails.log" 2>&1; then
+  echo "a job with a failing rank exited 0"; exit 1
+fi
+grep -q "pithtrain launch: rank 1 of 2 exited with status 1" "$work/one_fails.log" || { cat "$work/one_fails.log"; exit 1; }
+elapsed=$(( $(date +%s) - start ))
+[ "$elapsed" -lt 60 ] || { echo "the job took $elapsed s to stop"; exit 1; }
+echo "one failing rank stops the job in $elapsed s, naming rank 1"

@@ -140,21 +140,38 @@ int launch(int64_t processes, const std::vector<std::string>& arguments) {
     }
     children.push_back(pid);
   }
+  // Wait for every rank. After the first failure the others get SIGTERM (they save and stop at the next
+  // step) and, if one is stuck in a collective with a dead peer, SIGKILL after a grace period.
   int result = 0;
-  for (size_t remaining = children.size(); remaining > 0; --remaining) {
+  std::vector<bool> running(children.size(), true);
+  size_t remaining = children.size();
+  std::chrono::steady_clock::time_point kill_at{};
+  while (remaining > 0) {
     int status = 0;
-    const pid_t pid = ::waitpid(-1, &status, 0);
+    const pid_t pid = ::waitpid(-1, &status, result == 0 ? 0 : WNOHANG);
     if (pid < 0) break;
+    if (pid == 0) {  // others still running after a failure
+      if (std::chrono::steady_clock::now() >= kill_at)
+        for (size_t rank = 0; rank < children.size(); ++rank)
+          if (running[rank]) ::kill(children[rank], SIGKILL);
+      ::usleep(50 * 1000);
+      continue;
+    }
+    const size_t rank = std::find(children.begin(), children.end(), pid) - children.begin();
+    if (rank < running.size()) running[rank] = false;
+    --remaining;
     const bool failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
-    if (failed && result == 0) {
-      const size_t rank = std::find(children.begin(), children.end(), pid) - children.begin();
+    // Every failed rank is named: the one that failed first may be reaped after a peer that lost it.
+    if (failed)
       std::cerr << "pithtrain launch: rank " << rank << " of " << processes << " "
                 << (WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                       : "was killed by signal " + std::to_string(WTERMSIG(status)))
-                << "; stopping the other ranks\n";
+                << (result == 0 ? "; stopping the other ranks" : "") << "\n";
+    if (failed && result == 0) {
       result = 1;
-      for (pid_t other : children)
-        if (other != pid) ::kill(other, SIGTERM);
+      kill_at = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      for (size_t other = 0; other < children.size(); ++other)
+        if (running[other]) ::kill(children[other], SIGTERM);
     }
   }
   return result;
