@@ -344,7 +344,19 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   };
   std::vector<NamedTensor> tensors;
   for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({ours, fetch(theirs, shape_of.at(ours))});
-  for (int64_t layer = layout.first_dense; layer < layout.layers && fused_experts(arch); ++layer) {
+  for (int64_t layer = layout.first_dense; layer < layout.layers; ++layer) {
+    if (!fused_experts(arch)) {
+      const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
+      for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
+        const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
+        std::vector<int64_t> shape(shape_of.at(our_name).begin() + 1, shape_of.at(our_name).end());
+        std::vector<at::Tensor> per_expert;
+        for (int64_t expert = 0; expert < layout.experts; ++expert)
+          per_expert.push_back(fetch(base + std::to_string(expert) + "." + theirs + ".weight", shape));
+        tensors.push_back({our_name, at::stack(per_expert)});  // [E, ...]
+      }
+      continue;
+    }
     const std::string base = layer_prefix(layer) + "mlp.experts.", ours = "layers." + std::to_string(layer) + ".experts.";
     const std::vector<int64_t>& gate = shape_of.at(ours + "gate_proj");  // [E, F, H]
     const int64_t experts = gate[0], inner = gate[1], width = gate[2];
@@ -356,17 +368,6 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     tensors.push_back({ours + "gate_bias", gate_up_bias.slice(1, 0, 2 * inner, 2).contiguous()});
     tensors.push_back({ours + "up_bias", gate_up_bias.slice(1, 1, 2 * inner, 2).contiguous()});
     tensors.push_back({ours + "down_bias", fetch(base + "down_proj_bias", {experts, width})});
-  }
-  for (int64_t layer = layout.first_dense; layer < layout.layers && !fused_experts(arch); ++layer) {
-    const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
-    for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
-      const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
-      std::vector<int64_t> shape(shape_of.at(our_name).begin() + 1, shape_of.at(our_name).end());
-      std::vector<at::Tensor> per_expert;
-      for (int64_t expert = 0; expert < layout.experts; ++expert)
-        per_expert.push_back(fetch(base + std::to_string(expert) + "." + theirs + ".weight", shape));
-      tensors.push_back({our_name, at::stack(per_expert)});  // [E, ...]
-    }
   }
   for (const auto& [name, file] : file_of)
     if (!used.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
@@ -402,21 +403,24 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   };
   std::vector<NamedTensor> tensors;
   for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({theirs, get(ours)});
-  for (int64_t layer = layout.first_dense; layer < layers && fused_experts(arch); ++layer) {
-    const std::string ours = "layers." + std::to_string(layer) + ".experts.", base = layer_prefix(layer) + "mlp.experts.";
+  for (int64_t layer = layout.first_dense; layer < layers; ++layer) {
+    const std::string ours = "layers." + std::to_string(layer) + ".experts.";
+    if (!fused_experts(arch)) {  // one tensor per expert and projection
+      for (auto [our_name, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
+        at::Tensor stacked = get(ours + our_name);
+        for (int64_t expert = 0; expert < experts; ++expert)
+          tensors.push_back({layer_prefix(layer) + arch.moe_module + ".experts." + std::to_string(expert) + "." + theirs + ".weight",
+                             stacked[expert].clone()});
+      }
+      continue;
+    }
+    const std::string base = layer_prefix(layer) + "mlp.experts.";
     at::Tensor gate = get(ours + "gate_proj").transpose(1, 2), up = get(ours + "up_proj").transpose(1, 2);  // [E, H, F]
     tensors.push_back({base + "gate_up_proj", at::stack({gate, up}, -1).flatten(-2)});                   // [E, H, 2F], interleaved
     tensors.push_back({base + "gate_up_proj_bias", at::stack({get(ours + "gate_bias"), get(ours + "up_bias")}, -1).flatten(-2)});
     tensors.push_back({base + "down_proj", get(ours + "down_proj").transpose(1, 2).contiguous()});  // [E, F, H]
     tensors.push_back({base + "down_proj_bias", get(ours + "down_bias")});
   }
-  for (int64_t layer = layout.first_dense; layer < layers && !fused_experts(arch); ++layer)
-    for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
-      at::Tensor stacked = get("layers." + std::to_string(layer) + ".experts." + ours);
-      for (int64_t expert = 0; expert < experts; ++expert)
-        tensors.push_back({layer_prefix(layer) + arch.moe_module + ".experts." + std::to_string(expert) + "." + theirs + ".weight",
-                           stacked[expert].clone()});
-    }
   std::sort(tensors.begin(), tensors.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
   fs::create_directories(out_dir);
   save_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});

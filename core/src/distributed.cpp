@@ -43,8 +43,8 @@ class GlooCommunicator final : public Communicator {
     auto store = c10::make_intrusive<c10d::TCPStore>(environment.master_address, store_options);
     auto options = c10d::ProcessGroupGloo::Options::create();
     options->timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
-    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(
-        environment.master_address == "localhost" ? "127.0.0.1" : "127.0.0.1"));
+    // Loopback: processes of one machine (docs/distributed.md); other hosts need the network device.
+    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
     group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank_), static_cast<int>(size_), options);
   }
   ~GlooCommunicator() override { group_->shutdown(); }

@@ -1,5 +1,6 @@
 // Shared building blocks (see pithtrain/nn.h) and the core's logger.
 #include "pithtrain/nn.h"
+#include "pithtrain/distributed.h"
 #include "pithtrain/router.h"
 
 #include <cmath>
@@ -72,10 +73,14 @@ std::vector<Parameter> ExpertWeights::parameters() const {
   return result;
 }
 
-at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids) {
+at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids, Communicator* ranks) {
   const int64_t experts = probs.size(1);
-  at::Tensor fraction = at::bincount(expert_ids.reshape(-1), {}, experts).to(probs.scalar_type()) /
-                        static_cast<double>(expert_ids.numel());  // [E]
+  at::Tensor counts = at::bincount(expert_ids.reshape(-1), {}, experts).to(at::kDouble);  // [E]
+  if (ranks != nullptr) {
+    std::vector<at::Tensor> shared = {counts};
+    ranks->all_reduce_sum(shared);
+  }
+  at::Tensor fraction = (counts / counts.sum()).to(probs.scalar_type());  // [E]
   return experts * (fraction * probs.mean(0)).sum();
 }
 

@@ -111,17 +111,21 @@ std::string parameter_group(const std::string& name) {
   return name.substr(0, name.find('.'));  // embedding, lm_head
 }
 
-// Per-layer router diagnostics from one step's load, as a JSON object.
-std::string router_stats_json(size_t layer, const at::Tensor& tokens_per_expert, const std::vector<NamedTensor>& buffers,
-                              int64_t dead_experts, double& worst_imbalance, double& entropy_out) {
+// Per-layer router diagnostics from one step's load: the metrics.jsonl object and the figures the
+// progress line and the warnings use.
+struct LayerStats {
+  std::string json;
+  double imbalance = 0;  // max / mean load
+  double entropy = 0;    // of the load over experts, divided by log(E): 1 is uniform, 0 all on one expert
+};
+
+LayerStats router_stats(size_t layer, const at::Tensor& tokens_per_expert, const std::vector<NamedTensor>& buffers,
+                        int64_t dead_experts, double dropped_fraction /* < 0: dropless */) {
   at::Tensor load = tokens_per_expert.to(at::kDouble);
   const double total = load.sum().item<double>(), mean = load.mean().item<double>(), max = load.max().item<double>();
   const double imbalance = mean > 0 ? max / mean : 0.0;
-  worst_imbalance = std::max(worst_imbalance, imbalance);
   at::Tensor share = load / std::max(total, 1.0);
-  // Entropy of the load distribution over experts, divided by log(E): 1 is uniform, 0 all on one expert.
   const double entropy = -(share * at::log(share.clamp_min(1e-30))).sum().item<double>() / std::log(load.numel());
-  entropy_out = entropy;
   std::ostringstream out;
   // max_violation: (max - mean) / mean, the aux-loss-free paper's MaxVio; dead_experts: no tokens for
   // train.dead_expert_steps steps.
@@ -137,8 +141,9 @@ std::string router_stats_json(size_t layer, const at::Tensor& tokens_per_expert,
     out << "," << json_quote(buffer.name + "_norm") << ":" << values.norm().item<double>() << ","
         << json_quote(buffer.name + "_range") << ":" << (values.max() - values.min()).item<double>();
   }
+  if (dropped_fraction >= 0) out << ",\"dropped_fraction\":" << dropped_fraction;
   out << "}";
-  return out.str();
+  return {out.str(), imbalance, entropy};
 }
 
 // Keeps only the metrics lines of steps <= `step` (a resumed run rewrites what came after its checkpoint).
@@ -583,22 +588,19 @@ TrainSummary Trainer::run() {
       for (size_t layer = 0; layer < step_load.size(); ++layer) {
         if (layer > 0) router_json += ",";
         const int64_t dead = ((step - last_active[layer]) >= config_.dead_expert_steps).sum().item<int64_t>();
-        double entropy = 1.0;
-        router_json += router_stats_json(layer, step_load[layer], buffers[layer], dead, imbalance, entropy);
-        if (layer < step_dropped.size() && step_dropped[layer] >= 0) {  // splice the dropped share into the object
-          router_json.pop_back();
-          router_json += fmt::format(",\"dropped_fraction\":{:.6g}}}", step_dropped[layer]);
-          worst_dropped = std::max(worst_dropped, step_dropped[layer]);
-        }
+        const double dropped = layer < step_dropped.size() ? step_dropped[layer] : -1.0;
+        const LayerStats stats = router_stats(layer, step_load[layer], buffers[layer], dead, dropped);
+        router_json += stats.json;
+        imbalance = std::max(imbalance, stats.imbalance);
+        worst_dropped = std::max(worst_dropped, dropped);
         dead_total += dead;
         // Warned once each: the failures people otherwise notice only when the loss stalls.
         if (dead > 0 && warned_dead.insert(layer).second)
           log.warn("MoE layer {}: {} expert(s) received no token in the last {} steps (dead experts; metrics.jsonl "
                    "router[].tokens_per_expert shows which)", layer, dead, config_.dead_expert_steps);
-        if (entropy < 0.5 && warned_collapse.insert(layer).second)
+        if (stats.entropy < 0.5 && warned_collapse.insert(layer).second)
           log.warn("MoE layer {}: routing collapsed onto few experts at step {} (load entropy {:.2f} of 1, max/mean {:.2f}); "
-                   "a balancing loss or aux_free routing counters this", layer, step, entropy,
-                   step_load[layer].max().item<double>() / std::max(step_load[layer].to(at::kDouble).mean().item<double>(), 1e-9));
+                   "a balancing loss or aux_free routing counters this", layer, step, stats.entropy, stats.imbalance);
       }
       router_json += "]";
       metrics << std::setprecision(6) << "{\"step\":" << step << ",\"loss\":" << result.loss

@@ -29,8 +29,9 @@ void apply_expert_capacity(Routing& routing, double capacity_factor, int64_t num
 // Router losses in use today, unscaled (multiply by the configured coefficient), in the compute dtype.
 // Switch Transformer load balancing (arXiv:2101.03961): E * sum_e f_e * P_e, with f_e the fraction of
 // (token, slot) pairs on expert e and P_e the mean of probs[:, e]; 1 when perfectly balanced.
-// probs [T, E], expert_ids [T, k].
-at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids);
+// probs [T, E], expert_ids [T, k]. With `ranks` (data parallel) f counts the pairs of all ranks, summed
+// before the loss is formed (the global-batch balance loss); P stays this rank's.
+at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids, Communicator* ranks = nullptr);
 // DeepSeek-V3's sequence-wise balance loss (arXiv:2412.19437, eq. 17-20): the same product per
 // sequence, with P from the scores normalised per token (s / sum_j s_j), averaged over sequences.
 // scores [T, E] (affinities >= 0), expert_ids [T, k], seq_len: tokens per sequence (T a multiple of it;

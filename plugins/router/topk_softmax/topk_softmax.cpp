@@ -3,7 +3,6 @@
 
 #include <functional>
 
-#include "pithtrain/distributed.h"
 #include "pithtrain/nn.h"
 #include "pithtrain/router.h"
 
@@ -28,7 +27,7 @@ class TopKSoftmaxRouter final : public Router {
       throw Error(options.where("num_groups") + ": num_groups must divide num_experts (" + std::to_string(dims_.num_experts) +
                   ") and topk_groups (1..num_groups) groups must hold at least top_k experts");
     if (aux_loss_coeff_ < 0 || seq_aux_loss_coeff_ < 0 || z_loss_coeff_ < 0 || global_aux_loss_coeff_ < 0)
-      throw Error(options.where("aux_loss_coeff") + ": aux_loss_coeff, seq_aux_loss_coeff and z_loss_coeff must be >= 0");
+      throw Error(options.where("aux_loss_coeff") + ": aux_loss_coeff, seq_aux_loss_coeff, global_aux_loss_coeff and z_loss_coeff must be >= 0");
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
     if (options.boolean("bias", false))  // GPT-OSS: a learned per-expert offset of the router logits
       gate_bias_ = at::zeros({dims_.num_experts}, at::TensorOptions().dtype(context.dtype).device(context.device)).requires_grad_(true);
@@ -62,18 +61,7 @@ class TopKSoftmaxRouter final : public Router {
     };
     add("switch", aux_loss_coeff_, [&] { return switch_balance_loss(probs, expert_ids); });
     add("sequence", seq_aux_loss_coeff_, [&] { return sequence_balance_loss(probs, expert_ids, dims_.seq_len); });
-    add("global", global_aux_loss_coeff_, [&] {
-      // Global-batch balance: the expert frequencies of all data-parallel ranks' tokens (summed before the
-      // loss is formed, no gradient), with this rank's probabilities.
-      at::Tensor counts = at::bincount(expert_ids.reshape(-1), {}, dims_.num_experts).to(at::kDouble);  // [E]
-      at::Tensor pairs = at::full({1}, static_cast<double>(expert_ids.numel()), counts.options());
-      if (communicator_) {
-        std::vector<at::Tensor> shared = {counts, pairs};
-        communicator_->all_reduce_sum(shared);
-      }
-      at::Tensor fraction = (counts / pairs).to(probs.scalar_type());
-      return dims_.num_experts * (fraction * probs.mean(0)).sum();
-    });
+    add("global", global_aux_loss_coeff_, [&] { return switch_balance_loss(probs, expert_ids, communicator_.get()); });
     add("z", z_loss_coeff_, [&] { return router_z_loss(logits); });
     apply_expert_capacity(routing, capacity_factor_, dims_.num_experts);
     return routing;
