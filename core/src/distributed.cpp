@@ -140,20 +140,26 @@ int launch(int64_t processes, const std::vector<std::string>& arguments) {
     }
     children.push_back(pid);
   }
-  // Wait for every rank. After the first failure the others get SIGTERM (they save and stop at the next
-  // step) and, if one is stuck in a collective with a dead peer, SIGKILL after a grace period.
+  // Wait for every rank. After the first failure the others get 2 s to end on their own (a rank that
+  // failed too reports its own status, not our signal), then SIGTERM (they save and stop at the next
+  // step), then SIGKILL after 10 s more if one is stuck in a collective with a dead peer.
+  using Clock = std::chrono::steady_clock;
   int result = 0;
   std::vector<bool> running(children.size(), true);
   size_t remaining = children.size();
-  std::chrono::steady_clock::time_point kill_at{};
+  Clock::time_point term_at{}, kill_at{};
+  bool termed = false;
+  auto signal_running = [&](int signal) {
+    for (size_t rank = 0; rank < children.size(); ++rank)
+      if (running[rank]) ::kill(children[rank], signal);
+  };
   while (remaining > 0) {
     int status = 0;
     const pid_t pid = ::waitpid(-1, &status, result == 0 ? 0 : WNOHANG);
     if (pid < 0) break;
     if (pid == 0) {  // others still running after a failure
-      if (std::chrono::steady_clock::now() >= kill_at)
-        for (size_t rank = 0; rank < children.size(); ++rank)
-          if (running[rank]) ::kill(children[rank], SIGKILL);
+      if (!termed && Clock::now() >= term_at) signal_running(SIGTERM), termed = true;
+      if (Clock::now() >= kill_at) signal_running(SIGKILL);
       ::usleep(50 * 1000);
       continue;
     }
@@ -169,9 +175,8 @@ int launch(int64_t processes, const std::vector<std::string>& arguments) {
                 << (result == 0 ? "; stopping the other ranks" : "") << "\n";
     if (failed && result == 0) {
       result = 1;
-      kill_at = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-      for (size_t other = 0; other < children.size(); ++other)
-        if (running[other]) ::kill(children[other], SIGTERM);
+      term_at = Clock::now() + std::chrono::seconds(2);
+      kill_at = term_at + std::chrono::seconds(10);
     }
   }
   return result;
