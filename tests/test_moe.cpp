@@ -80,6 +80,12 @@ TEST(RouterLosses, SwitchBalanceLossByHand) {
   EXPECT_NEAR(switch_balance_loss(kProbs, kIds).item<double>(), 1.05, 1e-12);
 }
 
+TEST(RouterLosses, GlobalBatchLossFromTheStepCountsByHand) {
+  // The step's counts [1, 3] (e.g. other micro-batches chose expert 1 more): f = [1/4, 3/4],
+  // P = [0.55, 0.45]: 2 * (0.25 * 0.55 + 0.75 * 0.45) = 0.95.
+  EXPECT_NEAR(balance_loss_from_counts(kProbs, at::tensor({1.0, 3.0}, at::kDouble)).item<double>(), 0.95, 1e-12);
+}
+
 TEST(RouterLosses, SequenceBalanceLossByHand) {
   // Sequences of 2 tokens. First: f = [1, 0], P = [0.85, 0.15] -> 2 * 0.85 = 1.7. Second: f = [.5, .5],
   // P = [0.25, 0.75] -> 2 * (0.125 + 0.375) = 1.0. Mean 1.35. Unnormalised scores give the same.
@@ -169,6 +175,27 @@ TEST(Invariance, GradientAccumulationOneVersusFourMicroBatches) {
     const JsonValue& a = one[i].find("router")->items[0], &b = four[i].find("router")->items[0];
     for (size_t e = 0; e < a.find("tokens_per_expert")->items.size(); ++e)
       EXPECT_EQ(a.find("tokens_per_expert")->items[e].number, b.find("tokens_per_expert")->items[e].number);
+  }
+}
+
+TEST(Invariance, GlobalBalanceLossCountsEveryMicroBatchOfTheStep) {
+  // The global-batch balance loss forms f from the whole step's counts (a counting pass before the
+  // step), so 4 micro-batches of 2 give the loss, aux loss and gradient norm of one batch of 8. Without
+  // the counting pass each micro-batch would use its own counts: the aux loss differs by 0.07-0.14% here.
+  auto run = [](const std::vector<std::string>& layout, const std::string& name) {
+    std::vector<std::string> overrides = {"train.steps=4", "train.batch_size=8", "train.micro_batches=1",
+                                          "model.moe.router.plugin=topk_softmax", "model.moe.router.aux_loss_coeff=0",
+                                          "model.moe.router.global_aux_loss_coeff=0.05"};
+    overrides.insert(overrides.end(), layout.begin(), layout.end());
+    return metrics(Trainer(small_config(overrides), quiet(name)).run());
+  };
+  auto one = run({}, "global_1"), four = run({"train.batch_size=2", "train.micro_batches=4"}, "global_4");
+  ASSERT_EQ(one.size(), four.size());
+  for (size_t i = 0; i < one.size(); ++i) {
+    EXPECT_GT(one[i].find("aux_loss")->number, 0.0);
+    for (const char* field : {"cross_entropy", "aux_loss", "grad_norm"})
+      EXPECT_NEAR(one[i].find(field)->number, four[i].find(field)->number, 2e-5 * one[i].find(field)->number)
+          << field << " at step " << i + 1;
   }
 }
 

@@ -142,18 +142,27 @@ SafetensorsFile load_safetensors(const std::string& path) {
 }
 
 void copy_tensors_by_name(const SafetensorsFile& source, const std::vector<NamedTensor>& targets,
-                          const std::string& prefix, const std::string& file) {
+                          const std::string& prefix, const std::string& file,
+                          const std::set<std::string>& blocks, int64_t block_index, int64_t block_count) {
   at::NoGradGuard no_grad;
   for (const auto& target : targets) {
     const at::Tensor* stored = source.find(prefix + target.name);
     if (stored == nullptr)
       throw Error("checkpoint '" + file + "' has no tensor '" + prefix + target.name +
                   "': it was written by a different model or plugin set; use a new --out (or run.name) for this config");
-    if (stored->sizes() != target.tensor.sizes())
+    // An expert-parallel block: the file holds the full tensor whatever layout wrote it (resharding).
+    at::Tensor source_tensor = *stored;
+    std::vector<int64_t> expected = target.tensor.sizes().vec();
+    if (blocks.count(target.name) && !expected.empty()) {
+      expected[0] *= block_count;
+      if (stored->sizes() == at::IntArrayRef(expected))
+        source_tensor = stored->narrow(0, block_index * target.tensor.size(0), target.tensor.size(0));
+    }
+    if (stored->sizes() != at::IntArrayRef(expected))
       throw Error("checkpoint '" + file + "': tensor '" + prefix + target.name + "' has shape " +
-                  c10::str(stored->sizes()) + " but the model has " + c10::str(target.tensor.sizes()) +
+                  c10::str(stored->sizes()) + " but the model has " + c10::str(at::IntArrayRef(expected)) +
                   "; use a new --out (or run.name) for this config");
-    target.tensor.copy_(*stored);
+    target.tensor.copy_(source_tensor);
   }
 }
 

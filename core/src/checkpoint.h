@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -27,7 +28,8 @@ SafetensorsFile load_safetensors(const std::string& path);
 // Copies `source` into each tensor of `targets` by name; throws Error naming `file`, the tensor and
 // the fix when one is missing or its shape differs.
 void copy_tensors_by_name(const SafetensorsFile& source, const std::vector<NamedTensor>& targets,
-                          const std::string& prefix, const std::string& file);
+                          const std::string& prefix, const std::string& file,
+                          const std::set<std::string>& blocks = {}, int64_t block_index = 0, int64_t block_count = 1);
 
 class CheckpointFolder {
  public:

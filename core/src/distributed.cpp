@@ -12,6 +12,11 @@
 #include <cstdlib>
 #include <iostream>
 
+#include <numeric>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -30,17 +35,11 @@ std::optional<int64_t> integer_from(const char* name) {
   }
 }
 
+// One c10d Gloo process group. Sub-groups (the expert group) share the job's TCPStore under a prefix.
 class GlooCommunicator final : public Communicator {
  public:
-  GlooCommunicator(const ProcessEnvironment& environment, double timeout_seconds)
-      : rank_(environment.rank), size_(environment.world_size) {
-    c10d::TCPStoreOptions store_options;
-    store_options.port = static_cast<uint16_t>(environment.master_port);
-    store_options.isServer = environment.rank == 0;
-    store_options.numWorkers = static_cast<size_t>(environment.world_size);
-    store_options.waitWorkers = true;
-    store_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
-    auto store = c10::make_intrusive<c10d::TCPStore>(environment.master_address, store_options);
+  GlooCommunicator(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t size, double timeout_seconds)
+      : rank_(rank), size_(size) {
     auto options = c10d::ProcessGroupGloo::Options::create();
     options->timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
     // Loopback: processes of one machine (docs/distributed.md); other hosts need the network device.
@@ -64,11 +63,63 @@ class GlooCommunicator final : public Communicator {
       offset += tensor.numel();
     }
   }
+  at::Tensor all_to_all(const at::Tensor& input, const std::vector<int64_t>& send_counts,
+                        const std::vector<int64_t>& receive_counts) override;
+  at::Tensor all_gather(const at::Tensor& tensor) override {
+    std::vector<at::Tensor> input = {tensor.contiguous()};
+    std::vector<std::vector<at::Tensor>> output(1);
+    for (int64_t rank = 0; rank < size_; ++rank) output[0].push_back(at::empty_like(input[0]));
+    group_->allgather(output, input)->wait();
+    return at::cat(output[0], 0);
+  }
+
+  // The plain exchange, no autograd.
+  at::Tensor exchange(const at::Tensor& input, std::vector<int64_t> send_counts, std::vector<int64_t> receive_counts) {
+    if (static_cast<int64_t>(send_counts.size()) != size_ || static_cast<int64_t>(receive_counts.size()) != size_)
+      throw Error("all_to_all: " + std::to_string(size_) + " ranks but " + std::to_string(send_counts.size()) +
+                  " send and " + std::to_string(receive_counts.size()) + " receive counts");
+    const int64_t sent = std::accumulate(send_counts.begin(), send_counts.end(), int64_t{0});
+    if (sent != input.size(0))
+      throw Error("all_to_all: the send counts add up to " + std::to_string(sent) + " rows but the input has " +
+                  std::to_string(input.size(0)));
+    std::vector<int64_t> shape = input.sizes().vec();
+    shape[0] = std::accumulate(receive_counts.begin(), receive_counts.end(), int64_t{0});
+    at::Tensor output = at::empty(shape, input.options());
+    at::Tensor contiguous = input.contiguous();
+    group_->alltoall_base(output, contiguous, receive_counts, send_counts)->wait();
+    return output;
+  }
 
  private:
   int64_t rank_, size_;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group_;
 };
+
+// all_to_all with a backward: the gradient of the received rows goes back to where they came from.
+struct AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* context, const at::Tensor& input, int64_t communicator,
+                            std::vector<int64_t> send_counts, std::vector<int64_t> receive_counts) {
+    // The communicator lives as long as the trainer, longer than any graph (saved as an address
+    // because saved_data holds IValues).
+    context->saved_data["communicator"] = communicator;
+    context->saved_data["send_counts"] = send_counts;
+    context->saved_data["receive_counts"] = receive_counts;
+    return reinterpret_cast<GlooCommunicator*>(communicator)->exchange(input, send_counts, receive_counts);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto* communicator = reinterpret_cast<GlooCommunicator*>(context->saved_data["communicator"].toInt());
+    at::Tensor grad_input = communicator->exchange(grad_outputs[0], context->saved_data["receive_counts"].toIntVector(),
+                                                   context->saved_data["send_counts"].toIntVector());
+    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor GlooCommunicator::all_to_all(const at::Tensor& input, const std::vector<int64_t>& send_counts,
+                                        const std::vector<int64_t>& receive_counts) {
+  if (!input.requires_grad() || !at::GradMode::is_enabled()) return exchange(input, send_counts, receive_counts);
+  return AllToAllFunction::apply(input, reinterpret_cast<int64_t>(this), send_counts, receive_counts);
+}
 
 int free_port() {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -102,11 +153,36 @@ std::optional<ProcessEnvironment> process_environment() {
   return environment;
 }
 
-std::shared_ptr<Communicator> connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds) {
+ProcessGroups connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds,
+                      int64_t expert_size) {
   if (device != "cpu")
     throw Error("train.device = \"" + device + "\" with " + std::to_string(environment.world_size) +
                 " processes: multi-process training runs on CPUs (Gloo) so far; NCCL for GPUs is not implemented yet");
-  return std::make_shared<GlooCommunicator>(environment, timeout_seconds);
+  const int64_t rank = environment.rank, world = environment.world_size;
+  if (expert_size < 1 || world % expert_size != 0)
+    throw Error("parallel.expert = " + std::to_string(expert_size) + " does not divide the " + std::to_string(world) + " processes");
+  c10d::TCPStoreOptions store_options;
+  store_options.port = static_cast<uint16_t>(environment.master_port);
+  store_options.isServer = rank == 0;
+  store_options.numWorkers = static_cast<size_t>(world);
+  store_options.waitWorkers = true;
+  store_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+  c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(environment.master_address, store_options);
+  ProcessGroups groups;
+  groups.world = std::make_shared<GlooCommunicator>(store, rank, world, timeout_seconds);
+  // Expert groups: consecutive ranks (docs/distributed.md); expert-data groups: the ranks at the same
+  // place in their expert group, which hold the same experts.
+  if (expert_size > 1) {
+    const int64_t group = rank / expert_size;
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("expert_" + std::to_string(group), store);
+    groups.expert = std::make_shared<GlooCommunicator>(prefixed, rank % expert_size, expert_size, timeout_seconds);
+  }
+  if (expert_size > 1 && expert_size < world) {
+    const int64_t place = rank % expert_size;
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("expert_data_" + std::to_string(place), store);
+    groups.expert_data = std::make_shared<GlooCommunicator>(prefixed, rank / expert_size, world / expert_size, timeout_seconds);
+  }
+  return groups;
 }
 
 int launch(int64_t processes, const std::vector<std::string>& arguments) {

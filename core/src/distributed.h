@@ -20,9 +20,17 @@ struct ProcessEnvironment {
 // MASTER_ADDR and MASTER_PORT; nullopt when there is one process.
 std::optional<ProcessEnvironment> process_environment();
 
-// Joins the process group (c10d TCPStore rendezvous at MASTER_ADDR:MASTER_PORT, Gloo for CPU runs).
+// The process groups of a run (docs/distributed.md, "The mesh").
+struct ProcessGroups {
+  std::shared_ptr<Communicator> world;        // every rank: data-parallel gradients, agreed figures
+  std::shared_ptr<Communicator> expert;       // parallel.expert consecutive ranks splitting the experts; null when 1
+  std::shared_ptr<Communicator> expert_data;  // the ranks holding the same experts; null when there is one such rank
+};
+
+// Joins the process groups (c10d TCPStore rendezvous at MASTER_ADDR:MASTER_PORT, Gloo for CPU runs).
 // Collectives that take longer than timeout_seconds fail instead of hanging.
-std::shared_ptr<Communicator> connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds);
+ProcessGroups connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds,
+                      int64_t expert_size = 1);
 
 // `pithtrain launch --nproc N -- ARGS`: runs N copies of this executable with ARGS and the rank
 // environment; when one fails, stops the others and returns non-zero naming the rank.

@@ -136,6 +136,21 @@ ModelOutput Model::forward(const at::Tensor& tokens) {
   return output;
 }
 
+bool Model::needs_step_counts() const {
+  for (const auto& layer : layers_)
+    if (layer.router && layer.router->needs_step_counts()) return true;
+  return false;
+}
+
+void Model::set_step_counts(const std::vector<at::Tensor>& tokens_per_expert) {
+  size_t moe_layer = 0;
+  for (auto& layer : layers_)
+    if (layer.router) {
+      layer.router->set_step_counts(moe_layer < tokens_per_expert.size() ? tokens_per_expert[moe_layer] : at::Tensor());
+      ++moe_layer;
+    }
+}
+
 void Model::check_router_loss(const Routing& routing, int64_t layer) const {
   // The loss a user configures must be the loss applied: a term that cannot train the router, or an
   // aux_loss that is not the sum of the terms it reports, is a plugin bug that would otherwise be silent.
@@ -170,7 +185,7 @@ std::vector<Parameter> Model::parameters() const {
       for (auto& parameter : layer.router->parameters())
         result.push_back({prefix + "router." + parameter.name, parameter.tensor, parameter.weight_decay});
       for (auto& parameter : layer.experts->parameters())
-        result.push_back({prefix + "experts." + parameter.name, parameter.tensor, parameter.weight_decay});
+        result.push_back({prefix + "experts." + parameter.name, parameter.tensor, parameter.weight_decay, parameter.expert_sharded});
     }
     if (layer.ffn_gate_proj.defined()) {
       const std::string ffn = prefix + (layer.router ? "shared_experts." : "mlp.");

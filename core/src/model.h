@@ -51,6 +51,10 @@ class Model {
   // Parameters and router buffers, by name: what a model file holds.
   std::vector<NamedTensor> state() const;
   void after_optimizer_step();
+  // Whether a router wants the step's expert counts (Router::needs_step_counts), and handing them over:
+  // one [E] tensor per MoE layer, or an empty vector to clear them.
+  bool needs_step_counts() const;
+  void set_step_counts(const std::vector<at::Tensor>& tokens_per_expert);
 
   // Training FLOPs per token (forward + backward) for MFU: 6 x the matmul parameters a token uses
   // (top_k of the routed experts) + 6 x layers x seq x heads x head_dim for causal attention.

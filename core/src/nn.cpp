@@ -80,8 +80,12 @@ at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert
     std::vector<at::Tensor> shared = {counts};
     ranks->all_reduce_sum(shared);
   }
-  at::Tensor fraction = (counts / counts.sum()).to(probs.scalar_type());  // [E]
-  return experts * (fraction * probs.mean(0)).sum();
+  return balance_loss_from_counts(probs, counts);
+}
+
+at::Tensor balance_loss_from_counts(const at::Tensor& probs, const at::Tensor& counts) {
+  at::Tensor fraction = (counts.to(at::kDouble) / counts.to(at::kDouble).sum().clamp_min(1)).to(probs.scalar_type());  // [E]
+  return probs.size(1) * (fraction * probs.mean(0)).sum();
 }
 
 at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len) {

@@ -147,6 +147,20 @@ LayerStats router_stats(size_t layer, const at::Tensor& tokens_per_expert, const
 }
 
 // Keeps only the metrics lines of steps <= `step` (a resumed run rewrites what came after its checkpoint).
+// A resolved [model] table without model.moe.experts.plugin: experts plugins that share the weight
+// layout (loop, grouped, ep_alltoall) are interchangeable on resume, which is how a run changes its
+// expert-parallel layout; the tensor shapes are still checked one by one.
+std::string without_experts_plugin(const std::string& model_toml) {
+  std::istringstream in(model_toml);
+  std::string line, table, result;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line[0] == '[') table = line;
+    if (table == "[model.moe.experts]" && line.rfind("plugin = ", 0) == 0) continue;
+    result += line + "\n";
+  }
+  return result;
+}
+
 void truncate_metrics(const fs::path& path, int64_t step) {
   std::ifstream in(path);
   if (!in) return;
@@ -167,7 +181,43 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   Options train = options_.table("train");
   config_.steps = train.integer("steps", 300);
   config_.batch_size = train.integer("batch_size", 16);
-  config_.micro_batches = train.integer("micro_batches", 1);
+  // The mesh (docs/distributed.md), checked against the process count before any process group exists.
+  const auto environment = process_environment();
+  const int64_t processes = environment ? environment->world_size : 1;
+  Options parallel = options_.table("parallel");
+  config_.data_parallel = parallel.integer("data", processes);
+  config_.expert_parallel = parallel.integer("expert", 1);
+  if (config_.data_parallel != processes)
+    throw Error(parallel.where("data") + ": parallel.data = " + std::to_string(config_.data_parallel) + " but the job has " +
+                std::to_string(processes) + " process(es) (pithtrain launch --nproc, WORLD_SIZE or SLURM_NTASKS); every "
+                "process is a data-parallel rank: set parallel.data = " + std::to_string(processes) + " or leave it out");
+  if (config_.expert_parallel < 1 || config_.data_parallel % config_.expert_parallel != 0)
+    throw Error(parallel.where("expert") + ": parallel.expert = " + std::to_string(config_.expert_parallel) +
+                " must divide parallel.data = " + std::to_string(config_.data_parallel) +
+                " (the experts of each MoE layer are split over groups of parallel.expert data-parallel ranks)");
+  if (const int64_t experts = options_.table("model").table("moe").integer("num_experts", 8); experts % config_.expert_parallel != 0)
+    throw Error(options_.table("model").table("moe").where("num_experts") + ": model.moe.num_experts = " + std::to_string(experts) +
+                " is not divisible by parallel.expert = " + std::to_string(config_.expert_parallel) +
+                " (each rank of an expert group holds num_experts / parallel.expert experts)");
+  // train.global_batch_size fixes the sequences per optimizer step whatever the layout: micro_batches
+  // follows from it unless set too.
+  config_.global_batch_size = train.integer("global_batch_size", 0);
+  const int64_t per_micro_batch = config_.batch_size * config_.data_parallel;
+  int64_t derived_micro_batches = 1;
+  if (config_.global_batch_size > 0 && !train.has("micro_batches")) {
+    if (config_.global_batch_size % per_micro_batch != 0)
+      throw Error(train.where("global_batch_size") + ": train.global_batch_size = " + std::to_string(config_.global_batch_size) +
+                  " is not a multiple of train.batch_size x parallel.data = " + std::to_string(config_.batch_size) + " x " +
+                  std::to_string(config_.data_parallel) + " = " + std::to_string(per_micro_batch));
+    derived_micro_batches = config_.global_batch_size / per_micro_batch;
+  }
+  config_.micro_batches = train.integer("micro_batches", derived_micro_batches);
+  if (config_.global_batch_size > 0 && config_.micro_batches * per_micro_batch != config_.global_batch_size)
+    throw Error(train.where("micro_batches") + ": train.global_batch_size = " + std::to_string(config_.global_batch_size) +
+                " but train.batch_size x train.micro_batches x parallel.data = " + std::to_string(config_.batch_size) + " x " +
+                std::to_string(config_.micro_batches) + " x " + std::to_string(config_.data_parallel) +
+                "; leave train.micro_batches out to derive it");
+  if (config_.global_batch_size <= 0) config_.global_batch_size = per_micro_batch * config_.micro_batches;
   config_.seq_len = train.integer("seq_len", 128);
   config_.lr = train.number("lr", 3e-3);
   config_.min_lr = train.number("min_lr", config_.lr * 0.1);
@@ -225,15 +275,19 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   registry_ = std::make_unique<PluginRegistry>(default_search_dirs(plugins.text_list("paths", {})),
                                                settings_.plugin_files);
 
-  // Several processes (pithtrain launch, torchrun, SLURM): data parallel over a Gloo process group.
+  // Several processes (pithtrain launch, torchrun, SLURM): data (and expert) parallel over Gloo groups.
   const double collective_timeout = train.number("collective_timeout_seconds", 300.0);
-  if (auto environment = process_environment()) {
-    communicator_ = connect(*environment, config_.device, collective_timeout);
+  if (environment) {
+    ProcessGroups groups = connect(*environment, config_.device, collective_timeout, config_.expert_parallel);
+    communicator_ = groups.world;
+    expert_group_ = groups.expert;
+    expert_data_group_ = groups.expert_data;
     if (communicator_->rank() > 0) settings_.quiet = true;  // rank 0 reports; the others only warn
   }
   at::manual_seed(config_.seed);
   PluginContext context;
   context.communicator = communicator_;
+  context.expert_group = expert_group_;
   context.device = c10::Device(config_.device);
   context.dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   context.logger = &logger();
@@ -245,8 +299,18 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   mixed_precision_ = context.dtype != at::kFloat;
   for (const auto& parameter : parameters_)
     master_.push_back(mixed_precision_ ? Parameter{parameter.name, parameter.tensor.detach().to(at::kFloat).clone(),
-                                                   parameter.weight_decay}
+                                                   parameter.weight_decay, parameter.expert_sharded}
                                        : parameter);
+  std::map<std::string, at::IntArrayRef> sharded_shapes;  // parameter name -> its block's shape
+  for (const auto& parameter : parameters_)
+    if (parameter.expert_sharded) {
+      sharded_entries_.insert("model/" + parameter.name);
+      sharded_shapes.emplace(parameter.name, parameter.tensor.sizes());
+    }
+  if (config_.expert_parallel > 1 && model_->num_moe_layers() > 0 && sharded_entries_.empty())
+    throw Error(options_.table("parallel").where("expert") + ": parallel.expert = " + std::to_string(config_.expert_parallel) +
+                " but the experts plugin '" + options_.table("model").table("moe").table("experts").text("plugin", "grouped") +
+                "' keeps every expert on every rank; set model.moe.experts.plugin = \"ep_alltoall\"");
 
   // train.freeze: parameters whose names match a pattern keep their values (fine-tuning).
   std::vector<Parameter> trainable;
@@ -281,6 +345,10 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   const LoadedPlugin& schedule_plugin = registry_->get("schedule", schedule_options.text("plugin", "single"));
   schedule_ = make_schedule(schedule_plugin, schedule_options, optimizer_context);
   manifest_.push_back({"optimizer.plugin", &optimizer_plugin});
+  // Optimizer state of an expert block (named "<parameter>.<what>", the block's shape) is a block too.
+  for (const auto& item : optimizer_->state())
+    for (const auto& [name, shape] : sharded_shapes)
+      if (item.name.rfind(name + ".", 0) == 0 && item.tensor.sizes() == shape) sharded_entries_.insert("optimizer/" + item.name);
   manifest_.push_back({"schedule.plugin", &schedule_plugin});
 
   options_.check_unknown_keys();
@@ -317,6 +385,22 @@ double Trainer::evaluate() {
     total += model_->forward(dataset_->windows(offsets, config_.seq_len + 1)).cross_entropy.item<double>();
   }
   return total / static_cast<double>(config_.eval_batches);
+}
+
+std::vector<NamedTensor> Trainer::gathered(std::vector<NamedTensor> tensors) {
+  if (!expert_group_) return tensors;
+  for (auto& item : tensors)
+    if (sharded_entries_.count(item.name)) item.tensor = expert_group_->all_gather(item.tensor.detach());
+  return tensors;
+}
+
+void Trainer::load_tensors(const SafetensorsFile& file, const std::vector<NamedTensor>& targets, const std::string& prefix,
+                           const std::string& path) {
+  std::set<std::string> blocks;
+  for (const auto& entry : sharded_entries_)
+    if (entry.rfind(prefix, 0) == 0) blocks.insert(entry.substr(prefix.size()));
+  copy_tensors_by_name(file, targets, prefix, path, blocks, expert_group_ ? expert_group_->rank() : 0,
+                       expert_group_ ? expert_group_->size() : 1);
 }
 
 std::vector<NamedTensor> Trainer::checkpoint_tensors() {
@@ -404,9 +488,9 @@ TrainSummary Trainer::run() {
       const auto& [path, file] = *latest;
       // Resuming another model's checkpoint would train the wrong thing; say so instead.
       auto saved = file.metadata.find("model_config");
-      const std::string current = options_.table("model").resolved_toml();
-      if (saved != file.metadata.end() && saved->second != current) {
-        std::istringstream before(saved->second), now(current);
+      const std::string current = without_experts_plugin(options_.table("model").resolved_toml());
+      if (saved != file.metadata.end() && without_experts_plugin(saved->second) != current) {
+        std::istringstream before(without_experts_plugin(saved->second)), now(current);
         std::string line_before, line_now;
         while (std::getline(before, line_before) && std::getline(now, line_now) && line_before == line_now) {}
         throw Error("checkpoint '" + path.string() + "' was written for a different [model] config (it has '" + line_before +
@@ -419,8 +503,8 @@ TrainSummary Trainer::run() {
         if (target.name.rfind("model/", 0) == 0) model_targets.push_back({target.name.substr(6), target.tensor});
         if (target.name.rfind("optimizer/", 0) == 0) optimizer_targets.push_back({target.name.substr(10), target.tensor});
       }
-      copy_tensors_by_name(file, model_targets, "model/", path.string());
-      copy_tensors_by_name(file, optimizer_targets, "optimizer/", path.string());
+      load_tensors(file, model_targets, "model/", path.string());
+      load_tensors(file, optimizer_targets, "optimizer/", path.string());
       if (const at::Tensor* rng = file.find("rng/cpu")) {
         at::Generator generator = at::detail::getDefaultCPUGenerator();
         generator.set_state(*rng);
@@ -446,7 +530,11 @@ TrainSummary Trainer::run() {
     // Router buffers (e.g. the aux_free bias) come along when the file has them; new ones start at zero.
     for (const auto& item : buffers())
       if (file.find(prefix + item.name) != nullptr) targets.push_back(item);
-    copy_tensors_by_name(file, targets, prefix, settings_.init_from);
+    std::set<std::string> blocks;
+    for (const auto& entry : sharded_entries_)
+      if (entry.rfind("model/", 0) == 0) blocks.insert(entry.substr(6));
+    copy_tensors_by_name(file, targets, prefix, settings_.init_from, blocks, expert_group_ ? expert_group_->rank() : 0,
+                         expert_group_ ? expert_group_->size() : 1);
     copy_master_to_model();
     if (!settings_.quiet) log.info("initialised the weights from {}", settings_.init_from);
   }
@@ -464,11 +552,12 @@ TrainSummary Trainer::run() {
   std::vector<at::Tensor> step_load;  // per MoE layer, this step's tokens_per_expert
   std::map<std::string, double> step_loss_terms;  // router loss terms, mean over the step's micro-batches
   std::vector<double> step_dropped;               // per MoE layer, dropped share this step (-1: dropless)
+  std::map<std::string, double> step_grad_norms;  // gradient norm by parameter group, before clipping
   std::vector<at::Tensor> last_active;            // per MoE layer [E]: the last step the expert got a token
   std::set<size_t> warned_dead, warned_collapse;  // MoE layers already warned about
   StepFunctions step_functions;
   step_functions.micro_batches = config_.micro_batches;
-  step_functions.forward = [&](int64_t) {
+  auto next_micro_batch = [&] {
     std::vector<uint64_t> offsets;
     // Data parallel: the global batch is batch_size x ranks windows in the one-process order; each rank
     // takes its consecutive slice, so N ranks see exactly what one process with N x the batch would.
@@ -476,7 +565,28 @@ TrainSummary Trainer::run() {
       const uint64_t offset = train_order_->next();
       if (row / config_.batch_size == rank) offsets.push_back(offset);
     }
-    ModelOutput output = model_->forward(dataset_->windows(offsets, config_.seq_len + 1));
+    return dataset_->windows(offsets, config_.seq_len + 1);
+  };
+  // The global-batch balance loss under gradient accumulation (Router::needs_step_counts): route every
+  // micro-batch of the step without gradients first, so each micro-batch's loss uses the step's counts.
+  const bool count_step_routing = config_.micro_batches > 1 && model_->needs_step_counts();
+  auto count_routing = [&] {
+    at::NoGradGuard no_grad;
+    const uint64_t position = train_order_->position();
+    std::vector<at::Tensor> counts;
+    for (int64_t micro_batch = 0; micro_batch < config_.micro_batches; ++micro_batch) {
+      ModelOutput output = model_->forward(next_micro_batch());
+      counts.resize(output.tokens_per_expert.size());
+      for (size_t layer = 0; layer < counts.size(); ++layer)
+        counts[layer] = counts[layer].defined() ? counts[layer] + output.tokens_per_expert[layer]
+                                                : output.tokens_per_expert[layer].to(at::kDouble);
+    }
+    train_order_->set_position(position);  // the step itself reads the same windows
+    if (communicator_) communicator_->all_reduce_sum(counts);
+    model_->set_step_counts(counts);
+  };
+  step_functions.forward = [&](int64_t) {
+    ModelOutput output = model_->forward(next_micro_batch());
     for (size_t layer = 0; layer < output.tokens_per_expert.size(); ++layer) {
       if (step_load.size() <= layer) step_load.push_back(at::zeros_like(output.tokens_per_expert[layer]));
       step_load[layer] += output.tokens_per_expert[layer];
@@ -495,25 +605,54 @@ TrainSummary Trainer::run() {
     for (auto& parameter : parameters_) parameter.tensor.mutable_grad() = at::Tensor();
   };
   step_functions.clip_gradients = [&] {
-    if (communicator_) {  // data parallel: the mean gradient over ranks (every trainable tensor, in one buffer)
-      std::vector<at::Tensor> grads;
+    if (communicator_) {
+      // Data parallel: the mean gradient over ranks (every trainable tensor, in one buffer). An expert
+      // block already holds the gradients of every token of its expert group (the all-to-all's
+      // backward brought them), so it is summed over the ranks holding the same block only.
+      std::vector<at::Tensor> replicated, expert_blocks;
       for (auto& parameter : parameters_) {
         if (frozen_.count(parameter.name)) continue;
         if (!parameter.tensor.grad().defined()) parameter.tensor.mutable_grad() = at::zeros_like(parameter.tensor);
-        grads.push_back(parameter.tensor.grad());
+        (parameter.expert_sharded ? expert_blocks : replicated).push_back(parameter.tensor.grad());
       }
-      communicator_->all_reduce_sum(grads);
-      for (auto& grad : grads) grad.div_(static_cast<double>(communicator_->size()));
+      communicator_->all_reduce_sum(replicated);
+      if (expert_data_group_) expert_data_group_->all_reduce_sum(expert_blocks);
+      for (auto* grads : {&replicated, &expert_blocks})
+        for (auto& grad : *grads) grad.div_(static_cast<double>(communicator_->size()));
     }
     at::NoGradGuard no_grad;
     if (mixed_precision_)
       for (size_t i = 0; i < parameters_.size(); ++i)
         master_[i].tensor.mutable_grad() =
             parameters_[i].tensor.grad().defined() ? parameters_[i].tensor.grad().to(at::kFloat) : at::Tensor();
-    std::vector<at::Tensor> norms;
+    // Squared norms by parameter group, replicated and expert blocks apart: the blocks' are summed
+    // over the expert group, so every rank clips by the norm of the whole model.
+    std::map<std::string, std::pair<double, double>> squares;  // group -> (replicated, expert blocks)
+    std::vector<at::Tensor> parameter_squares;
     for (auto& parameter : master_)
-      if (parameter.tensor.grad().defined()) norms.push_back(parameter.tensor.grad().norm());
-    double total = norms.empty() ? 0.0 : at::stack(norms).norm().item<double>();
+      if (parameter.tensor.grad().defined()) parameter_squares.push_back(parameter.tensor.grad().to(at::kDouble).pow(2).sum());
+    at::Tensor values = parameter_squares.empty() ? at::zeros({0}, at::kDouble) : at::stack(parameter_squares).cpu();  // one sync
+    int64_t next = 0;
+    for (auto& parameter : master_) {
+      if (!parameter.tensor.grad().defined()) continue;
+      auto& entry = squares[parameter_group(parameter.name)];
+      (parameter.expert_sharded ? entry.second : entry.first) += values[next++].item<double>();
+    }
+    if (expert_group_) {
+      std::vector<at::Tensor> blocks = {at::zeros({static_cast<int64_t>(squares.size())}, at::kDouble)};
+      int64_t index = 0;
+      for (const auto& [group, entry] : squares) blocks[0][index++] = entry.second;
+      expert_group_->all_reduce_sum(blocks);
+      index = 0;
+      for (auto& [group, entry] : squares) entry.second = blocks[0][index++].item<double>();
+    }
+    double total_square = 0;
+    step_grad_norms.clear();
+    for (const auto& [group, entry] : squares) {
+      step_grad_norms[group] = std::sqrt(entry.first + entry.second);
+      total_square += entry.first + entry.second;
+    }
+    const double total = std::sqrt(total_square);
     if (config_.grad_clip > 0 && total > config_.grad_clip)
       for (auto& parameter : master_)
         if (parameter.tensor.grad().defined()) parameter.tensor.mutable_grad().mul_(config_.grad_clip / (total + 1e-6));
@@ -530,8 +669,9 @@ TrainSummary Trainer::run() {
   int64_t last_saved = start_step;
   auto save = [&](int64_t at_step) {
     last_saved = at_step;
+    std::vector<NamedTensor> tensors = gathered(checkpoint_tensors());  // every rank: a collective under expert parallel
     if (!writes_checkpoints) return;
-    fs::path path = checkpoints.save(at_step, checkpoint_tensors(), checkpoint_metadata(at_step, smoothed));
+    fs::path path = checkpoints.save(at_step, tensors, checkpoint_metadata(at_step, smoothed));
     if (!settings_.quiet) log.info("saved checkpoint {}", path.string());
   };
   while (step < config_.steps) {
@@ -542,7 +682,9 @@ TrainSummary Trainer::run() {
     step_dropped.clear();
     if (profiler) profiler->before_step(step);
     auto step_start = std::chrono::steady_clock::now();
+    if (count_step_routing) count_routing();
     StepResult result = schedule_->run_step(step_functions);
+    if (count_step_routing) model_->set_step_counts({});
     double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     if (profiler) profiler->after_step(step, settings_.quiet);
     bool stop = g_stop_signal != 0;
@@ -606,7 +748,10 @@ TrainSummary Trainer::run() {
       metrics << std::setprecision(6) << "{\"step\":" << step << ",\"loss\":" << result.loss
               << ",\"cross_entropy\":" << result.cross_entropy << ",\"smoothed_loss\":" << smoothed
               << ",\"aux_loss\":" << result.aux_loss << ",\"lr\":" << lr
-              << ",\"grad_norm\":" << result.grad_norm << ",\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
+              << ",\"grad_norm\":" << result.grad_norm << ",\"grad_norms\":{";
+      for (auto it = step_grad_norms.begin(); it != step_grad_norms.end(); ++it)
+        metrics << (it == step_grad_norms.begin() ? "" : ",") << json_quote(it->first) << ":" << it->second;
+      metrics << "},\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
               << ",\"memory_mb\":" << resident_memory_mb();
       if (c10::Device(config_.device).is_cuda())
         metrics << ",\"device_memory_peak_mb\":" << device_memory_peak_mb(c10::Device(config_.device));
@@ -646,7 +791,9 @@ TrainSummary Trainer::run() {
   if (summary.interrupted) return summary;
   summary.validation_loss = evaluate();
   std::vector<NamedTensor> weights;
-  for (const auto& parameter : master_) weights.push_back({parameter.name, parameter.tensor});
+  for (const auto& parameter : master_) weights.push_back({"model/" + parameter.name, parameter.tensor});
+  weights = gathered(std::move(weights));
+  for (auto& item : weights) item.name = item.name.substr(6);
   for (const auto& item : buffers()) weights.push_back(item);
   if (writes_checkpoints) save_safetensors(run_dir_ + "/model.safetensors", weights, {{"step", std::to_string(step)}});
   if (!settings_.quiet) {

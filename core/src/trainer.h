@@ -37,6 +37,9 @@ struct TrainConfig {
   bool deterministic = false;                // train.deterministic
   std::vector<std::string> freeze;           // train.freeze: parameter-name patterns kept fixed
   int64_t dead_expert_steps = 100;           // an expert with no tokens for this many steps is dead
+  int64_t global_batch_size = 0;             // sequences per optimizer step over all ranks and micro-batches
+  int64_t data_parallel = 1;                 // parallel.data: processes, each training its slice of the batch
+  int64_t expert_parallel = 1;               // parallel.expert: ranks splitting each MoE layer's experts
 };
 
 struct TrainSummary {
@@ -66,6 +69,13 @@ class Trainer {
  private:
   double evaluate();
   std::vector<NamedTensor> checkpoint_tensors();
+  // The full tensors of `tensors` (named as checkpoint entries): expert-parallel blocks gathered over the
+  // expert group (a collective: every rank calls it), the others as they are.
+  std::vector<NamedTensor> gathered(std::vector<NamedTensor> tensors);
+  // Copies the file's tensors into `targets` (names without `prefix`), narrowing full expert tensors to
+  // this rank's block.
+  void load_tensors(const SafetensorsFile& file, const std::vector<NamedTensor>& targets, const std::string& prefix,
+                    const std::string& path);
   std::vector<NamedTensor> buffers() const;  // model state that is not a parameter (router buffers)
   void copy_master_to_model();               // bf16 runs: the model takes the rounded float32 masters
   std::map<std::string, std::string> checkpoint_metadata(int64_t step, double smoothed) const;
@@ -86,6 +96,10 @@ class Trainer {
   std::vector<ManifestEntry> manifest_;
   std::set<std::string> frozen_;       // names of the train.freeze parameters
   std::shared_ptr<Communicator> communicator_;  // multi-process runs; null with one process
+  std::shared_ptr<Communicator> expert_group_, expert_data_group_;  // distributed.h ProcessGroups
+  // Checkpoint entries ("model/...", "optimizer/...") that are this rank's expert-parallel block of a
+  // larger tensor: gathered over the expert group to save, narrowed to the block to load.
+  std::set<std::string> sharded_entries_;
   std::string checkpoint_dir_;                   // RUN_DIR/checkpoints, shared by all ranks
   uint64_t train_end_ = 0;  // tokens [0, train_end_) train, the rest validate
 };

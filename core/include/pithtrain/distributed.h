@@ -15,6 +15,14 @@ class Communicator {
   virtual int64_t size() const = 0;
   // Sums each tensor over all ranks, in place; every rank must call it with the same shapes.
   virtual void all_reduce_sum(std::vector<at::Tensor>& tensors) = 0;
+  // Variable-size all-to-all over dimension 0, differentiable: the first send_counts[0] rows of `input`
+  // go to rank 0, the next send_counts[1] to rank 1, ...; returns the rows received, receive_counts[r]
+  // from rank r, in rank order. receive_counts must be what the peers send (exchange the counts first).
+  // The backward returns the gradient the same way in reverse. Counts may be zero.
+  virtual at::Tensor all_to_all(const at::Tensor& input, const std::vector<int64_t>& send_counts,
+                                const std::vector<int64_t>& receive_counts) = 0;
+  // Every rank's `tensor` (equal shapes) concatenated along dimension 0 in rank order; not differentiable.
+  virtual at::Tensor all_gather(const at::Tensor& tensor) = 0;
 };
 
 }  // namespace pithtrain

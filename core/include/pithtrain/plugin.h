@@ -19,7 +19,8 @@ namespace spdlog { class logger; }
 namespace pithtrain {
 
 // 2: Routing gained loss_terms and dropped_fraction, PluginContext the communicator.
-inline constexpr uint32_t kPluginAbiVersion = 2;
+// 3: Parameter gained expert_sharded, PluginContext the expert group, Communicator all_to_all/all_gather.
+inline constexpr uint32_t kPluginAbiVersion = 3;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.
 inline constexpr const char* kTorchVersion = TORCH_VERSION;
@@ -29,6 +30,11 @@ struct Parameter {
   std::string name;
   at::Tensor tensor;
   bool weight_decay = true;
+  // Expert parallel: `tensor` is this rank's block of dimension 0 of the full tensor, which is the
+  // concatenation of the blocks of the expert group's ranks in rank order (equal sizes). The core
+  // gathers the blocks for checkpoints, sums their gradients over the ranks holding the same block
+  // and narrows a full tensor to the block on load.
+  bool expert_sharded = false;
 };
 
 // State saved with the model that is not trained by the optimizer (e.g. the aux_free routing bias).
@@ -64,6 +70,10 @@ struct PluginContext {
   spdlog::logger* logger = nullptr;     // the core's logger (pithtrain::logger())
   std::vector<Parameter> parameters;    // optimizer plugins: the parameters to update
   std::shared_ptr<Communicator> communicator;  // the run's process group; null in a one-process run
+  // The parallel.expert consecutive ranks that split each MoE layer's experts among them; null when
+  // parallel.expert = 1. An experts plugin that shards experts over it marks its parameters
+  // expert_sharded.
+  std::shared_ptr<Communicator> expert_group;
 };
 
 class Router;

@@ -37,6 +37,9 @@ at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert
 // scores [T, E] (affinities >= 0), expert_ids [T, k], seq_len: tokens per sequence (T a multiple of it;
 // 0 or a non-divisor: all T tokens form one sequence).
 at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len);
+// The same loss with f from given counts [E] (e.g. those of every micro-batch of a step on every rank,
+// Router::set_step_counts): E * sum_e (counts_e / sum counts) * mean_t probs[t, e].
+at::Tensor balance_loss_from_counts(const at::Tensor& probs, const at::Tensor& counts);
 // Router z-loss (ST-MoE, arXiv:2202.08906, eq. 5): mean over tokens of logsumexp(logits_t)^2. logits [T, E].
 at::Tensor router_z_loss(const at::Tensor& logits);
 
@@ -48,6 +51,12 @@ class Router {
   virtual Routing route(const at::Tensor& hidden) = 0;
   // Called by the schedule once after every optimizer step (e.g. the aux_free bias update).
   virtual void after_optimizer_step() {}
+  // The global-batch balance loss wants the expert counts of the whole step (every micro-batch, every
+  // rank) before any micro-batch's loss is formed. When this returns true and a step has several
+  // micro-batches, the core first routes them all without gradients and passes the summed
+  // tokens_per_expert [E] to set_step_counts() before the step, and an undefined tensor after it.
+  virtual bool needs_step_counts() const { return false; }
+  virtual void set_step_counts(const at::Tensor& /*tokens_per_expert*/) {}
   // The trained tensors (e.g. the gate projection [experts, hidden_size]).
   virtual std::vector<Parameter> parameters() = 0;
   // Untrained state saved with the model (e.g. a routing bias [experts]).

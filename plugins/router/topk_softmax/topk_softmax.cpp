@@ -61,11 +61,19 @@ class TopKSoftmaxRouter final : public Router {
     };
     add("switch", aux_loss_coeff_, [&] { return switch_balance_loss(probs, expert_ids); });
     add("sequence", seq_aux_loss_coeff_, [&] { return sequence_balance_loss(probs, expert_ids, dims_.seq_len); });
-    add("global", global_aux_loss_coeff_, [&] { return switch_balance_loss(probs, expert_ids, communicator_.get()); });
+    // Global-batch balance: f over every rank's tokens; under gradient accumulation over every
+    // micro-batch of the step (counted by the core beforehand, set_step_counts).
+    add("global", global_aux_loss_coeff_, [&] {
+      return step_counts_.defined() ? balance_loss_from_counts(probs, step_counts_.to(probs.device()))
+                                    : switch_balance_loss(probs, expert_ids, communicator_.get());
+    });
     add("z", z_loss_coeff_, [&] { return router_z_loss(logits); });
     apply_expert_capacity(routing, capacity_factor_, dims_.num_experts);
     return routing;
   }
+
+  bool needs_step_counts() const override { return global_aux_loss_coeff_ > 0; }
+  void set_step_counts(const at::Tensor& tokens_per_expert) override { step_counts_ = tokens_per_expert; }
 
   std::vector<Parameter> parameters() override {
     std::vector<Parameter> result = {{"gate.weight", gate_, true}};
@@ -78,6 +86,7 @@ class TopKSoftmaxRouter final : public Router {
   bool renormalize_ = true;
   std::shared_ptr<Communicator> communicator_;  // data parallel: the global-batch loss sums counts over ranks
   double global_aux_loss_coeff_ = 0.0;
+  at::Tensor step_counts_;  // [E] this step's counts over micro-batches and ranks; undefined: count per call
   double aux_loss_coeff_ = 0.01, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0, capacity_factor_ = 0.0, scaling_factor_ = 1.0;
   int64_t num_groups_ = 1, topk_groups_ = 1;
   at::Tensor gate_;       // [E, H]
