@@ -78,4 +78,6 @@ expect_error "model.moe.num_experts = 6 is not divisible by parallel.expert = 4"
 expect_error "train.global_batch_size = 10 is not a multiple of train.batch_size x parallel.data = 4 x 2 = 8" \
   launch --nproc 2 -- "${common[@]}" --set train.batch_size=4 --set train.global_batch_size=10
 expect_error "the experts plugin 'grouped' keeps every expert on every rank" launch --nproc 2 -- "${common[@]}" --set parallel.expert=2
+# Several processes on one named GPU: refused before NCCL is asked for a group.
+expect_error 'train.device = "cuda:0" with 2 processes; set train.device = "cuda"' launch --nproc 2 -- "${common[@]}" --set train.device=cuda:0
 echo "bad meshes are refused with the numbers and keys named"

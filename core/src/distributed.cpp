@@ -18,6 +18,9 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "pithtrain/error.h"
@@ -35,18 +38,31 @@ std::optional<int64_t> integer_from(const char* name) {
   }
 }
 
-// One c10d Gloo process group. Sub-groups (the expert group) share the job's TCPStore under a prefix.
-class GlooCommunicator final : public Communicator {
+// One c10d process group: Gloo for CPU runs, NCCL for CUDA runs; everything but the construction is
+// the same code. Sub-groups (the expert group) share the job's TCPStore under a prefix.
+class ProcessGroupCommunicator final : public Communicator {
  public:
-  GlooCommunicator(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t size, double timeout_seconds)
-      : rank_(rank), size_(size) {
-    auto options = c10d::ProcessGroupGloo::Options::create();
-    options->timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
-    // Loopback: processes of one machine (docs/distributed.md); other hosts need the network device.
-    options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank_), static_cast<int>(size_), options);
+  ProcessGroupCommunicator(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t size, double timeout_seconds,
+                   c10::Device device = c10::kCPU)
+      : rank_(rank), size_(size), device_(device) {
+    const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
+    if (device.is_cuda()) {
+#ifdef USE_C10D_NCCL
+      auto options = c10d::ProcessGroupNCCL::Options::create();
+      options->timeout = timeout;
+      group_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, static_cast<int>(rank_), static_cast<int>(size_), options);
+#else
+      throw Error("this build of pithtrain has no NCCL (built without CUDA); multi-process CUDA runs need a CUDA build");
+#endif
+    } else {
+      auto options = c10d::ProcessGroupGloo::Options::create();
+      options->timeout = timeout;
+      // Loopback: processes of one machine (docs/distributed.md); other hosts need the network device.
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+      group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank_), static_cast<int>(size_), options);
+    }
   }
-  ~GlooCommunicator() override { group_->shutdown(); }
+  ~ProcessGroupCommunicator() override { group_->shutdown(); }
 
   int64_t rank() const override { return rank_; }
   int64_t size() const override { return size_; }
@@ -54,23 +70,23 @@ class GlooCommunicator final : public Communicator {
     if (tensors.empty()) return;
     // One flat buffer: one collective per call, whatever the number of tensors.
     std::vector<at::Tensor> flat_parts;
-    for (const auto& tensor : tensors) flat_parts.push_back(tensor.reshape(-1).to(at::kFloat));
+    for (const auto& tensor : tensors) flat_parts.push_back(tensor.reshape(-1).to(device_, at::kFloat));
     std::vector<at::Tensor> buffer = {at::cat(flat_parts)};
     group_->allreduce(buffer)->wait();
     int64_t offset = 0;
     for (auto& tensor : tensors) {
-      tensor.copy_(buffer[0].narrow(0, offset, tensor.numel()).view_as(tensor));
+      tensor.copy_(buffer[0].narrow(0, offset, tensor.numel()).view_as(tensor));  // back to the tensor's device
       offset += tensor.numel();
     }
   }
   at::Tensor all_to_all(const at::Tensor& input, const std::vector<int64_t>& send_counts,
                         const std::vector<int64_t>& receive_counts) override;
   at::Tensor all_gather(const at::Tensor& tensor) override {
-    std::vector<at::Tensor> input = {tensor.contiguous()};
+    std::vector<at::Tensor> input = {tensor.to(device_).contiguous()};
     std::vector<std::vector<at::Tensor>> output(1);
     for (int64_t rank = 0; rank < size_; ++rank) output[0].push_back(at::empty_like(input[0]));
     group_->allgather(output, input)->wait();
-    return at::cat(output[0], 0);
+    return at::cat(output[0], 0).to(tensor.device());
   }
 
   // The plain exchange, no autograd.
@@ -84,15 +100,16 @@ class GlooCommunicator final : public Communicator {
                   std::to_string(input.size(0)));
     std::vector<int64_t> shape = input.sizes().vec();
     shape[0] = std::accumulate(receive_counts.begin(), receive_counts.end(), int64_t{0});
-    at::Tensor output = at::empty(shape, input.options());
-    at::Tensor contiguous = input.contiguous();
+    at::Tensor contiguous = input.to(device_).contiguous();
+    at::Tensor output = at::empty(shape, contiguous.options());
     group_->alltoall_base(output, contiguous, receive_counts, send_counts)->wait();
-    return output;
+    return output.to(input.device());
   }
 
  private:
   int64_t rank_, size_;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> group_;
+  c10::Device device_;  // where the collectives run: the CPU (Gloo) or this rank's GPU (NCCL)
+  c10::intrusive_ptr<c10d::Backend> group_;
 };
 
 // all_to_all with a backward: the gradient of the received rows goes back to where they came from.
@@ -104,18 +121,18 @@ struct AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
     context->saved_data["communicator"] = communicator;
     context->saved_data["send_counts"] = send_counts;
     context->saved_data["receive_counts"] = receive_counts;
-    return reinterpret_cast<GlooCommunicator*>(communicator)->exchange(input, send_counts, receive_counts);
+    return reinterpret_cast<ProcessGroupCommunicator*>(communicator)->exchange(input, send_counts, receive_counts);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* context,
                                                  torch::autograd::variable_list grad_outputs) {
-    auto* communicator = reinterpret_cast<GlooCommunicator*>(context->saved_data["communicator"].toInt());
+    auto* communicator = reinterpret_cast<ProcessGroupCommunicator*>(context->saved_data["communicator"].toInt());
     at::Tensor grad_input = communicator->exchange(grad_outputs[0], context->saved_data["receive_counts"].toIntVector(),
                                                    context->saved_data["send_counts"].toIntVector());
     return {grad_input, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor GlooCommunicator::all_to_all(const at::Tensor& input, const std::vector<int64_t>& send_counts,
+at::Tensor ProcessGroupCommunicator::all_to_all(const at::Tensor& input, const std::vector<int64_t>& send_counts,
                                         const std::vector<int64_t>& receive_counts) {
   if (!input.requires_grad() || !at::GradMode::is_enabled()) return exchange(input, send_counts, receive_counts);
   return AllToAllFunction::apply(input, reinterpret_cast<int64_t>(this), send_counts, receive_counts);
@@ -155,9 +172,8 @@ std::optional<ProcessEnvironment> process_environment() {
 
 ProcessGroups connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds,
                       int64_t expert_size) {
-  if (device != "cpu")
-    throw Error("train.device = \"" + device + "\" with " + std::to_string(environment.world_size) +
-                " processes: multi-process training runs on CPUs (Gloo) so far; NCCL for GPUs is not implemented yet");
+  // CUDA: NCCL on this rank's GPU (the trainer has made `device` cuda:LOCAL_RANK).
+  const c10::Device collective_device = device == "cpu" ? c10::Device(c10::kCPU) : c10::Device(device);
   const int64_t rank = environment.rank, world = environment.world_size;
   if (expert_size < 1 || world % expert_size != 0)
     throw Error("parallel.expert = " + std::to_string(expert_size) + " does not divide the " + std::to_string(world) + " processes");
@@ -169,18 +185,19 @@ ProcessGroups connect(const ProcessEnvironment& environment, const std::string& 
   store_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
   c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(environment.master_address, store_options);
   ProcessGroups groups;
-  groups.world = std::make_shared<GlooCommunicator>(store, rank, world, timeout_seconds);
+  groups.world = std::make_shared<ProcessGroupCommunicator>(store, rank, world, timeout_seconds, collective_device);
   // Expert groups: consecutive ranks (docs/distributed.md); expert-data groups: the ranks at the same
   // place in their expert group, which hold the same experts.
   if (expert_size > 1) {
     const int64_t group = rank / expert_size;
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("expert_" + std::to_string(group), store);
-    groups.expert = std::make_shared<GlooCommunicator>(prefixed, rank % expert_size, expert_size, timeout_seconds);
+    groups.expert = std::make_shared<ProcessGroupCommunicator>(prefixed, rank % expert_size, expert_size, timeout_seconds, collective_device);
   }
   if (expert_size > 1 && expert_size < world) {
     const int64_t place = rank % expert_size;
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("expert_data_" + std::to_string(place), store);
-    groups.expert_data = std::make_shared<GlooCommunicator>(prefixed, rank / expert_size, world / expert_size, timeout_seconds);
+    groups.expert_data = std::make_shared<ProcessGroupCommunicator>(prefixed, rank / expert_size, world / expert_size, timeout_seconds,
+                                                            collective_device);
   }
   return groups;
 }

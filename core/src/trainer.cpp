@@ -277,6 +277,17 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
 
   // Several processes (pithtrain launch, torchrun, SLURM): data (and expert) parallel over Gloo groups.
   const double collective_timeout = train.number("collective_timeout_seconds", 300.0);
+  if (environment && config_.device.rfind("cuda", 0) == 0) {
+    // One GPU per process: NCCL needs distinct devices, LOCAL_RANK picks this process's.
+    if (config_.device != "cuda")
+      throw Error(train.where("device") + ": train.device = \"" + config_.device + "\" with " + std::to_string(processes) +
+                  " processes; set train.device = \"cuda\" and each process uses cuda:LOCAL_RANK");
+    if (static_cast<int64_t>(at::getNumGPUs()) <= environment->local_rank)
+      throw Error(train.where("device") + ": train.device = \"cuda\" but process " + std::to_string(environment->rank) +
+                  " (LOCAL_RANK " + std::to_string(environment->local_rank) + ") sees " + std::to_string(at::getNumGPUs()) +
+                  " GPU(s); start at most one process per GPU, or use train.device = \"cpu\"");
+    config_.device = "cuda:" + std::to_string(environment->local_rank);
+  }
   if (environment) {
     ProcessGroups groups = connect(*environment, config_.device, collective_timeout, config_.expert_parallel);
     communicator_ = groups.world;
