@@ -11,17 +11,13 @@ common=(--set data.path="\"$work/tokens\"" --set train.steps=5 --set train.log_e
 "$bin" "${common[@]}" --set train.batch_size=8 --out "$work/one" > "$work/one.log" 2>&1 || { cat "$work/one.log"; exit 1; }
 "$bin" launch --nproc 2 -- "${common[@]}" --set train.batch_size=4 --out "$work/two" > "$work/two.log" 2>&1 || { cat "$work/two.log"; exit 1; }
 "$bin" launch --nproc 4 -- "${common[@]}" --set train.batch_size=2 --out "$work/four" > "$work/four.log" 2>&1 || { cat "$work/four.log"; exit 1; }
-python3 - "$work" <<'PY'
-import array, json, struct, sys
+python3 - "$work" "$(dirname "$0")" <<'PY'
+import sys
 work = sys.argv[1]
-def metrics(run):
-    return [json.loads(line) for line in open(f"{work}/{run}/metrics.jsonl")]
-def weights(run):
-    raw = open(f"{work}/{run}/model.safetensors", "rb").read()
-    (length,) = struct.unpack_from("<Q", raw)
-    header = json.loads(raw[8:8 + length]); header.pop("__metadata__", None)
-    return {name: array.array("f", raw[8 + length + t["data_offsets"][0]:8 + length + t["data_offsets"][1]])
-            for name, t in header.items() if t["dtype"] == "F32"}
+sys.path.insert(0, sys.argv[2])
+import run_outputs
+def metrics(run): return run_outputs.metrics(f"{work}/{run}")
+def weights(run): return run_outputs.weights(f"{work}/{run}")
 reference, reference_weights = metrics("one"), weights("one")
 for run in ("two", "four"):
     rows = metrics(run)

@@ -32,17 +32,13 @@ cp -r "$work/first_dp2" "$work/dp2_to_one"; run dp2_to_one "${common[@]}" --set 
 cp -r "$work/first_dp2" "$work/dp2_to_ep2"
 run dp2_to_ep2 launch --nproc 2 -- "${common[@]}" "${ep[@]}" --set parallel.expert=2 --set train.steps=6 --set train.batch_size=4 --out "$work/dp2_to_ep2"
 cp -r "$work/first_ep2" "$work/ep2_to_one"; run ep2_to_one "${common[@]}" --set train.steps=6 --set train.batch_size=8 --out "$work/ep2_to_one"
-python3 - "$work" <<'PY'
-import array, json, struct, sys
+python3 - "$work" "$(dirname "$0")" <<'PY'
+import sys
 work = sys.argv[1]
-def metrics(run):
-    return [json.loads(line) for line in open(f"{work}/{run}/metrics.jsonl")]
-def weights(run):
-    raw = open(f"{work}/{run}/model.safetensors", "rb").read()
-    (length,) = struct.unpack_from("<Q", raw)
-    header = json.loads(raw[8:8 + length]); header.pop("__metadata__", None)
-    return {name: array.array("f", raw[8 + length + t["data_offsets"][0]:8 + length + t["data_offsets"][1]])
-            for name, t in header.items() if t["dtype"] == "F32"}
+sys.path.insert(0, sys.argv[2])
+import run_outputs
+def metrics(run): return run_outputs.metrics(f"{work}/{run}")
+def weights(run): return run_outputs.weights(f"{work}/{run}")
 def close(a, b, tolerance=1e-5):
     return abs(a - b) <= tolerance * max(abs(a), 1e-3)
 reference, reference_weights = metrics("one"), weights("one")
