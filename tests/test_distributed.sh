@@ -31,6 +31,23 @@ for run in ("two", "four"):
     assert worst < 1e-5, (run, worst)
     print(f"{run} processes vs one: 5 steps of loss, grad norm and expert load equal; final weights max |diff| {worst:.2e}")
 PY
+# Two "nodes" of one process each (the multi-node path of launch: --nnodes/--node-rank/--master) train
+# what one node of two processes trains.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+for node in 0 1; do
+  "$bin" launch --nproc 1 --nnodes 2 --node-rank $node --master 127.0.0.1:$port -- "${common[@]}" --set train.batch_size=4 \
+    --out "$work/nodes" > "$work/node$node.log" 2>&1 &
+done
+wait %1 || { cat "$work/node0.log"; exit 1; }
+wait %2 || { cat "$work/node1.log"; exit 1; }
+python3 - "$work" "$(dirname "$0")" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+import run_outputs
+two, nodes = run_outputs.metrics(f"{sys.argv[1]}/two"), run_outputs.metrics(f"{sys.argv[1]}/nodes")
+assert [r["cross_entropy"] for r in two] == [r["cross_entropy"] for r in nodes], (two, nodes)
+print("two nodes of one process equal one node of two processes")
+PY
 # The global-batch balance loss sums the expert counts over ranks: 2 processes equal one, aux loss included.
 router=(--set model.moe.router.plugin=topk_softmax --set model.moe.router.aux_loss_coeff=0.0 --set model.moe.router.global_aux_loss_coeff=0.01)
 "$bin" "${common[@]}" "${router[@]}" --set train.batch_size=8 --out "$work/global_one" > "$work/g1.log" 2>&1 || { cat "$work/g1.log"; exit 1; }

@@ -38,12 +38,22 @@ std::optional<int64_t> integer_from(const char* name) {
   }
 }
 
+// Gloo's network device: GLOO_SOCKET_IFNAME (as in PyTorch) names the interface; without it, loopback
+// when rank 0 is this machine's loopback address, else the interface this host's name resolves to.
+std::shared_ptr<gloo::transport::Device> gloo_device(const std::string& master_address) {
+  if (const char* interface = std::getenv("GLOO_SOCKET_IFNAME"); interface && *interface)
+    return c10d::ProcessGroupGloo::createDeviceForInterface(interface);
+  if (master_address == "127.0.0.1" || master_address == "localhost")
+    return c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1");
+  return c10d::ProcessGroupGloo::createDefaultDevice();
+}
+
 // One c10d process group: Gloo for CPU runs, NCCL for CUDA runs; everything but the construction is
 // the same code. Sub-groups (the expert group) share the job's TCPStore under a prefix.
 class ProcessGroupCommunicator final : public Communicator {
  public:
   ProcessGroupCommunicator(c10::intrusive_ptr<c10d::Store> store, int64_t rank, int64_t size, double timeout_seconds,
-                   c10::Device device = c10::kCPU)
+                           c10::Device device, const std::string& master_address)
       : rank_(rank), size_(size), device_(device) {
     const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
     if (device.is_cuda()) {
@@ -57,8 +67,7 @@ class ProcessGroupCommunicator final : public Communicator {
     } else {
       auto options = c10d::ProcessGroupGloo::Options::create();
       options->timeout = timeout;
-      // Loopback: processes of one machine (docs/distributed.md); other hosts need the network device.
-      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+      options->devices.push_back(gloo_device(master_address));
       group_ = c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank_), static_cast<int>(size_), options);
     }
   }
@@ -185,26 +194,31 @@ ProcessGroups connect(const ProcessEnvironment& environment, const std::string& 
   store_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
   c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(environment.master_address, store_options);
   ProcessGroups groups;
-  groups.world = std::make_shared<ProcessGroupCommunicator>(store, rank, world, timeout_seconds, collective_device);
+  groups.world = std::make_shared<ProcessGroupCommunicator>(store, rank, world, timeout_seconds, collective_device, environment.master_address);
   // Expert groups: consecutive ranks (docs/distributed.md); expert-data groups: the ranks at the same
   // place in their expert group, which hold the same experts.
   if (expert_size > 1) {
     const int64_t group = rank / expert_size;
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("expert_" + std::to_string(group), store);
-    groups.expert = std::make_shared<ProcessGroupCommunicator>(prefixed, rank % expert_size, expert_size, timeout_seconds, collective_device);
+    groups.expert = std::make_shared<ProcessGroupCommunicator>(prefixed, rank % expert_size, expert_size, timeout_seconds, collective_device, environment.master_address);
   }
   if (expert_size > 1 && expert_size < world) {
     const int64_t place = rank % expert_size;
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("expert_data_" + std::to_string(place), store);
     groups.expert_data = std::make_shared<ProcessGroupCommunicator>(prefixed, rank / expert_size, world / expert_size, timeout_seconds,
-                                                            collective_device);
+                                                            collective_device, environment.master_address);
   }
   return groups;
 }
 
-int launch(int64_t processes, const std::vector<std::string>& arguments) {
+int launch(const LaunchPlan& plan, const std::vector<std::string>& arguments) {
+  const int64_t processes = plan.processes;
   if (processes < 1) throw Error("launch: --nproc must be at least 1");
-  const int port = free_port();
+  if (plan.nodes < 1 || plan.node_rank < 0 || plan.node_rank >= plan.nodes)
+    throw Error("launch: --node-rank " + std::to_string(plan.node_rank) + " is not in [0, --nnodes " + std::to_string(plan.nodes) + ")");
+  if (plan.nodes > 1 && plan.master_port <= 0)
+    throw Error("launch: --nnodes " + std::to_string(plan.nodes) + " needs --master ADDR:PORT (rank 0's machine and a free port, the same on every node)");
+  const int port = plan.master_port > 0 ? plan.master_port : free_port();
   std::vector<std::string> argv_strings = {"/proc/self/exe"};
   argv_strings.insert(argv_strings.end(), arguments.begin(), arguments.end());
   char self[4096];
@@ -216,10 +230,10 @@ int launch(int64_t processes, const std::vector<std::string>& arguments) {
     const pid_t pid = ::fork();
     if (pid < 0) throw Error("launch: fork failed");
     if (pid == 0) {
-      ::setenv("RANK", std::to_string(rank).c_str(), 1);
+      ::setenv("RANK", std::to_string(plan.node_rank * processes + rank).c_str(), 1);
       ::setenv("LOCAL_RANK", std::to_string(rank).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(processes).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+      ::setenv("WORLD_SIZE", std::to_string(plan.nodes * processes).c_str(), 1);
+      ::setenv("MASTER_ADDR", plan.master_address.c_str(), 1);
       ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
       // Share the cores instead of every process starting one thread per core.
       const long cores = std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN));
@@ -262,7 +276,7 @@ int launch(int64_t processes, const std::vector<std::string>& arguments) {
     const bool failed = !WIFEXITED(status) || WEXITSTATUS(status) != 0;
     // Every failed rank is named: the one that failed first may be reaped after a peer that lost it.
     if (failed)
-      std::cerr << "pithtrain launch: rank " << rank << " of " << processes << " "
+      std::cerr << "pithtrain launch: rank " << plan.node_rank * processes + rank << " of " << plan.nodes * processes << " "
                 << (WIFEXITED(status) ? "exited with status " + std::to_string(WEXITSTATUS(status))
                                       : "was killed by signal " + std::to_string(WTERMSIG(status)))
                 << (result == 0 ? "; stopping the other ranks" : "") << "\n";

@@ -32,8 +32,22 @@ struct ProcessGroups {
 ProcessGroups connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds,
                       int64_t expert_size = 1);
 
-// `pithtrain launch --nproc N -- ARGS`: runs N copies of this executable with ARGS and the rank
-// environment; when one fails, stops the others and returns non-zero naming the rank.
-int launch(int64_t processes, const std::vector<std::string>& arguments);
+// What `pithtrain launch` starts: `processes` on this machine, node `node_rank` of `nodes`; rank 0's
+// machine is master_address, its port master_port (0: a free port, one node only).
+struct LaunchPlan {
+  int64_t processes = 1, nodes = 1, node_rank = 0;
+  std::string master_address = "127.0.0.1";
+  int master_port = 0;
+};
+
+// `pithtrain launch --nproc N [--nnodes M --node-rank R --master ADDR:PORT] -- ARGS`: runs N copies of
+// this executable with ARGS and the rank environment (RANK = R x N + local rank); when one fails, stops
+// the others and returns non-zero naming the rank.
+int launch(const LaunchPlan& plan, const std::vector<std::string>& arguments);
+inline int launch(int64_t processes, const std::vector<std::string>& arguments) {
+  LaunchPlan plan;
+  plan.processes = processes;
+  return launch(plan, arguments);
+}
 
 }  // namespace pithtrain

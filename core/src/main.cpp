@@ -31,7 +31,7 @@ const char* kTrainHelp = R"(usage: pithtrain [--config FILE] [--plugins A.so,B.s
        pithtrain plot RUN_DIR
        pithtrain explain [--config FILE] [--set ...]
        pithtrain convert import HF_DIR --out DIR | convert export --config F --weights W --out HF_DIR
-       pithtrain launch --nproc N -- [training arguments]
+       pithtrain launch --nproc N [--nnodes M --node-rank R --master ADDR:PORT] -- [training arguments]
 
 Trains the MoE model described by the TOML config (default: the embedded configs/tiny.toml).
   --config FILE      TOML config (docs/config.md lists every key)
@@ -229,28 +229,51 @@ int command_convert(const Arguments& args) {
   return std::cout << kConvertHelp, 2;
 }
 
-const char* kLaunchHelp = R"(usage: pithtrain launch --nproc N [--] [training arguments...]
+const char* kLaunchHelp = R"(usage: pithtrain launch --nproc N [--nnodes M --node-rank R --master ADDR:PORT] [--] [training arguments...]
 Starts N local training processes of this pithtrain with the rank environment (RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT: a free port) and the same arguments: data parallel over a
-Gloo process group on CPUs (docs/distributed.md). Each process takes train.batch_size sequences of the
-global batch; rank 0 prints progress and writes the run directory, ranks 1.. keep their logs in
-RUN_DIR/rank_N. If one process fails, the others are stopped and the exit status is non-zero, naming the
-rank. torchrun and SLURM can start the same processes instead (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS).
-  --nproc N   processes on this machine
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and the same arguments: data (and expert) parallel over c10d process
+groups, Gloo on CPUs, NCCL with train.device = "cuda" (docs/distributed.md). Each process takes
+train.batch_size sequences of the global batch; rank 0 prints progress and writes the run directory,
+ranks 1.. keep their logs in RUN_DIR/rank_N. If one process fails, the others are stopped and the exit
+status is non-zero, naming the rank. torchrun and SLURM can start the same processes instead
+(RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS).
+  --nproc N            processes on this machine
+  --nnodes M           machines in the job (default 1); run the same command on each
+  --node-rank R        this machine's place, 0..M-1; its processes are ranks R*N .. R*N+N-1
+  --master ADDR:PORT   rank 0's machine and a free port there (needed with --nnodes > 1; default
+                       127.0.0.1 and a free port). Gloo uses GLOO_SOCKET_IFNAME as its interface if set
 )";
 
 int command_launch(int argc, char** argv) {
-  int64_t processes = 0;
+  LaunchPlan plan;
+  plan.processes = 0;
   std::vector<std::string> rest;
+  auto integer = [](const std::string& flag, const std::string& value) {
+    try {
+      return std::stoll(value);
+    } catch (const std::exception&) {
+      throw Error("launch: " + flag + " takes an integer, got '" + value + "'");
+    }
+  };
   for (int i = 2; i < argc; ++i) {
     std::string arg = argv[i];
+    const bool has_value = rest.empty() && i + 1 < argc;
     if (rest.empty() && (arg == "--help" || arg == "-h")) return std::cout << kLaunchHelp, 0;
-    if (rest.empty() && arg == "--nproc" && i + 1 < argc) processes = std::stoll(argv[++i]);
-    else if (rest.empty() && arg == "--") continue;
+    if (has_value && arg == "--nproc") plan.processes = integer(arg, argv[++i]);
+    else if (has_value && arg == "--nnodes") plan.nodes = integer(arg, argv[++i]);
+    else if (has_value && arg == "--node-rank") plan.node_rank = integer(arg, argv[++i]);
+    else if (has_value && arg == "--master") {
+      const std::string value = argv[++i];
+      const auto colon = value.rfind(':');
+      if (colon == std::string::npos || colon == 0)
+        throw Error("launch: --master takes ADDR:PORT (rank 0's machine and a free port), got '" + value + "'");
+      plan.master_address = value.substr(0, colon);
+      plan.master_port = static_cast<int>(integer("--master", value.substr(colon + 1)));
+    } else if (rest.empty() && arg == "--") continue;
     else rest.push_back(arg);
   }
-  if (processes < 1) throw Error("launch: needs --nproc N (see pithtrain launch --help)");
-  return launch(processes, rest);
+  if (plan.processes < 1) throw Error("launch: needs --nproc N (see pithtrain launch --help)");
+  return launch(plan, rest);
 }
 
 int command_train(const Arguments& args) {
