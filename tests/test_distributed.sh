@@ -31,6 +31,26 @@ for run in ("two", "four"):
     assert worst < 1e-5, (run, worst)
     print(f"{run} processes vs one: 5 steps of loss, grad norm and expert load equal; final weights max |diff| {worst:.2e}")
 PY
+# The data_parallel schedule: buckets all-reduced while the backward runs (0.05 MiB buckets: many of
+# them), with gradient accumulation, gives the same training as one process.
+"$bin" launch --nproc 2 -- "${common[@]}" --set schedule.plugin=data_parallel --set schedule.bucket_mb=0.05 \
+  --set train.batch_size=2 --set train.micro_batches=2 --out "$work/buckets" > "$work/buckets.log" 2>&1 || { cat "$work/buckets.log"; exit 1; }
+grep -E "schedule data_parallel: [0-9]+ gradient bucket\(s\), [1-9][0-9]* started while the backward ran" "$work/buckets.log" \
+  || { echo "no bucket started during the backward"; cat "$work/buckets.log"; exit 1; }
+python3 - "$work" "$(dirname "$0")" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+import run_outputs
+work = sys.argv[1]
+one, buckets = run_outputs.metrics(f"{work}/one"), run_outputs.metrics(f"{work}/buckets")
+for a, b in zip(one, buckets):
+    for field in ("cross_entropy", "grad_norm"):
+        assert abs(a[field] - b[field]) <= 1e-5 * abs(a[field]), (a["step"], field, a[field], b[field])
+reference, other = run_outputs.weights(f"{work}/one"), run_outputs.weights(f"{work}/buckets")
+worst = max(abs(x - y) for name in reference for x, y in zip(reference[name], other[name]))
+assert worst < 1e-5, worst
+print(f"schedule data_parallel (2 processes x 2 micro-batches, overlapped buckets) vs one: equal; weights max |diff| {worst:.2e}")
+PY
 # Two "nodes" of one process each (the multi-node path of launch: --nnodes/--node-rank/--master) train
 # what one node of two processes trains.
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

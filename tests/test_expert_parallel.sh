@@ -23,6 +23,8 @@ run one "${common[@]}" --set train.steps=6 --set train.batch_size=8 --out "$work
 run ep2 launch --nproc 2 -- "${common[@]}" "${ep[@]}" --set parallel.expert=2 --set train.steps=6 --set train.batch_size=4 --out "$work/ep2"
 run ep4 launch --nproc 4 -- "${common[@]}" "${ep[@]}" --set parallel.expert=4 --set train.steps=6 --set train.batch_size=2 --out "$work/ep4"
 run dp2ep2 launch --nproc 4 -- "${common[@]}" "${ep[@]}" --set parallel.expert=2 --set train.steps=6 --set train.batch_size=2 --out "$work/dp2ep2"
+run dp2ep2_buckets launch --nproc 4 -- "${common[@]}" "${ep[@]}" --set parallel.expert=2 --set train.steps=6 --set train.batch_size=2 \
+  --set schedule.plugin=data_parallel --set schedule.bucket_mb=0.05 --out "$work/dp2ep2_buckets"
 # Resharding: 3 steps saved by one layout, continued to 6 by another (global batch 8 throughout).
 for saved in dp2 ep2; do
   extra=(); [ $saved = ep2 ] && extra=("${ep[@]}" --set parallel.expert=2)
@@ -43,7 +45,7 @@ def close(a, b, tolerance=1e-5):
     return abs(a - b) <= tolerance * max(abs(a), 1e-3)
 reference, reference_weights = metrics("one"), weights("one")
 assert all(row["aux_loss"] > 0 for row in reference), "the comparison needs a router loss"
-for run in ("ep2", "ep4", "dp2ep2", "dp2_to_one", "dp2_to_ep2", "ep2_to_one"):
+for run in ("ep2", "ep4", "dp2ep2", "dp2ep2_buckets", "dp2_to_one", "dp2_to_ep2", "ep2_to_one"):
     rows = metrics(run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], (run, [r["step"] for r in rows])
     for a, b in zip(reference, rows):
@@ -58,7 +60,7 @@ for run in ("ep2", "ep4", "dp2ep2", "dp2_to_one", "dp2_to_ep2", "ep2_to_one"):
     assert sorted(other) == sorted(reference_weights), run
     worst = max(abs(x - y) for name in reference_weights for x, y in zip(reference_weights[name], other[name]))
     assert worst < 2e-6, (run, worst)
-    print(f"{run:>11} vs one process: 6 steps of loss, aux loss, expert/router gradient norms and loads equal; "
+    print(f"{run:>14} vs one process: 6 steps of loss, aux loss, expert/router gradient norms and loads equal; "
           f"final weights max |diff| {worst:.2e}")
 PY
 # Bad meshes fail on every rank before any process group exists, naming the numbers and the keys.

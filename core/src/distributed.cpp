@@ -98,6 +98,20 @@ class ProcessGroupCommunicator final : public Communicator {
     return at::cat(output[0], 0).to(tensor.device());
   }
 
+  std::unique_ptr<PendingCollective> start_all_reduce_sum(at::Tensor buffer) override {
+    if (!buffer.is_contiguous() || buffer.scalar_type() != at::kFloat || buffer.device() != device_)
+      throw Error("start_all_reduce_sum: the buffer must be a contiguous float32 tensor on " + device_.str());
+    struct Pending final : PendingCollective {
+      c10::intrusive_ptr<c10d::Work> work;
+      std::vector<at::Tensor> tensors;  // keeps the buffer alive while the collective runs
+      void wait() override { work->wait(); }
+    };
+    auto pending = std::make_unique<Pending>();
+    pending->tensors = {buffer};
+    pending->work = group_->allreduce(pending->tensors);
+    return pending;
+  }
+
   // The plain exchange, no autograd.
   at::Tensor exchange(const at::Tensor& input, std::vector<int64_t> send_counts, std::vector<int64_t> receive_counts) {
     if (static_cast<int64_t>(send_counts.size()) != size_ || static_cast<int64_t>(receive_counts.size()) != size_)

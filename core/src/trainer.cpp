@@ -626,7 +626,8 @@ TrainSummary Trainer::run() {
         if (!parameter.tensor.grad().defined()) parameter.tensor.mutable_grad() = at::zeros_like(parameter.tensor);
         (parameter.expert_sharded ? expert_blocks : replicated).push_back(parameter.tensor.grad());
       }
-      communicator_->all_reduce_sum(replicated);
+      if (!schedule_->reduces_gradients()) communicator_->all_reduce_sum(replicated);
+      else replicated.clear();  // already averaged by the schedule, overlapped with the backward
       if (expert_data_group_) expert_data_group_->all_reduce_sum(expert_blocks);
       for (auto* grads : {&replicated, &expert_blocks})
         for (auto& grad : *grads) grad.div_(static_cast<double>(communicator_->size()));

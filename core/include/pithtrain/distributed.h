@@ -2,11 +2,19 @@
 // null in a one-process run). Backed by LibTorch's c10d (Gloo on CPUs).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
 
 namespace pithtrain {
+
+// A collective in flight (Communicator::start_all_reduce_sum); wait() returns once its result is in place.
+class PendingCollective {
+ public:
+  virtual ~PendingCollective() = default;
+  virtual void wait() = 0;
+};
 
 class Communicator {
  public:
@@ -23,6 +31,10 @@ class Communicator {
                                 const std::vector<int64_t>& receive_counts) = 0;
   // Every rank's `tensor` (equal shapes) concatenated along dimension 0 in rank order; not differentiable.
   virtual at::Tensor all_gather(const at::Tensor& tensor) = 0;
+  // Starts summing `buffer` (one contiguous float32 tensor on the group's device) over all ranks in
+  // place and returns at once, so computation can go on meanwhile; every rank must start the same
+  // buffers in the same order, and must not touch `buffer` before wait().
+  virtual std::unique_ptr<PendingCollective> start_all_reduce_sum(at::Tensor buffer) = 0;
 };
 
 }  // namespace pithtrain

@@ -44,6 +44,10 @@ class Schedule {
   // Runs one optimizer step: forward and backward of every micro-batch, clipping, the optimizer step,
   // the post-step hooks. Gradients must equal those of the mean loss over all micro-batches.
   virtual StepResult run_step(const StepFunctions& step) = 0;
+  // True: the schedule itself averages the gradients of the trainable parameters not marked
+  // expert_sharded over PluginContext::communicator before calling clip_gradients (e.g. overlapped
+  // with the backward), and the core does not. False: the core does it inside clip_gradients.
+  virtual bool reduces_gradients() const { return false; }
 };
 
 }  // namespace pithtrain
