@@ -50,4 +50,29 @@ class Schedule {
   virtual bool reduces_gradients() const { return false; }
 };
 
+// The step of a gradient-accumulation schedule: zero_grad; forward and backward of each micro-batch
+// with its loss scaled by 1 / micro_batches (so the summed gradients are those of the mean loss);
+// clip; optimizer step; post-step hooks. The optional callbacks bracket the last micro-batch's backward.
+inline StepResult accumulate_and_step(const StepFunctions& step, const std::function<void()>& before_last_backward = {},
+                                      const std::function<void()>& after_last_backward = {}) {
+  StepResult result;
+  step.zero_grad();
+  const double scale = 1.0 / static_cast<double>(step.micro_batches);
+  for (int64_t index = 0; index < step.micro_batches; ++index) {
+    MicroBatchLoss micro = step.forward(index);
+    const bool last = index + 1 == step.micro_batches;
+    if (last && before_last_backward) before_last_backward();
+    micro.loss.mul(scale).backward();
+    if (last && after_last_backward) after_last_backward();
+    result.loss += micro.loss.item<double>() * scale;
+    result.cross_entropy += micro.cross_entropy * scale;
+    result.aux_loss += micro.aux_loss * scale;
+    result.tokens += micro.tokens;
+  }
+  result.grad_norm = step.clip_gradients();
+  step.optimizer_step();
+  step.after_optimizer_step();
+  return result;
+}
+
 }  // namespace pithtrain

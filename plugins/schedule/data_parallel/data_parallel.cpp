@@ -92,25 +92,8 @@ class DataParallelSchedule final : public Schedule {
   bool reduces_gradients() const override { return true; }
 
   StepResult run_step(const StepFunctions& step) override {
-    StepResult result;
-    step.zero_grad();
-    const double scale = 1.0 / static_cast<double>(step.micro_batches);
-    for (int64_t index = 0; index < step.micro_batches; ++index) {
-      MicroBatchLoss micro = step.forward(index);
-      const bool last = index + 1 == step.micro_batches;
-      if (last && state_->group) arm();
-      // Scaling each micro-batch's loss makes the summed gradients those of the mean loss.
-      (micro.loss * scale).backward();
-      if (last && state_->group) finish();
-      result.loss += micro.loss.item<double>() * scale;
-      result.cross_entropy += micro.cross_entropy * scale;
-      result.aux_loss += micro.aux_loss * scale;
-      result.tokens += micro.tokens;
-    }
-    result.grad_norm = step.clip_gradients();
-    step.optimizer_step();
-    step.after_optimizer_step();
-    return result;
+    if (!state_->group) return accumulate_and_step(step);
+    return accumulate_and_step(step, [this] { arm(); }, [this] { finish(); });
   }
 
  private:
