@@ -84,7 +84,8 @@ at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert
 }
 
 at::Tensor balance_loss_from_counts(const at::Tensor& probs, const at::Tensor& counts) {
-  at::Tensor fraction = (counts.to(at::kDouble) / counts.to(at::kDouble).sum().clamp_min(1)).to(probs.scalar_type());  // [E]
+  at::Tensor total = counts.to(at::kDouble);
+  at::Tensor fraction = (total / total.sum().clamp_min(1)).to(probs.scalar_type());  // [E]
   return probs.size(1) * (fraction * probs.mean(0)).sum();
 }
 

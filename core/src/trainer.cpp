@@ -146,7 +146,6 @@ LayerStats router_stats(size_t layer, const at::Tensor& tokens_per_expert, const
   return {out.str(), imbalance, entropy};
 }
 
-// Keeps only the metrics lines of steps <= `step` (a resumed run rewrites what came after its checkpoint).
 // A resolved [model] table without model.moe.experts.plugin: experts plugins that share the weight
 // layout (loop, grouped, ep_alltoall) are interchangeable on resume, which is how a run changes its
 // expert-parallel layout; the tensor shapes are still checked one by one.
@@ -161,6 +160,7 @@ std::string without_experts_plugin(const std::string& model_toml) {
   return result;
 }
 
+// Keeps only the metrics lines of steps <= `step` (a resumed run rewrites what came after its checkpoint).
 void truncate_metrics(const fs::path& path, int64_t step) {
   std::ifstream in(path);
   if (!in) return;
@@ -201,23 +201,22 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
                 " (each rank of an expert group holds num_experts / parallel.expert experts)");
   // train.global_batch_size fixes the sequences per optimizer step whatever the layout: micro_batches
   // follows from it unless set too.
-  config_.global_batch_size = train.integer("global_batch_size", 0);
+  const int64_t global_batch_size = train.integer("global_batch_size", 0);
   const int64_t per_micro_batch = config_.batch_size * config_.data_parallel;
   int64_t derived_micro_batches = 1;
-  if (config_.global_batch_size > 0 && !train.has("micro_batches")) {
-    if (config_.global_batch_size % per_micro_batch != 0)
-      throw Error(train.where("global_batch_size") + ": train.global_batch_size = " + std::to_string(config_.global_batch_size) +
+  if (global_batch_size > 0 && !train.has("micro_batches")) {
+    if (global_batch_size % per_micro_batch != 0)
+      throw Error(train.where("global_batch_size") + ": train.global_batch_size = " + std::to_string(global_batch_size) +
                   " is not a multiple of train.batch_size x parallel.data = " + std::to_string(config_.batch_size) + " x " +
                   std::to_string(config_.data_parallel) + " = " + std::to_string(per_micro_batch));
-    derived_micro_batches = config_.global_batch_size / per_micro_batch;
+    derived_micro_batches = global_batch_size / per_micro_batch;
   }
   config_.micro_batches = train.integer("micro_batches", derived_micro_batches);
-  if (config_.global_batch_size > 0 && config_.micro_batches * per_micro_batch != config_.global_batch_size)
-    throw Error(train.where("micro_batches") + ": train.global_batch_size = " + std::to_string(config_.global_batch_size) +
+  if (global_batch_size > 0 && config_.micro_batches * per_micro_batch != global_batch_size)
+    throw Error(train.where("micro_batches") + ": train.global_batch_size = " + std::to_string(global_batch_size) +
                 " but train.batch_size x train.micro_batches x parallel.data = " + std::to_string(config_.batch_size) + " x " +
                 std::to_string(config_.micro_batches) + " x " + std::to_string(config_.data_parallel) +
                 "; leave train.micro_batches out to derive it");
-  if (config_.global_batch_size <= 0) config_.global_batch_size = per_micro_batch * config_.micro_batches;
   config_.seq_len = train.integer("seq_len", 128);
   config_.lr = train.number("lr", 3e-3);
   config_.min_lr = train.number("min_lr", config_.lr * 0.1);
@@ -308,10 +307,10 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   parameters_ = model_->parameters();
   // bf16 compute keeps float32 master weights: the optimizer updates them, the model gets bf16 copies.
   mixed_precision_ = context.dtype != at::kFloat;
-  for (const auto& parameter : parameters_)
-    master_.push_back(mixed_precision_ ? Parameter{parameter.name, parameter.tensor.detach().to(at::kFloat).clone(),
-                                                   parameter.weight_decay, parameter.expert_sharded}
-                                       : parameter);
+  for (const auto& parameter : parameters_) {
+    master_.push_back(parameter);
+    if (mixed_precision_) master_.back().tensor = parameter.tensor.detach().to(at::kFloat).clone();
+  }
   std::map<std::string, at::IntArrayRef> sharded_shapes;  // parameter name -> its block's shape
   for (const auto& parameter : parameters_)
     if (parameter.expert_sharded) {
@@ -398,19 +397,19 @@ double Trainer::evaluate() {
   return total / static_cast<double>(config_.eval_batches);
 }
 
-std::vector<NamedTensor> Trainer::gathered(std::vector<NamedTensor> tensors) {
+std::vector<NamedTensor> Trainer::gathered(std::vector<NamedTensor> tensors, const std::string& entry_prefix) {
   if (!expert_group_) return tensors;
   for (auto& item : tensors)
-    if (sharded_entries_.count(item.name)) item.tensor = expert_group_->all_gather(item.tensor.detach());
+    if (sharded_entries_.count(entry_prefix + item.name)) item.tensor = expert_group_->all_gather(item.tensor.detach());
   return tensors;
 }
 
-void Trainer::load_tensors(const SafetensorsFile& file, const std::vector<NamedTensor>& targets, const std::string& prefix,
-                           const std::string& path) {
+void Trainer::load_tensors(const SafetensorsFile& file, const std::vector<NamedTensor>& targets, const std::string& entry_prefix,
+                           const std::string& file_prefix, const std::string& path) {
   std::set<std::string> blocks;
   for (const auto& entry : sharded_entries_)
-    if (entry.rfind(prefix, 0) == 0) blocks.insert(entry.substr(prefix.size()));
-  copy_tensors_by_name(file, targets, prefix, path, blocks, expert_group_ ? expert_group_->rank() : 0,
+    if (entry.rfind(entry_prefix, 0) == 0) blocks.insert(entry.substr(entry_prefix.size()));
+  copy_tensors_by_name(file, targets, file_prefix, path, blocks, expert_group_ ? expert_group_->rank() : 0,
                        expert_group_ ? expert_group_->size() : 1);
 }
 
@@ -514,8 +513,8 @@ TrainSummary Trainer::run() {
         if (target.name.rfind("model/", 0) == 0) model_targets.push_back({target.name.substr(6), target.tensor});
         if (target.name.rfind("optimizer/", 0) == 0) optimizer_targets.push_back({target.name.substr(10), target.tensor});
       }
-      load_tensors(file, model_targets, "model/", path.string());
-      load_tensors(file, optimizer_targets, "optimizer/", path.string());
+      load_tensors(file, model_targets, "model/", "model/", path.string());
+      load_tensors(file, optimizer_targets, "optimizer/", "optimizer/", path.string());
       if (const at::Tensor* rng = file.find("rng/cpu")) {
         at::Generator generator = at::detail::getDefaultCPUGenerator();
         generator.set_state(*rng);
@@ -541,11 +540,7 @@ TrainSummary Trainer::run() {
     // Router buffers (e.g. the aux_free bias) come along when the file has them; new ones start at zero.
     for (const auto& item : buffers())
       if (file.find(prefix + item.name) != nullptr) targets.push_back(item);
-    std::set<std::string> blocks;
-    for (const auto& entry : sharded_entries_)
-      if (entry.rfind("model/", 0) == 0) blocks.insert(entry.substr(6));
-    copy_tensors_by_name(file, targets, prefix, settings_.init_from, blocks, expert_group_ ? expert_group_->rank() : 0,
-                         expert_group_ ? expert_group_->size() : 1);
+    load_tensors(file, targets, "model/", prefix, settings_.init_from);
     copy_master_to_model();
     if (!settings_.quiet) log.info("initialised the weights from {}", settings_.init_from);
   }
@@ -624,10 +619,11 @@ TrainSummary Trainer::run() {
       for (auto& parameter : parameters_) {
         if (frozen_.count(parameter.name)) continue;
         if (!parameter.tensor.grad().defined()) parameter.tensor.mutable_grad() = at::zeros_like(parameter.tensor);
-        (parameter.expert_sharded ? expert_blocks : replicated).push_back(parameter.tensor.grad());
+        // A schedule that reduces gradients has already averaged the replicated ones.
+        if (parameter.expert_sharded) expert_blocks.push_back(parameter.tensor.grad());
+        else if (!schedule_->reduces_gradients()) replicated.push_back(parameter.tensor.grad());
       }
-      if (!schedule_->reduces_gradients()) communicator_->all_reduce_sum(replicated);
-      else replicated.clear();  // already averaged by the schedule, overlapped with the backward
+      communicator_->all_reduce_sum(replicated);
       if (expert_data_group_) expert_data_group_->all_reduce_sum(expert_blocks);
       for (auto* grads : {&replicated, &expert_blocks})
         for (auto& grad : *grads) grad.div_(static_cast<double>(communicator_->size()));
@@ -644,11 +640,11 @@ TrainSummary Trainer::run() {
     for (auto& parameter : master_)
       if (parameter.tensor.grad().defined()) parameter_squares.push_back(parameter.tensor.grad().to(at::kDouble).pow(2).sum());
     at::Tensor values = parameter_squares.empty() ? at::zeros({0}, at::kDouble) : at::stack(parameter_squares).cpu();  // one sync
-    int64_t next = 0;
+    const double* value = values.data_ptr<double>();
     for (auto& parameter : master_) {
       if (!parameter.tensor.grad().defined()) continue;
       auto& entry = squares[parameter_group(parameter.name)];
-      (parameter.expert_sharded ? entry.second : entry.first) += values[next++].item<double>();
+      (parameter.expert_sharded ? entry.second : entry.first) += *value++;
     }
     if (expert_group_) {
       std::vector<at::Tensor> blocks = {at::zeros({static_cast<int64_t>(squares.size())}, at::kDouble)};
@@ -803,9 +799,8 @@ TrainSummary Trainer::run() {
   if (summary.interrupted) return summary;
   summary.validation_loss = evaluate();
   std::vector<NamedTensor> weights;
-  for (const auto& parameter : master_) weights.push_back({"model/" + parameter.name, parameter.tensor});
-  weights = gathered(std::move(weights));
-  for (auto& item : weights) item.name = item.name.substr(6);
+  for (const auto& parameter : master_) weights.push_back({parameter.name, parameter.tensor});
+  weights = gathered(std::move(weights), "model/");
   for (const auto& item : buffers()) weights.push_back(item);
   if (writes_checkpoints) save_safetensors(run_dir_ + "/model.safetensors", weights, {{"step", std::to_string(step)}});
   if (!settings_.quiet) {

@@ -37,7 +37,6 @@ struct TrainConfig {
   bool deterministic = false;                // train.deterministic
   std::vector<std::string> freeze;           // train.freeze: parameter-name patterns kept fixed
   int64_t dead_expert_steps = 100;           // an expert with no tokens for this many steps is dead
-  int64_t global_batch_size = 0;             // sequences per optimizer step over all ranks and micro-batches
   int64_t data_parallel = 1;                 // parallel.data: processes, each training its slice of the batch
   int64_t expert_parallel = 1;               // parallel.expert: ranks splitting each MoE layer's experts
 };
@@ -69,13 +68,13 @@ class Trainer {
  private:
   double evaluate();
   std::vector<NamedTensor> checkpoint_tensors();
-  // The full tensors of `tensors` (named as checkpoint entries): expert-parallel blocks gathered over the
-  // expert group (a collective: every rank calls it), the others as they are.
-  std::vector<NamedTensor> gathered(std::vector<NamedTensor> tensors);
-  // Copies the file's tensors into `targets` (names without `prefix`), narrowing full expert tensors to
-  // this rank's block.
-  void load_tensors(const SafetensorsFile& file, const std::vector<NamedTensor>& targets, const std::string& prefix,
-                    const std::string& path);
+  // The full tensors of `tensors`: expert-parallel blocks (checkpoint entry entry_prefix + name) gathered
+  // over the expert group (a collective: every rank calls it), the others as they are.
+  std::vector<NamedTensor> gathered(std::vector<NamedTensor> tensors, const std::string& entry_prefix = "");
+  // Copies the file's tensors (named file_prefix + name) into `targets`, narrowing full expert tensors
+  // (entries entry_prefix + name) to this rank's block.
+  void load_tensors(const SafetensorsFile& file, const std::vector<NamedTensor>& targets, const std::string& entry_prefix,
+                    const std::string& file_prefix, const std::string& path);
   std::vector<NamedTensor> buffers() const;  // model state that is not a parameter (router buffers)
   void copy_master_to_model();               // bf16 runs: the model takes the rounded float32 masters
   std::map<std::string, std::string> checkpoint_metadata(int64_t step, double smoothed) const;

@@ -123,11 +123,12 @@ int run_rank(const std::string& which) {
   for (int64_t r = 0; r < ranks; ++r) all.push_back(tokens_of(r, which));
   int64_t offset = 0;
   for (int64_t r = 0; r < rank; ++r) offset += all[r].x.size(0);
-  Tokens together;
-  together.x = at::cat([&] { std::vector<at::Tensor> v; for (auto& t : all) v.push_back(t.x); return v; }());
-  together.weights = at::cat([&] { std::vector<at::Tensor> v; for (auto& t : all) v.push_back(t.weights); return v; }());
-  together.probe = at::cat([&] { std::vector<at::Tensor> v; for (auto& t : all) v.push_back(t.probe); return v; }());
-  together.expert_ids = at::cat([&] { std::vector<at::Tensor> v; for (auto& t : all) v.push_back(t.expert_ids); return v; }());
+  auto every_rank = [&](at::Tensor Tokens::*field) {
+    std::vector<at::Tensor> parts;
+    for (auto& tokens : all) parts.push_back(tokens.*field);
+    return at::cat(parts);
+  };
+  Tokens together{every_rank(&Tokens::x), every_rank(&Tokens::weights), every_rank(&Tokens::probe), every_rank(&Tokens::expert_ids)};
   const Result expected = run(*reference, together), got = run(*tested, all[rank]);
   const int64_t count = all[rank].x.size(0);
   int failures = differences("output", got.out, expected.out.narrow(0, offset, count), rank);
