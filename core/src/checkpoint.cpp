@@ -143,7 +143,9 @@ SafetensorsFile load_safetensors(const std::string& path) {
 
 void copy_tensors_by_name(const SafetensorsFile& source, const std::vector<NamedTensor>& targets,
                           const std::string& prefix, const std::string& file,
-                          const std::set<std::string>& blocks, int64_t block_index, int64_t block_count) {
+                          const std::set<std::string>& blocks, int64_t block_index, int64_t block_count,
+                          const std::map<std::string, std::vector<int64_t>>& flat_shards, int64_t shard_index,
+                          int64_t shard_count) {
   at::NoGradGuard no_grad;
   for (const auto& target : targets) {
     const at::Tensor* stored = source.find(prefix + target.name);
@@ -153,7 +155,15 @@ void copy_tensors_by_name(const SafetensorsFile& source, const std::vector<Named
     // An expert-parallel block: the file holds the full tensor whatever layout wrote it (resharding).
     at::Tensor source_tensor = *stored;
     std::vector<int64_t> expected = target.tensor.sizes().vec();
-    if (blocks.count(target.name) && !expected.empty()) {
+    if (auto shard = flat_shards.find(target.name); shard != flat_shards.end()) {
+      expected = shard->second;
+      if (stored->sizes() == at::IntArrayRef(expected)) {
+        const int64_t size = target.tensor.numel();  // s: the shard's elements
+        at::Tensor padded = at::zeros({size * shard_count}, stored->options());
+        padded.narrow(0, 0, stored->numel()).copy_(stored->reshape(-1));
+        source_tensor = padded.narrow(0, shard_index * size, size);
+      }
+    } else if (blocks.count(target.name) && !expected.empty()) {
       expected[0] *= block_count;
       if (stored->sizes() == at::IntArrayRef(expected))
         source_tensor = stored->narrow(0, block_index * target.tensor.size(0), target.tensor.size(0));

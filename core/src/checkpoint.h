@@ -26,10 +26,15 @@ void save_safetensors(const std::string& path, const std::vector<NamedTensor>& t
 SafetensorsFile load_safetensors(const std::string& path);
 
 // Copies `source` into each tensor of `targets` by name; throws Error naming `file`, the tensor and
-// the fix when one is missing or its shape differs.
+// the fix when one is missing or its shape differs. The file always holds full tensors: a target in
+// `blocks` is block block_index of block_count along dimension 0 (expert parallel), a target in
+// `flat_shards` (name -> full shape) is shard shard_index of shard_count of the flattened, zero-padded
+// tensor (Schedule::shard).
 void copy_tensors_by_name(const SafetensorsFile& source, const std::vector<NamedTensor>& targets,
                           const std::string& prefix, const std::string& file,
-                          const std::set<std::string>& blocks = {}, int64_t block_index = 0, int64_t block_count = 1);
+                          const std::set<std::string>& blocks = {}, int64_t block_index = 0, int64_t block_count = 1,
+                          const std::map<std::string, std::vector<int64_t>>& flat_shards = {}, int64_t shard_index = 0,
+                          int64_t shard_count = 1);
 
 class CheckpointFolder {
  public:

@@ -338,8 +338,12 @@ Checks schedule_checks(const PluginDescriptor& descriptor) {
          at::manual_seed(11);
          PluginContext context = tiny_context(at::kDouble);
          at::Tensor weight = at::randn({3, 4}, at::kDouble).requires_grad_(true);
+         const at::Tensor initial = weight.detach().clone();
          context.parameters = {{"weight", weight, true}};
          auto schedule = build<Schedule>(descriptor, context);
+         // The model as a whole (forward) and as two units (forward_unit): the schedule picks.
+         std::vector<Parameter> shards = schedule->shard({{{"weight", weight, true}}, {}});
+         at::Tensor updated = shards.empty() ? weight : shards[0].tensor;  // what the optimizer sees
          const int64_t micro_batches = 3;
          at::Tensor x = at::randn({micro_batches, 5, 4}, at::kDouble), target = at::randn({micro_batches, 5, 3}, at::kDouble);
          std::vector<int64_t> seen;
@@ -352,19 +356,29 @@ Checks schedule_checks(const PluginDescriptor& descriptor) {
            at::Tensor loss = (at::linear(x[index], weight) - target[index]).pow(2).mean();
            return MicroBatchLoss{loss, loss.item<double>(), 0.0, 5};
          };
-         step.zero_grad = [&] { weight.mutable_grad() = at::Tensor(); };
-         step.clip_gradients = [&] { return weight.grad().norm().item<double>(); };
-         step.optimizer_step = [&] { ++optimizer_steps; grad_at_step = weight.grad().clone(); };
+         step.units = 2;
+         step.tokens_per_micro_batch = 5;
+         step.stage_end_unit = 2;
+         step.activation_shape = {5, 3};
+         step.activation_dtype = at::kDouble;
+         step.forward_unit = [&](int64_t unit, int64_t index, const at::Tensor& input) {
+           if (unit == 0 && (seen.empty() || seen.back() != index)) seen.push_back(index);
+           if (unit == 0) return UnitOutput{at::linear(x[index], weight), at::Tensor()};
+           return UnitOutput{(input - target[index]).pow(2).mean(), at::Tensor()};
+         };
+         step.zero_grad = [&] { weight.mutable_grad() = at::Tensor(), updated.mutable_grad() = at::Tensor(); };
+         step.clip_gradients = [&] { return updated.grad().norm().item<double>(); };
+         step.optimizer_step = [&] { ++optimizer_steps; grad_at_step = updated.grad().clone(); };
          step.after_optimizer_step = [&] { expect(optimizer_steps == 1, "hook ran before the optimizer"); ++hooks; };
-         weight.mutable_grad() = at::ones_like(weight);  // stale gradient the schedule must clear
+         updated.mutable_grad() = at::ones_like(updated);  // stale gradient the schedule must clear
          StepResult result = schedule->run_step(step);
-         expect(seen == std::vector<int64_t>({0, 1, 2}), "forward was not called once per micro-batch in order");
+         expect(seen == std::vector<int64_t>({0, 1, 2}), "the micro-batches were not run once each, in order");
          expect(optimizer_steps == 1 && hooks == 1, "optimizer_step and after_optimizer_step must run once each");
-         weight.mutable_grad() = at::Tensor();
+         at::Tensor reference = initial.clone().requires_grad_(true);
          at::Tensor full = at::zeros({}, at::kDouble);
-         for (int64_t i = 0; i < micro_batches; ++i) full = full + (at::linear(x[i], weight) - target[i]).pow(2).mean();
+         for (int64_t i = 0; i < micro_batches; ++i) full = full + (at::linear(x[i], reference) - target[i]).pow(2).mean();
          (full / micro_batches).backward();
-         double error = (grad_at_step - weight.grad()).abs().max().item<double>();
+         double error = (grad_at_step.reshape(-1) - reference.grad().reshape(-1)).abs().max().item<double>();
          expect(error < 1e-12, "accumulated gradient differs from the mean-loss gradient by " + number(error));
          expect(std::abs(result.loss - full.item<double>() / micro_batches) < 1e-12, "StepResult.loss is not the mean");
          return "max gradient difference " + number(error);

@@ -98,6 +98,37 @@ class ProcessGroupCommunicator final : public Communicator {
     return at::cat(output[0], 0).to(tensor.device());
   }
 
+  at::Tensor reduce_scatter_sum(const at::Tensor& input) override {
+    if (input.dim() == 0 || input.size(0) % size_ != 0)
+      throw Error("reduce_scatter_sum: dimension 0 of the input (" + c10::str(input.sizes()) + ") must be a multiple of " +
+                  std::to_string(size_) + " ranks");
+    at::Tensor contiguous = input.to(device_).contiguous();
+    std::vector<int64_t> shape = contiguous.sizes().vec();
+    shape[0] /= size_;
+    at::Tensor output = at::empty(shape, contiguous.options());
+    group_->_reduce_scatter_base(output, contiguous)->wait();
+    return output.to(input.device());
+  }
+
+  struct PendingWork final : PendingCollective {
+    c10::intrusive_ptr<c10d::Work> work;
+    std::vector<at::Tensor> tensors;  // kept alive while the operation runs
+    void wait() override { work->wait(); }
+  };
+
+  std::unique_ptr<PendingCollective> start_send(at::Tensor tensor, int64_t to, int64_t tag) override {
+    auto pending = std::make_unique<PendingWork>();
+    pending->tensors = {tensor.to(device_).contiguous()};
+    pending->work = group_->send(pending->tensors, static_cast<int>(to), static_cast<int>(tag));
+    return pending;
+  }
+
+  at::Tensor receive(const std::vector<int64_t>& shape, c10::ScalarType dtype, int64_t from, int64_t tag) override {
+    std::vector<at::Tensor> tensors = {at::empty(shape, at::TensorOptions().dtype(dtype).device(device_))};
+    group_->recv(tensors, static_cast<int>(from), static_cast<int>(tag))->wait();
+    return tensors[0];
+  }
+
   std::unique_ptr<PendingCollective> start_all_reduce_sum(at::Tensor buffer) override {
     if (!buffer.is_contiguous() || buffer.scalar_type() != at::kFloat || buffer.device() != device_)
       throw Error("start_all_reduce_sum: the buffer must be a contiguous float32 tensor on " + device_.str());
@@ -194,12 +225,16 @@ std::optional<ProcessEnvironment> process_environment() {
 }
 
 ProcessGroups connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds,
-                      int64_t expert_size) {
+                      int64_t expert_size, int64_t pipeline_size) {
   // CUDA: NCCL on this rank's GPU (the trainer has made `device` cuda:LOCAL_RANK).
   const c10::Device collective_device = device == "cpu" ? c10::Device(c10::kCPU) : c10::Device(device);
   const int64_t rank = environment.rank, world = environment.world_size;
-  if (expert_size < 1 || world % expert_size != 0)
-    throw Error("parallel.expert = " + std::to_string(expert_size) + " does not divide the " + std::to_string(world) + " processes");
+  if (pipeline_size < 1 || world % pipeline_size != 0)
+    throw Error("parallel.pipeline = " + std::to_string(pipeline_size) + " does not divide the " + std::to_string(world) + " processes");
+  const int64_t data_size = world / pipeline_size, stage = rank / data_size, data_rank = rank % data_size;
+  if (expert_size < 1 || data_size % expert_size != 0)
+    throw Error("parallel.expert = " + std::to_string(expert_size) + " does not divide the " + std::to_string(data_size) +
+                " data-parallel ranks");
   c10d::TCPStoreOptions store_options;
   store_options.port = static_cast<uint16_t>(environment.master_port);
   store_options.isServer = rank == 0;
@@ -207,21 +242,26 @@ ProcessGroups connect(const ProcessEnvironment& environment, const std::string& 
   store_options.waitWorkers = true;
   store_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(timeout_seconds * 1000));
   c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::TCPStore>(environment.master_address, store_options);
+  auto group = [&](const std::string& name, int64_t group_rank, int64_t size) -> std::shared_ptr<Communicator> {
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store);
+    return std::make_shared<ProcessGroupCommunicator>(prefixed, group_rank, size, timeout_seconds, collective_device,
+                                                      environment.master_address);
+  };
   ProcessGroups groups;
   groups.world = std::make_shared<ProcessGroupCommunicator>(store, rank, world, timeout_seconds, collective_device, environment.master_address);
-  // Expert groups: consecutive ranks (docs/distributed.md); expert-data groups: the ranks at the same
-  // place in their expert group, which hold the same experts.
-  if (expert_size > 1) {
-    const int64_t group = rank / expert_size;
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("expert_" + std::to_string(group), store);
-    groups.expert = std::make_shared<ProcessGroupCommunicator>(prefixed, rank % expert_size, expert_size, timeout_seconds, collective_device, environment.master_address);
+  groups.data = groups.world;
+  if (pipeline_size > 1) {
+    groups.data = group("data_" + std::to_string(stage), data_rank, data_size);
+    groups.pipeline = group("pipeline_" + std::to_string(data_rank), stage, pipeline_size);
   }
-  if (expert_size > 1 && expert_size < world) {
-    const int64_t place = rank % expert_size;
-    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("expert_data_" + std::to_string(place), store);
-    groups.expert_data = std::make_shared<ProcessGroupCommunicator>(prefixed, rank / expert_size, world / expert_size, timeout_seconds,
-                                                            collective_device, environment.master_address);
-  }
+  // Expert groups: consecutive data ranks (docs/distributed.md); expert-data groups: the data ranks at
+  // the same place in their expert group, which hold the same experts.
+  const std::string stage_prefix = pipeline_size > 1 ? std::to_string(stage) + "_" : "";
+  if (expert_size > 1)
+    groups.expert = group("expert_" + stage_prefix + std::to_string(data_rank / expert_size), data_rank % expert_size, expert_size);
+  if (expert_size > 1 && expert_size < data_size)
+    groups.expert_data = group("expert_data_" + stage_prefix + std::to_string(data_rank % expert_size), data_rank / expert_size,
+                               data_size / expert_size);
   return groups;
 }
 

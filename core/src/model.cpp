@@ -97,43 +97,69 @@ int64_t Model::num_moe_layers() const {
   return count;
 }
 
-ModelOutput Model::forward(const at::Tensor& tokens) {
-  const int64_t batch = tokens.size(0), seq = tokens.size(1) - 1, hidden = context_.dims.hidden_size;
-  at::Tensor inputs = tokens.narrow(1, 0, seq).to(context_.device);   // [B, S]
-  at::Tensor targets = tokens.narrow(1, 1, seq).to(context_.device);  // [B, S]
-  at::Tensor positions = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(context_.device));  // [S]
-
+ModelOutput Model::forward(const at::Tensor& tokens, const std::function<void(int64_t)>& gather_unit,
+                           const std::function<void(int64_t)>& release_unit) {
   ModelOutput output;
   output.aux_loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(context_.device));
-  at::Tensor x = at::embedding(embedding_, inputs);  // [B, S, H]
-  for (auto& layer : layers_) {
-    x = x + layer.attention->forward(rms_norm(x, layer.attention_norm, norm_eps_), positions);
-    at::Tensor normed = rms_norm(x, layer.ffn_norm, norm_eps_).reshape({batch * seq, hidden});  // [T, H]
-    at::Tensor ffn_out;                                                                          // [T, H]
-    if (layer.router) {
-      Routing routing = layer.router->route(normed);
-      if (!router_checked_) check_router_loss(routing, &layer - layers_.data());
-      for (const auto& term : routing.loss_terms) {
-        at::Tensor value = term.tensor.detach().to(at::kFloat);
-        auto [entry, added] = output.router_loss_terms.emplace(term.name, value);
-        if (!added) entry->second = entry->second + value;
-      }
-      ffn_out = layer.experts->forward(normed, routing);
-      output.aux_loss = output.aux_loss + routing.aux_loss.to(at::kFloat);
-      output.tokens_per_expert.push_back(routing.tokens_per_expert.detach());
-      output.dropped_fraction.push_back(routing.dropped_fraction.defined() ? routing.dropped_fraction.detach() : at::Tensor());
-    }
-    if (layer.ffn_gate_proj.defined()) {
-      at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);
-      ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
-    }
-    x = x + ffn_out.view({batch, seq, hidden});
+  at::Tensor x;
+  for (int64_t unit = 0; unit < num_units(); ++unit) {
+    if (gather_unit) gather_unit(unit);
+    UnitOutput result = forward_unit(unit, x, tokens, output);
+    if (release_unit) release_unit(unit);
+    x = result.output;
+    if (result.aux_loss.defined()) output.aux_loss = output.aux_loss + result.aux_loss;
   }
-  output.logits = at::linear(rms_norm(x, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
-  output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
   output.loss = output.cross_entropy + output.aux_loss;
-  if (at::GradMode::is_enabled()) router_checked_ = true;
   return output;
+}
+
+UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::Tensor& tokens, ModelOutput& output) {
+  const int64_t batch = tokens.size(0), seq = tokens.size(1) - 1, hidden = context_.dims.hidden_size;
+  if (unit == 0) return {at::embedding(embedding_, tokens.narrow(1, 0, seq).to(context_.device)), at::Tensor()};  // [B, S, H]
+  if (unit == num_units() - 1) {
+    at::Tensor targets = tokens.narrow(1, 1, seq).to(context_.device);  // [B, S]
+    output.logits = at::linear(rms_norm(input, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
+    output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
+    if (at::GradMode::is_enabled()) router_checked_ = true;
+    return {output.cross_entropy, at::Tensor()};
+  }
+  DecoderLayer& layer = layers_[unit - 1];
+  at::Tensor positions = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(context_.device));  // [S]
+  at::Tensor x = input + layer.attention->forward(rms_norm(input, layer.attention_norm, norm_eps_), positions);
+  at::Tensor normed = rms_norm(x, layer.ffn_norm, norm_eps_).reshape({batch * seq, hidden});  // [T, H]
+  at::Tensor ffn_out;                                                                          // [T, H]
+  at::Tensor aux_loss;
+  if (layer.router) {
+    Routing routing = layer.router->route(normed);
+    if (!router_checked_) check_router_loss(routing, unit - 1);
+    for (const auto& term : routing.loss_terms) {
+      at::Tensor value = term.tensor.detach().to(at::kFloat);
+      auto [entry, added] = output.router_loss_terms.emplace(term.name, value);
+      if (!added) entry->second = entry->second + value;
+    }
+    ffn_out = layer.experts->forward(normed, routing);
+    aux_loss = routing.aux_loss.to(at::kFloat);
+    output.tokens_per_expert.push_back(routing.tokens_per_expert.detach());
+    output.dropped_fraction.push_back(routing.dropped_fraction.defined() ? routing.dropped_fraction.detach() : at::Tensor());
+  }
+  if (layer.ffn_gate_proj.defined()) {
+    at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);
+    ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
+  }
+  return {x + ffn_out.view({batch, seq, hidden}), aux_loss};
+}
+
+int64_t Model::moe_layer_of_unit(int64_t unit) const {
+  if (unit < 1 || unit > static_cast<int64_t>(layers_.size()) || !layers_[unit - 1].router) return -1;
+  int64_t index = 0;
+  for (int64_t layer = 0; layer < unit - 1; ++layer) index += layers_[layer].router != nullptr;
+  return index;
+}
+
+int64_t Model::unit_of(const std::string& parameter_name) const {
+  if (parameter_name.rfind("embedding.", 0) == 0) return 0;
+  if (parameter_name.rfind("layers.", 0) == 0) return 1 + std::stoll(parameter_name.substr(7));
+  return num_units() - 1;  // final_norm, lm_head
 }
 
 bool Model::needs_step_counts() const {

@@ -1,6 +1,7 @@
 // The decoder-only MoE transformer the core assembles from plugins (DESIGN.md, "Data flow").
 // Dimension legend: B batch, S sequence, H hidden_size, V vocab_size, E experts, T = B * S tokens.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -9,6 +10,7 @@
 #include "pithtrain/attention.h"
 #include "pithtrain/experts.h"
 #include "pithtrain/router.h"
+#include "pithtrain/schedule.h"
 #include "registry.h"
 
 namespace pithtrain {
@@ -25,8 +27,8 @@ struct ModelOutput {
   at::Tensor cross_entropy;  // []
   at::Tensor aux_loss;       // [] sum of the routers' losses
   std::vector<at::Tensor> tokens_per_expert;  // per MoE layer, [E] int64
-  std::map<std::string, at::Tensor> router_loss_terms;
-  std::vector<at::Tensor> dropped_fraction;  // per MoE layer, [] (undefined when that router is dropless)  // per term name, summed over layers, detached []
+  std::map<std::string, at::Tensor> router_loss_terms;  // per term name, summed over layers, detached []
+  std::vector<at::Tensor> dropped_fraction;  // per MoE layer, [] (undefined when that router is dropless)
 };
 
 struct DecoderLayer {
@@ -45,8 +47,19 @@ class Model {
   // instance per layer. `context` supplies device, dtype and logger; its dims are filled here.
   Model(Options options, PluginRegistry& registry, PluginContext context);
 
-  // tokens [B, S + 1] int64: inputs are tokens[:, :-1], targets tokens[:, 1:].
-  ModelOutput forward(const at::Tensor& tokens);
+  // tokens [B, S + 1] int64: inputs are tokens[:, :-1], targets tokens[:, 1:]. The optional callbacks
+  // bracket each unit (a fully sharded schedule gathers and frees its parameters there).
+  ModelOutput forward(const at::Tensor& tokens, const std::function<void(int64_t)>& gather_unit = {},
+                      const std::function<void(int64_t)>& release_unit = {});
+  // The forward as a chain of units (StepFunctions::units): 0 the embedding, 1..L the decoder layers,
+  // L + 1 the final norm, LM head and cross-entropy. `input` is the previous unit's output; the routing
+  // statistics and, for the last unit, logits and cross_entropy go to `output`.
+  UnitOutput forward_unit(int64_t unit, const at::Tensor& input, const at::Tensor& tokens, ModelOutput& output);
+  int64_t num_units() const { return static_cast<int64_t>(layers_.size()) + 2; }
+  // The unit a parameter (by its name in parameters()) belongs to.
+  int64_t unit_of(const std::string& parameter_name) const;
+  // The MoE layer index (among MoE layers) of a decoder-layer unit; -1 for other units and dense layers.
+  int64_t moe_layer_of_unit(int64_t unit) const;
   std::vector<Parameter> parameters() const;
   // Parameters and router buffers, by name: what a model file holds.
   std::vector<NamedTensor> state() const;

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
+#include <limits>
 #include <sstream>
 
 #include <ATen/ATen.h>
@@ -73,6 +74,15 @@ double resident_memory_mb() {
   long pages_total = 0, pages_resident = 0;
   statm >> pages_total >> pages_resident;
   return static_cast<double>(pages_resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
+}
+
+// The most resident memory this process has had (VmHWM), in MiB.
+double peak_resident_memory_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;  // the line says kB
+  return std::nan("");
 }
 
 // Peak bytes the device's caching allocator has handed out, in MiB (CUDA runs only).
@@ -185,12 +195,18 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   const auto environment = process_environment();
   const int64_t processes = environment ? environment->world_size : 1;
   Options parallel = options_.table("parallel");
-  config_.data_parallel = parallel.integer("data", processes);
+  config_.pipeline_parallel = parallel.integer("pipeline", 1);
+  if (config_.pipeline_parallel < 1 || processes % config_.pipeline_parallel != 0)
+    throw Error(parallel.where("pipeline") + ": parallel.pipeline = " + std::to_string(config_.pipeline_parallel) +
+                " must divide the job's " + std::to_string(processes) + " process(es) (pithtrain launch --nproc, WORLD_SIZE "
+                "or SLURM_NTASKS): every process is one stage of one pipeline");
+  config_.data_parallel = parallel.integer("data", processes / config_.pipeline_parallel);
   config_.expert_parallel = parallel.integer("expert", 1);
-  if (config_.data_parallel != processes)
+  if (config_.data_parallel * config_.pipeline_parallel != processes)
     throw Error(parallel.where("data") + ": parallel.data = " + std::to_string(config_.data_parallel) + " but the job has " +
-                std::to_string(processes) + " process(es) (pithtrain launch --nproc, WORLD_SIZE or SLURM_NTASKS); every "
-                "process is a data-parallel rank: set parallel.data = " + std::to_string(processes) + " or leave it out");
+                std::to_string(processes) + " process(es) (pithtrain launch --nproc, WORLD_SIZE or SLURM_NTASKS) and " +
+                "parallel.pipeline = " + std::to_string(config_.pipeline_parallel) + " (processes = pipeline x data); set " +
+                "parallel.data = " + std::to_string(processes / config_.pipeline_parallel) + " or leave it out");
   if (config_.expert_parallel < 1 || config_.data_parallel % config_.expert_parallel != 0)
     throw Error(parallel.where("expert") + ": parallel.expert = " + std::to_string(config_.expert_parallel) +
                 " must divide parallel.data = " + std::to_string(config_.data_parallel) +
@@ -288,16 +304,19 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
     config_.device = "cuda:" + std::to_string(environment->local_rank);
   }
   if (environment) {
-    ProcessGroups groups = connect(*environment, config_.device, collective_timeout, config_.expert_parallel);
-    communicator_ = groups.world;
+    ProcessGroups groups = connect(*environment, config_.device, collective_timeout, config_.expert_parallel, config_.pipeline_parallel);
+    world_ = groups.world;
+    communicator_ = groups.data;
+    pipeline_group_ = groups.pipeline;
     expert_group_ = groups.expert;
     expert_data_group_ = groups.expert_data;
-    if (communicator_->rank() > 0) settings_.quiet = true;  // rank 0 reports; the others only warn
+    if (world_->rank() > 0) settings_.quiet = true;  // rank 0 reports; the others only warn
   }
   at::manual_seed(config_.seed);
   PluginContext context;
   context.communicator = communicator_;
   context.expert_group = expert_group_;
+  context.pipeline_group = pipeline_group_;
   context.device = c10::Device(config_.device);
   context.dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   context.logger = &logger();
@@ -344,22 +363,133 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
                 "' matches no parameter (names look like layers.1.router.gate.weight; * matches anything)");
   if (trainable.empty()) throw Error(train.where("freeze") + ": train.freeze leaves no parameter to train");
 
+  flops_per_token_ = model_->flops_per_token(config_.seq_len);
+  // Pipeline stages: consecutive units of the model chain, balanced by the work a token does in each
+  // (matrix parameters it multiplies with, experts at top_k / num_experts, plus attention scores), or
+  // as parallel.pipeline_units says.
+  stage_end_unit_ = model_->num_units();
+  if (config_.pipeline_parallel > 1) {
+    const int64_t units = model_->num_units(), stages = config_.pipeline_parallel;
+    const ModelDims& dims = model_->dims();
+    std::vector<int64_t> units_per_stage;
+    if (parallel.has("pipeline_units")) {
+      std::stringstream list(parallel.text("pipeline_units", ""));
+      std::string item;
+      while (std::getline(list, item, ',')) units_per_stage.push_back(std::atoll(item.c_str()));
+      int64_t total = 0;
+      for (int64_t count : units_per_stage) total += count > 0 ? count : units + 1;
+      if (static_cast<int64_t>(units_per_stage.size()) != stages || total != units)
+        throw Error(parallel.where("pipeline_units") + ": parallel.pipeline_units = \"" + parallel.text("pipeline_units", "") +
+                    "\" must list " + std::to_string(stages) + " positive counts adding up to the " + std::to_string(units) +
+                    " units (the embedding, " + std::to_string(dims.num_layers) + " decoder layers, the head)");
+    } else {
+      if (units < stages)
+        throw Error(parallel.where("pipeline") + ": parallel.pipeline = " + std::to_string(stages) + " stages but the model has " +
+                    "only " + std::to_string(units) + " units (the embedding, each decoder layer, the head)");
+      std::vector<double> cost(units, 0.0);
+      for (const auto& parameter : parameters_) {
+        if (parameter.tensor.dim() < 2 || parameter.name == "embedding.weight") continue;
+        const double count = static_cast<double>(parameter.tensor.numel());
+        cost[model_->unit_of(parameter.name)] +=
+            parameter.name.find(".experts.") != std::string::npos ? count * dims.top_k / dims.num_experts : count;
+      }
+      for (int64_t unit = 1; unit + 1 < units; ++unit) cost[unit] += static_cast<double>(config_.seq_len * dims.num_heads * dims.head_dim);
+      // The split minimising the most expensive stage (dynamic programming over prefixes).
+      std::vector<double> prefix(units + 1, 0.0);
+      for (int64_t unit = 0; unit < units; ++unit) prefix[unit + 1] = prefix[unit] + cost[unit];
+      const double infinity = std::numeric_limits<double>::infinity();
+      std::vector<std::vector<double>> best(stages + 1, std::vector<double>(units + 1, infinity));
+      std::vector<std::vector<int64_t>> cut(stages + 1, std::vector<int64_t>(units + 1, 0));
+      best[0][0] = 0;
+      for (int64_t stage = 1; stage <= stages; ++stage)
+        for (int64_t end = stage; end <= units; ++end)
+          for (int64_t begin = stage - 1; begin < end; ++begin) {
+            const double worst = std::max(best[stage - 1][begin], prefix[end] - prefix[begin]);
+            if (worst < best[stage][end]) best[stage][end] = worst, cut[stage][end] = begin;
+          }
+      units_per_stage.assign(stages, 0);
+      for (int64_t stage = stages, end = units; stage >= 1; end = cut[stage][end], --stage)
+        units_per_stage[stage - 1] = end - cut[stage][end];
+    }
+    const int64_t stage = pipeline_group_->rank();
+    std::string plan;
+    for (int64_t index = 0, first = 0; index < stages; first += units_per_stage[index], ++index) {
+      if (index == stage) stage_first_unit_ = first, stage_end_unit_ = first + units_per_stage[index];
+      const int64_t last = first + units_per_stage[index] - 1;
+      std::string what;
+      if (first == 0) what += "embedding";
+      const int64_t first_layer = std::max<int64_t>(first, 1) - 1, last_layer = std::min<int64_t>(last, units - 2) - 1;
+      if (first_layer <= last_layer)
+        what += (what.empty() ? "" : " + ") + (first_layer == last_layer ? "layer " + std::to_string(first_layer)
+                                                                          : "layers " + std::to_string(first_layer) + "-" + std::to_string(last_layer));
+      if (last == units - 1) what += (what.empty() ? "" : " + ") + std::string("head");
+      plan += fmt::format("{}stage {} (ranks {}-{}): {}", index ? "; " : "", index, index * config_.data_parallel,
+                          (index + 1) * config_.data_parallel - 1, what);
+    }
+    if (!settings_.quiet) logger().info("pipeline: {}", plan);
+    for (const auto& parameter : parameters_) {
+      const int64_t unit = model_->unit_of(parameter.name);
+      if (unit >= stage_first_unit_ && unit < stage_end_unit_) owned_.insert(parameter.name);
+    }
+  }
+  for (const auto& parameter : parameters_) {
+    auto& [trainable_count, total] = parameter_groups_[parameter_group(parameter.name)];
+    total += parameter.tensor.numel();
+    if (!frozen_.count(parameter.name)) trainable_count += parameter.tensor.numel();
+  }
+
   Options optimizer_options = options_.table("optimizer");
   const LoadedPlugin& optimizer_plugin = registry_->get("optimizer", optimizer_options.text("plugin", "adamw"));
   PluginContext optimizer_context = context;
   optimizer_context.dtype = at::kFloat;
   optimizer_context.dims = model_->dims();
   optimizer_context.parameters = trainable;
-  optimizer_ = make_optimizer(optimizer_plugin, optimizer_options, optimizer_context);
   Options schedule_options = options_.table("schedule");
   const LoadedPlugin& schedule_plugin = registry_->get("schedule", schedule_options.text("plugin", "single"));
   schedule_ = make_schedule(schedule_plugin, schedule_options, optimizer_context);
+  // A fully sharded schedule hands back one flat shard per trainable parameter: the optimizer and the
+  // checkpoints see those, the schedule owns the full tensors.
+  std::vector<std::vector<Parameter>> trainable_by_unit(model_->num_units());
+  for (const auto& parameter : trainable) trainable_by_unit[model_->unit_of(parameter.name)].push_back(parameter);
+  std::map<std::string, at::IntArrayRef> shard_shapes;  // parameter name -> its shard's shape
+  std::map<std::string, std::vector<int64_t>> full_shapes;  // read before a schedule frees the full tensors
+  for (const auto& parameter : trainable) full_shapes[parameter.name] = parameter.tensor.sizes().vec();
+  if (std::vector<Parameter> shards = schedule_->shard(trainable_by_unit); !shards.empty()) {
+    std::map<std::string, Parameter> by_name;
+    for (auto& shard : shards) by_name[shard.name] = shard;
+    for (auto& parameter : trainable) {
+      auto found = by_name.find(parameter.name);
+      if (found == by_name.end())
+        throw Error("schedule '" + schedule_plugin.name() + "' returned no shard for parameter '" + parameter.name + "'");
+      for (auto& master : master_)
+        if (master.name == parameter.name) master.tensor = found->second.tensor;
+      flat_shards_["model/" + parameter.name] = full_shapes.at(parameter.name);
+      parameter.tensor = found->second.tensor;
+    }
+    for (auto& parameter : trainable) shard_shapes.emplace(parameter.name, parameter.tensor.sizes());
+    optimizer_context.parameters = trainable;
+  }
+  optimizer_ = make_optimizer(optimizer_plugin, optimizer_options, optimizer_context);
   manifest_.push_back({"optimizer.plugin", &optimizer_plugin});
-  // Optimizer state of an expert block (named "<parameter>.<what>", the block's shape) is a block too.
-  for (const auto& item : optimizer_->state())
+  // Optimizer state of an expert block or a flat shard (named "<parameter>.<what>", the block's or the
+  // shard's shape) is a block or a shard too.
+  for (const auto& item : optimizer_->state()) {
     for (const auto& [name, shape] : sharded_shapes)
       if (item.name.rfind(name + ".", 0) == 0 && item.tensor.sizes() == shape) sharded_entries_.insert("optimizer/" + item.name);
+    for (const auto& [name, shape] : shard_shapes)
+      if (item.name.rfind(name + ".", 0) == 0 && item.tensor.sizes() == shape)
+        flat_shards_["optimizer/" + item.name] = flat_shards_.at("model/" + name);
+  }
   manifest_.push_back({"schedule.plugin", &schedule_plugin});
+  if (config_.pipeline_parallel > 1 && !schedule_->runs_pipeline_stages())
+    throw Error(schedule_options.where("plugin") + ": parallel.pipeline = " + std::to_string(config_.pipeline_parallel) +
+                " but schedule '" + schedule_plugin.name() + "' runs the whole model on every rank; set schedule.plugin = "
+                "\"pipeline_1f1b\"");
+  if (config_.pipeline_parallel > 1 && config_.micro_batches > 1 && model_->needs_step_counts())
+    throw Error(options_.table("model").table("moe").table("router").where("global_aux_loss_coeff") +
+                ": the global-batch balance loss over several micro-batches needs every layer's routing before the step, "
+                "which a pipeline stage does not have; under parallel.pipeline use aux_loss_coeff or seq_aux_loss_coeff, "
+                "or the aux_free router");
 
   options_.check_unknown_keys();
 
@@ -374,7 +504,7 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   checkpoint_dir_ = (fs::path(run_dir_) / "checkpoints").string();
   // Other ranks keep their own config, log and metrics below the run directory; checkpoints and the
   // final weights are rank 0's (all ranks hold the same state).
-  if (communicator_ && communicator_->rank() > 0) run_dir_ += "/rank_" + std::to_string(communicator_->rank());
+  if (world_ && world_->rank() > 0) run_dir_ += "/rank_" + std::to_string(world_->rank());
 }
 
 double Trainer::evaluate() {
@@ -382,25 +512,67 @@ double Trainer::evaluate() {
   const uint64_t seq_len = static_cast<uint64_t>(config_.seq_len);
   if (config_.eval_batches < 1 || held_out < seq_len + 1) return std::nan("");
   at::NoGradGuard no_grad;
-  // The same held-out windows, evenly spread, every time: validation losses compare across a run.
+  if (pipeline_group_) share_stage_state(/*parameters=*/true);  // every rank evaluates the whole model
+  // The same held-out windows, evenly spread, every time: validation losses compare across a run. A
+  // batch is a global batch (batch_size x micro_batches x ranks windows) split as in training, so every
+  // layout evaluates the same windows; the mean over equal pieces is the mean over all of them.
+  const uint64_t per_rank = static_cast<uint64_t>(config_.batch_size), micro_batches = static_cast<uint64_t>(config_.micro_batches);
+  const uint64_t ranks = communicator_ ? static_cast<uint64_t>(communicator_->size()) : 1;
+  const uint64_t rank = communicator_ ? static_cast<uint64_t>(communicator_->rank()) : 0;
+  const uint64_t global = per_rank * micro_batches * ranks;
   const uint64_t available = (held_out - 1) / seq_len;
-  const uint64_t wanted = static_cast<uint64_t>(config_.eval_batches * config_.batch_size);
+  const uint64_t wanted = static_cast<uint64_t>(config_.eval_batches) * global;
   double total = 0;
-  for (uint64_t batch = 0; batch < static_cast<uint64_t>(config_.eval_batches); ++batch) {
-    std::vector<uint64_t> offsets;
-    for (uint64_t row = 0; row < static_cast<uint64_t>(config_.batch_size); ++row) {
-      const uint64_t window = batch * config_.batch_size + row;
-      offsets.push_back(train_end_ + (window * available / wanted) % available * seq_len);
+  for (uint64_t batch = 0; batch < static_cast<uint64_t>(config_.eval_batches); ++batch)
+    for (uint64_t micro_batch = 0; micro_batch < micro_batches; ++micro_batch) {
+      std::vector<uint64_t> offsets;
+      for (uint64_t row = 0; row < per_rank; ++row) {
+        const uint64_t window = batch * global + (micro_batch * ranks + rank) * per_rank + row;
+        offsets.push_back(train_end_ + (window * available / wanted) % available * seq_len);
+      }
+      total += forward_gathered(dataset_->windows(offsets, config_.seq_len + 1)).cross_entropy.item<double>();
     }
-    total += model_->forward(dataset_->windows(offsets, config_.seq_len + 1)).cross_entropy.item<double>();
+  total /= static_cast<double>(config_.eval_batches * micro_batches);
+  if (communicator_) {
+    std::vector<at::Tensor> sum = {at::tensor({total}, at::kDouble)};
+    communicator_->all_reduce_sum(sum);
+    total = sum[0].item<double>() / static_cast<double>(ranks);
   }
-  return total / static_cast<double>(config_.eval_batches);
+  return total;
+}
+
+ModelOutput Trainer::forward_gathered(const at::Tensor& tokens) {
+  return model_->forward(tokens, [this](int64_t unit) { schedule_->gather_unit(unit); },
+                         [this](int64_t unit) { schedule_->release_unit(unit); });
 }
 
 std::vector<NamedTensor> Trainer::gathered(std::vector<NamedTensor> tensors, const std::string& entry_prefix) {
-  if (!expert_group_) return tensors;
-  for (auto& item : tensors)
-    if (sharded_entries_.count(entry_prefix + item.name)) item.tensor = expert_group_->all_gather(item.tensor.detach());
+  if (pipeline_group_) {
+    // Parameters are current on every rank after share_stage_state(); optimizer state lives only on the
+    // stage that trains the parameter: summed over the stages with zeros elsewhere.
+    share_stage_state(/*parameters=*/true);
+    std::vector<at::Tensor> states;
+    for (auto& item : tensors) {
+      const std::string entry = entry_prefix + item.name;
+      if (entry.rfind("optimizer/", 0) != 0) continue;
+      for (const auto& parameter : master_)
+        if (entry.rfind("optimizer/" + parameter.name + ".", 0) == 0) {
+          if (!owned_.count(parameter.name)) item.tensor = at::zeros_like(item.tensor);
+          else item.tensor = item.tensor.detach().clone();
+          states.push_back(item.tensor);
+          break;
+        }
+    }
+    pipeline_group_->all_reduce_sum(states);
+  }
+  for (auto& item : tensors) {
+    if (expert_group_ && sharded_entries_.count(entry_prefix + item.name))
+      item.tensor = expert_group_->all_gather(item.tensor.detach());
+    if (auto shard = flat_shards_.find(entry_prefix + item.name); shard != flat_shards_.end()) {
+      at::Tensor flat = communicator_ ? communicator_->all_gather(item.tensor.detach()) : item.tensor.detach();
+      item.tensor = flat.narrow(0, 0, c10::multiply_integers(shard->second)).view(shard->second);
+    }
+  }
   return tensors;
 }
 
@@ -409,8 +581,12 @@ void Trainer::load_tensors(const SafetensorsFile& file, const std::vector<NamedT
   std::set<std::string> blocks;
   for (const auto& entry : sharded_entries_)
     if (entry.rfind(entry_prefix, 0) == 0) blocks.insert(entry.substr(entry_prefix.size()));
+  std::map<std::string, std::vector<int64_t>> shards;
+  for (const auto& [entry, shape] : flat_shards_)
+    if (entry.rfind(entry_prefix, 0) == 0) shards.emplace(entry.substr(entry_prefix.size()), shape);
   copy_tensors_by_name(file, targets, file_prefix, path, blocks, expert_group_ ? expert_group_->rank() : 0,
-                       expert_group_ ? expert_group_->size() : 1);
+                       expert_group_ ? expert_group_->size() : 1, shards, communicator_ ? communicator_->rank() : 0,
+                       communicator_ ? communicator_->size() : 1);
 }
 
 std::vector<NamedTensor> Trainer::checkpoint_tensors() {
@@ -420,6 +596,48 @@ std::vector<NamedTensor> Trainer::checkpoint_tensors() {
   for (const auto& item : optimizer_->state()) tensors.push_back({"optimizer/" + item.name, item.tensor});
   tensors.push_back({"rng/cpu", at::detail::getDefaultCPUGenerator().get_state()});
   return tensors;
+}
+
+bool Trainer::owns_moe_layer(int64_t moe_layer) const {
+  if (!pipeline_group_) return true;
+  for (int64_t unit = stage_first_unit_; unit < stage_end_unit_; ++unit)
+    if (model_->moe_layer_of_unit(unit) == moe_layer) return true;
+  return false;
+}
+
+void Trainer::share_stage_state(bool parameters) {
+  // Every rank holds the whole model, but a stage trains only its units' parameters and updates only its
+  // layers' router buffers: each stage's values reach the others as a sum of (own ? value : 0).
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> values, targets;
+  auto add = [&](const std::string& name, const at::Tensor& tensor) {
+    const int64_t unit = model_->unit_of(name);
+    const bool own = unit >= stage_first_unit_ && unit < stage_end_unit_;
+    values.push_back(own ? tensor : at::zeros_like(tensor));
+    targets.push_back(own ? at::Tensor() : tensor);
+  };
+  if (parameters)
+    for (const auto& parameter : master_)
+      if (!frozen_.count(parameter.name)) add(parameter.name, parameter.tensor.detach());
+  for (const auto& item : buffers()) add(item.name, item.tensor);
+  pipeline_group_->all_reduce_sum(values);
+  for (size_t index = 0; index < values.size(); ++index)
+    if (targets[index].defined()) targets[index].copy_(values[index]);
+  if (parameters) copy_master_to_model();
+}
+
+double Trainer::state_mb() {
+  // Tensors that stay between steps: what a sharded schedule divides. Gradients are counted where
+  // they are kept (the master copies'; a bf16 model's own are transient).
+  double bytes = 0;
+  for (const auto& parameter : master_) {
+    bytes += static_cast<double>(parameter.tensor.nbytes());
+    if (parameter.tensor.grad().defined()) bytes += static_cast<double>(parameter.tensor.grad().nbytes());
+  }
+  if (mixed_precision_)
+    for (const auto& parameter : parameters_) bytes += static_cast<double>(parameter.tensor.nbytes());
+  for (const auto& item : optimizer_->state()) bytes += static_cast<double>(item.tensor.nbytes());
+  return bytes / (1024.0 * 1024.0);
 }
 
 std::vector<NamedTensor> Trainer::buffers() const {
@@ -469,19 +687,13 @@ TrainSummary Trainer::run() {
                entry.plugin->file.string());
     log.info("resolved config (saved to {}/config.toml):\n{}", run_dir_, resolved);
     int64_t count = 0;
-    for (const auto& parameter : parameters_) count += parameter.tensor.numel();
+    for (const auto& [group, counts] : parameter_groups_) count += counts.second;
     log.info("model: {} parameters, {} MoE layers of {}, {:.3g} training FLOPs per token; data: {} tokens ({} train, {} windows "
              "per epoch) from {}",
-             count, model_->num_moe_layers(), model_->dims().num_layers, model_->flops_per_token(config_.seq_len),
+             count, model_->num_moe_layers(), model_->dims().num_layers, flops_per_token_,
              dataset_->size(), train_end_, train_order_->count(), config_.data_path);
-    std::map<std::string, std::pair<int64_t, int64_t>> groups;  // trainable, total
-    for (const auto& parameter : parameters_) {
-      auto& [trainable, total] = groups[parameter_group(parameter.name)];
-      total += parameter.tensor.numel();
-      if (!frozen_.count(parameter.name)) trainable += parameter.tensor.numel();
-    }
     std::string table;
-    for (const auto& [group, counts] : groups)
+    for (const auto& [group, counts] : parameter_groups_)
       table += fmt::format("{}{} {}/{}", table.empty() ? "" : ", ", group, counts.first, counts.second);
     log.info("trainable parameters by group (trainable/total): {}{}", table,
              frozen_.empty() ? "" : fmt::format("; {} tensors frozen by train.freeze", frozen_.size()));
@@ -489,7 +701,7 @@ TrainSummary Trainer::run() {
 
   // Resume from the newest valid checkpoint of this run directory.
   CheckpointFolder checkpoints(checkpoint_dir_, config_.checkpoint_keep);
-  const bool writes_checkpoints = !communicator_ || communicator_->rank() == 0;
+  const bool writes_checkpoints = !world_ || world_->rank() == 0;
   const int64_t ranks = communicator_ ? communicator_->size() : 1, rank = communicator_ ? communicator_->rank() : 0;
   double smoothed = 0;
   int64_t start_step = 0;
@@ -553,7 +765,7 @@ TrainSummary Trainer::run() {
     profiler = std::make_unique<StepProfiler>(settings_.profile, run_dir_, c10::Device(config_.device).is_cuda());
 
   const int64_t tokens_per_step = config_.batch_size * config_.micro_batches * config_.seq_len;
-  const double flops_per_token = model_->flops_per_token(config_.seq_len);
+  const double flops_per_token = flops_per_token_;
   double lr = 0, window_tokens = 0, window_seconds = 0, total_seconds = 0;
   std::vector<at::Tensor> step_load;  // per MoE layer, this step's tokens_per_expert
   std::map<std::string, double> step_loss_terms;  // router loss terms, mean over the step's micro-batches
@@ -563,6 +775,7 @@ TrainSummary Trainer::run() {
   std::set<size_t> warned_dead, warned_collapse;  // MoE layers already warned about
   StepFunctions step_functions;
   step_functions.micro_batches = config_.micro_batches;
+  std::vector<at::Tensor> step_batches;  // this step's micro-batches [batch_size, seq_len + 1], read at its start
   auto next_micro_batch = [&] {
     std::vector<uint64_t> offsets;
     // Data parallel: the global batch is batch_size x ranks windows in the one-process order; each rank
@@ -578,37 +791,52 @@ TrainSummary Trainer::run() {
   const bool count_step_routing = config_.micro_batches > 1 && model_->needs_step_counts();
   auto count_routing = [&] {
     at::NoGradGuard no_grad;
-    const uint64_t position = train_order_->position();
     std::vector<at::Tensor> counts;
-    for (int64_t micro_batch = 0; micro_batch < config_.micro_batches; ++micro_batch) {
-      ModelOutput output = model_->forward(next_micro_batch());
+    for (const auto& batch : step_batches) {
+      ModelOutput output = forward_gathered(batch);
       counts.resize(output.tokens_per_expert.size());
       for (size_t layer = 0; layer < counts.size(); ++layer)
         counts[layer] = counts[layer].defined() ? counts[layer] + output.tokens_per_expert[layer]
                                                 : output.tokens_per_expert[layer].to(at::kDouble);
     }
-    train_order_->set_position(position);  // the step itself reads the same windows
     if (communicator_) communicator_->all_reduce_sum(counts);
     model_->set_step_counts(counts);
   };
-  step_functions.forward = [&](int64_t) {
-    ModelOutput output = model_->forward(next_micro_batch());
-    for (size_t layer = 0; layer < output.tokens_per_expert.size(); ++layer) {
-      if (step_load.size() <= layer) step_load.push_back(at::zeros_like(output.tokens_per_expert[layer]));
-      step_load[layer] += output.tokens_per_expert[layer];
+  // The step's routing statistics, from a forward's output whose first MoE layer is `first_layer`.
+  auto record_routing = [&](const ModelOutput& output, size_t first_layer) {
+    const double share = 1.0 / static_cast<double>(config_.micro_batches);
+    for (size_t index = 0; index < output.tokens_per_expert.size(); ++index) {
+      const size_t layer = first_layer + index;
+      if (step_load.size() <= layer) step_load.resize(layer + 1);
+      if (step_dropped.size() <= layer) step_dropped.resize(layer + 1, -1.0);
+      const at::Tensor& load = output.tokens_per_expert[index];
+      step_load[layer] = step_load[layer].defined() ? step_load[layer] + load : load.clone();
+      if (output.dropped_fraction[index].defined())
+        step_dropped[layer] = std::max(step_dropped[layer], 0.0) + output.dropped_fraction[index].item<double>() * share;
     }
-    step_dropped.resize(output.dropped_fraction.size(), -1.0);
-    for (size_t layer = 0; layer < output.dropped_fraction.size(); ++layer)
-      if (output.dropped_fraction[layer].defined())
-        step_dropped[layer] = std::max(step_dropped[layer], 0.0) +
-                              output.dropped_fraction[layer].item<double>() / static_cast<double>(config_.micro_batches);
-    for (const auto& [name, value] : output.router_loss_terms)
-      step_loss_terms[name] += value.item<double>() / static_cast<double>(config_.micro_batches);
+    for (const auto& [name, value] : output.router_loss_terms) step_loss_terms[name] += value.item<double>() * share;
+  };
+  step_functions.forward = [&](int64_t index) {
+    ModelOutput output = model_->forward(step_batches.at(index));
+    record_routing(output, 0);
     return MicroBatchLoss{output.loss, output.cross_entropy.item<double>(), output.aux_loss.item<double>(),
                           config_.batch_size * config_.seq_len};
   };
+  step_functions.units = model_->num_units();
+  step_functions.stage_first_unit = stage_first_unit_;
+  step_functions.stage_end_unit = stage_end_unit_;
+  step_functions.activation_shape = {config_.batch_size, config_.seq_len, model_->dims().hidden_size};
+  step_functions.activation_dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  step_functions.tokens_per_micro_batch = config_.batch_size * config_.seq_len;
+  step_functions.forward_unit = [&](int64_t unit, int64_t micro_batch, const at::Tensor& input) {
+    ModelOutput output;
+    UnitOutput result = model_->forward_unit(unit, input, step_batches.at(micro_batch), output);
+    if (at::GradMode::is_enabled()) record_routing(output, std::max<int64_t>(0, model_->moe_layer_of_unit(unit)));
+    return result;
+  };
   step_functions.zero_grad = [&] {
-    for (auto& parameter : parameters_) parameter.tensor.mutable_grad() = at::Tensor();
+    for (auto* list : {&parameters_, &master_})
+      for (auto& parameter : *list) parameter.tensor.mutable_grad() = at::Tensor();
   };
   step_functions.clip_gradients = [&] {
     if (communicator_) {
@@ -617,7 +845,8 @@ TrainSummary Trainer::run() {
       // backward brought them), so it is summed over the ranks holding the same block only.
       std::vector<at::Tensor> replicated, expert_blocks;
       for (auto& parameter : parameters_) {
-        if (frozen_.count(parameter.name)) continue;
+        if (frozen_.count(parameter.name) || flat_shards_.count("model/" + parameter.name)) continue;
+        if (pipeline_group_ && !owned_.count(parameter.name)) continue;  // another stage trains it
         if (!parameter.tensor.grad().defined()) parameter.tensor.mutable_grad() = at::zeros_like(parameter.tensor);
         // A schedule that reduces gradients has already averaged the replicated ones.
         if (parameter.expert_sharded) expert_blocks.push_back(parameter.tensor.grad());
@@ -633,9 +862,16 @@ TrainSummary Trainer::run() {
       for (size_t i = 0; i < parameters_.size(); ++i)
         master_[i].tensor.mutable_grad() =
             parameters_[i].tensor.grad().defined() ? parameters_[i].tensor.grad().to(at::kFloat) : at::Tensor();
-    // Squared norms by parameter group, replicated and expert blocks apart: the blocks' are summed
-    // over the expert group, so every rank clips by the norm of the whole model.
-    std::map<std::string, std::pair<double, double>> squares;  // group -> (replicated, expert blocks)
+    // Squared norms by parameter group, replicated tensors, expert blocks and flat shards apart: the
+    // blocks' are summed over the expert group and the shards' over all ranks, so every rank clips by
+    // the norm of the whole model.
+    enum { kReplicated, kExpertBlock, kFlatShard };
+    std::map<std::string, std::array<double, 3>> squares;  // group -> squares of each kind
+    // Under pipeline parallelism each stage has other groups: every rank lists them all, so the sums
+    // over the stages line up.
+    if (pipeline_group_)
+      for (const auto& [group, counts] : parameter_groups_)
+        if (counts.first > 0) squares[group] = {0.0, 0.0, 0.0};
     std::vector<at::Tensor> parameter_squares;
     for (auto& parameter : master_)
       if (parameter.tensor.grad().defined()) parameter_squares.push_back(parameter.tensor.grad().to(at::kDouble).pow(2).sum());
@@ -643,22 +879,38 @@ TrainSummary Trainer::run() {
     const double* value = values.data_ptr<double>();
     for (auto& parameter : master_) {
       if (!parameter.tensor.grad().defined()) continue;
-      auto& entry = squares[parameter_group(parameter.name)];
-      (parameter.expert_sharded ? entry.second : entry.first) += *value++;
+      const int kind = parameter.expert_sharded ? kExpertBlock : flat_shards_.count("model/" + parameter.name) ? kFlatShard : kReplicated;
+      squares[parameter_group(parameter.name)][kind] += *value++;
     }
-    if (expert_group_) {
-      std::vector<at::Tensor> blocks = {at::zeros({static_cast<int64_t>(squares.size())}, at::kDouble)};
+    for (auto [kind, group] : {std::pair{kExpertBlock, expert_group_.get()}, {kFlatShard, communicator_.get()}}) {
+      if (group == nullptr || (kind == kFlatShard && flat_shards_.empty())) continue;
+      std::vector<at::Tensor> sums = {at::zeros({static_cast<int64_t>(squares.size())}, at::kDouble)};
       int64_t index = 0;
-      for (const auto& [group, entry] : squares) blocks[0][index++] = entry.second;
-      expert_group_->all_reduce_sum(blocks);
+      for (const auto& [name, entry] : squares) sums[0][index++] = entry[kind];
+      group->all_reduce_sum(sums);
       index = 0;
-      for (auto& [group, entry] : squares) entry.second = blocks[0][index++].item<double>();
+      for (auto& [name, entry] : squares) entry[kind] = sums[0][index++].item<double>();
+    }
+    if (pipeline_group_) {  // each stage's parameters are its own
+      std::vector<at::Tensor> sums = {at::zeros({static_cast<int64_t>(squares.size()), 3}, at::kDouble)};
+      int64_t index = 0;
+      for (const auto& [name, entry] : squares) {
+        for (int kind = 0; kind < 3; ++kind) sums[0][index][kind] = entry[kind];
+        ++index;
+      }
+      pipeline_group_->all_reduce_sum(sums);
+      index = 0;
+      for (auto& [name, entry] : squares) {
+        for (int kind = 0; kind < 3; ++kind) entry[kind] = sums[0][index][kind].item<double>();
+        ++index;
+      }
     }
     double total_square = 0;
     step_grad_norms.clear();
     for (const auto& [group, entry] : squares) {
-      step_grad_norms[group] = std::sqrt(entry.first + entry.second);
-      total_square += entry.first + entry.second;
+      const double square = entry[kReplicated] + entry[kExpertBlock] + entry[kFlatShard];
+      step_grad_norms[group] = std::sqrt(square);
+      total_square += square;
     }
     const double total = std::sqrt(total_square);
     if (config_.grad_clip > 0 && total > config_.grad_clip)
@@ -690,25 +942,55 @@ TrainSummary Trainer::run() {
     step_dropped.clear();
     if (profiler) profiler->before_step(step);
     auto step_start = std::chrono::steady_clock::now();
+    step_batches.clear();
+    for (int64_t micro_batch = 0; micro_batch < config_.micro_batches; ++micro_batch) step_batches.push_back(next_micro_batch());
     if (count_step_routing) count_routing();
     StepResult result = schedule_->run_step(step_functions);
     if (count_step_routing) model_->set_step_counts({});
     double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     if (profiler) profiler->after_step(step, settings_.quiet);
     bool stop = g_stop_signal != 0;
-    if (communicator_) {
-      // Ranks agree on the logged figures (means), the load (sums) and on stopping (any rank's signal).
+    if (world_) {
+      // Ranks agree on the logged figures (means over the data ranks), the load (sums) and on stopping
+      // (any rank's signal). Under pipeline parallelism each stage contributes its own layers and its
+      // part of the loss (the cross-entropy comes from the last stage), so every rank lists every MoE
+      // layer and every router loss term, with zeros for what another stage has.
+      if (pipeline_group_) {
+        step_load.resize(model_->num_moe_layers());
+        step_dropped.resize(model_->num_moe_layers(), -1.0);
+        for (size_t layer = 0; layer < step_load.size(); ++layer)
+          if (!step_load[layer].defined()) step_load[layer] = at::zeros({model_->dims().num_experts}, at::kLong), step_dropped[layer] = -1.0;
+        if (loss_term_names_.empty()) {
+          // Once: the union of the stages' term names (a stage without MoE layers has none).
+          std::string mine;
+          for (const auto& [name, value] : step_loss_terms) mine += name + ",";
+          at::Tensor bytes = at::zeros({1024}, at::kByte);
+          std::memcpy(bytes.data_ptr(), mine.data(), std::min<size_t>(mine.size(), 1023));
+          at::Tensor all = world_->all_gather(bytes);
+          std::set<std::string> names;
+          for (int64_t rank = 0; rank < world_->size(); ++rank) {
+            std::stringstream list(std::string(reinterpret_cast<const char*>(all.data_ptr<uint8_t>()) + rank * 1024));
+            for (std::string name; std::getline(list, name, ',');) if (!name.empty()) names.insert(name);
+          }
+          loss_term_names_.assign(names.begin(), names.end());
+          if (loss_term_names_.empty()) loss_term_names_.push_back("");  // agreed: there are none
+        }
+        for (const auto& name : loss_term_names_)
+          if (!name.empty()) step_loss_terms.try_emplace(name, 0.0);
+      }
       std::vector<at::Tensor> shared = {at::tensor({result.loss, result.cross_entropy, result.aux_loss, stop ? 1.0 : 0.0}, at::kDouble)};
       for (auto& load : step_load) shared.push_back(load);
       for (auto& [name, value] : step_loss_terms) shared.push_back(at::tensor({value}, at::kDouble));
-      for (auto& dropped : step_dropped) shared.push_back(at::tensor({dropped}, at::kDouble));
-      communicator_->all_reduce_sum(shared);
+      // Dropped shares travel as share + 1 (0: dropless or another stage's layer) and come back as means.
+      for (auto& dropped : step_dropped) shared.push_back(at::tensor({owns_moe_layer(&dropped - step_dropped.data()) ? dropped + 1.0 : 0.0}, at::kDouble));
+      world_->all_reduce_sum(shared);
       const double n = static_cast<double>(communicator_->size());
       result.loss = shared[0][0].item<double>() / n, result.cross_entropy = shared[0][1].item<double>() / n;
       result.aux_loss = shared[0][2].item<double>() / n, stop = shared[0][3].item<double>() > 0;
       size_t index = 1 + step_load.size();
       for (auto& [name, value] : step_loss_terms) value = shared[index++].item<double>() / n;
-      for (auto& dropped : step_dropped) dropped = shared[index++].item<double>() / n;
+      for (auto& dropped : step_dropped) dropped = shared[index++].item<double>() / n - 1.0;
+      if (pipeline_group_) share_stage_state(/*parameters=*/false);  // the routers' buffers of every layer
     }
     if (!std::isfinite(result.loss))
       throw Error("loss became " + std::to_string(result.loss) + " at step " + std::to_string(step) +
@@ -760,7 +1042,8 @@ TrainSummary Trainer::run() {
       for (auto it = step_grad_norms.begin(); it != step_grad_norms.end(); ++it)
         metrics << (it == step_grad_norms.begin() ? "" : ",") << json_quote(it->first) << ":" << it->second;
       metrics << "},\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
-              << ",\"memory_mb\":" << resident_memory_mb();
+              << ",\"memory_mb\":" << resident_memory_mb() << ",\"peak_memory_mb\":" << peak_resident_memory_mb()
+              << ",\"state_mb\":" << state_mb();
       if (c10::Device(config_.device).is_cuda())
         metrics << ",\"device_memory_peak_mb\":" << device_memory_peak_mb(c10::Device(config_.device));
       if (evaluate_now) metrics << ",\"val_loss\":" << validation_loss;

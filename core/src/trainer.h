@@ -39,6 +39,7 @@ struct TrainConfig {
   int64_t dead_expert_steps = 100;           // an expert with no tokens for this many steps is dead
   int64_t data_parallel = 1;                 // parallel.data: processes, each training its slice of the batch
   int64_t expert_parallel = 1;               // parallel.expert: ranks splitting each MoE layer's experts
+  int64_t pipeline_parallel = 1;             // parallel.pipeline: stages the model's units are split into
 };
 
 struct TrainSummary {
@@ -67,14 +68,22 @@ class Trainer {
 
  private:
   double evaluate();
+  // The plain forward with the schedule's gather_unit/release_unit around each unit (outside run_step).
+  ModelOutput forward_gathered(const at::Tensor& tokens);
   std::vector<NamedTensor> checkpoint_tensors();
   // The full tensors of `tensors`: expert-parallel blocks (checkpoint entry entry_prefix + name) gathered
   // over the expert group (a collective: every rank calls it), the others as they are.
   std::vector<NamedTensor> gathered(std::vector<NamedTensor> tensors, const std::string& entry_prefix = "");
   // Copies the file's tensors (named file_prefix + name) into `targets`, narrowing full expert tensors
-  // (entries entry_prefix + name) to this rank's block.
+  // (entries entry_prefix + name) to this rank's block and full tensors to fully sharded shards.
   void load_tensors(const SafetensorsFile& file, const std::vector<NamedTensor>& targets, const std::string& entry_prefix,
                     const std::string& file_prefix, const std::string& path);
+  // MiB of parameters, gradients and optimizer state this rank keeps between steps (metrics state_mb).
+  double state_mb();
+  // Pipeline parallelism: copies each stage's trained parameters (with `parameters`) and router buffers
+  // to the other stages' copies (a collective over the pipeline group).
+  void share_stage_state(bool parameters);
+  bool owns_moe_layer(int64_t moe_layer) const;  // whether this rank's stage runs that MoE layer
   std::vector<NamedTensor> buffers() const;  // model state that is not a parameter (router buffers)
   void copy_master_to_model();               // bf16 runs: the model takes the rounded float32 masters
   std::map<std::string, std::string> checkpoint_metadata(int64_t step, double smoothed) const;
@@ -94,11 +103,22 @@ class Trainer {
   bool mixed_precision_ = false;
   std::vector<ManifestEntry> manifest_;
   std::set<std::string> frozen_;       // names of the train.freeze parameters
-  std::shared_ptr<Communicator> communicator_;  // multi-process runs; null with one process
+  std::shared_ptr<Communicator> world_;         // multi-process runs: every rank; null with one process
+  std::shared_ptr<Communicator> communicator_;  // the data-parallel ranks of this stage (= world_ without pipeline)
+  std::shared_ptr<Communicator> pipeline_group_;  // the stages of this rank's pipeline; null without pipeline
+  int64_t stage_first_unit_ = 0, stage_end_unit_ = 0;  // this rank's units of the model chain
+  std::set<std::string> owned_;  // pipeline: names of the parameters of this rank's stage (others are not trained here)
   std::shared_ptr<Communicator> expert_group_, expert_data_group_;  // distributed.h ProcessGroups
   // Checkpoint entries ("model/...", "optimizer/...") that are this rank's expert-parallel block of a
   // larger tensor: gathered over the expert group to save, narrowed to the block to load.
   std::set<std::string> sharded_entries_;
+  // Checkpoint entries that are this rank's fully sharded flat shard (Schedule::shard), with the full
+  // tensor's shape: gathered over all ranks to save, narrowed to the shard to load.
+  std::map<std::string, std::vector<int64_t>> flat_shards_;
+  // Counted before a fully sharded schedule frees the full tensors.
+  std::map<std::string, std::pair<int64_t, int64_t>> parameter_groups_;  // group -> (trainable, total) elements
+  double flops_per_token_ = 0;
+  std::vector<std::string> loss_term_names_;  // pipeline: every stage's router loss terms, agreed at the first step
   std::string checkpoint_dir_;                   // RUN_DIR/checkpoints, shared by all ranks
   uint64_t train_end_ = 0;  // tokens [0, train_end_) train, the rest validate
 };

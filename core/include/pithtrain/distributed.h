@@ -31,6 +31,15 @@ class Communicator {
                                 const std::vector<int64_t>& receive_counts) = 0;
   // Every rank's `tensor` (equal shapes) concatenated along dimension 0 in rank order; not differentiable.
   virtual at::Tensor all_gather(const at::Tensor& tensor) = 0;
+  // Sums `input` ([size() * n, ...], equal shapes on every rank) over all ranks and returns this rank's
+  // part of the sum: rows [rank() * n, (rank() + 1) * n). Not differentiable.
+  virtual at::Tensor reduce_scatter_sum(const at::Tensor& input) = 0;
+  // Point to point: starts sending `tensor` (contiguous, kept alive until wait()) to rank `to`; the
+  // receiver calls receive() with the same tag, shape and dtype. Messages between two ranks with the
+  // same tag arrive in order.
+  virtual std::unique_ptr<PendingCollective> start_send(at::Tensor tensor, int64_t to, int64_t tag) = 0;
+  // Waits for and returns the tensor rank `from` sends with `tag`, on the caller's device.
+  virtual at::Tensor receive(const std::vector<int64_t>& shape, c10::ScalarType dtype, int64_t from, int64_t tag) = 0;
   // Starts summing `buffer` (one contiguous float32 tensor on the group's device) over all ranks in
   // place and returns at once, so computation can go on meanwhile; every rank must start the same
   // buffers in the same order, and must not touch `buffer` before wait().

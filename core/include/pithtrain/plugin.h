@@ -20,7 +20,9 @@ namespace pithtrain {
 
 // 2: Routing gained loss_terms and dropped_fraction, PluginContext the communicator.
 // 3: Parameter gained expert_sharded, PluginContext the expert group, Communicator all_to_all/all_gather.
-inline constexpr uint32_t kPluginAbiVersion = 3;
+// 4: Communicator reduce_scatter_sum/start_send/receive; StepFunctions the unit chain and the stage;
+//    Schedule shard/gather_unit/release_unit/runs_pipeline_stages; PluginContext the pipeline group.
+inline constexpr uint32_t kPluginAbiVersion = 4;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.
 inline constexpr const char* kTorchVersion = TORCH_VERSION;
@@ -74,6 +76,9 @@ struct PluginContext {
   // parallel.expert = 1. An experts plugin that shards experts over it marks its parameters
   // expert_sharded.
   std::shared_ptr<Communicator> expert_group;
+  // The parallel.pipeline ranks that hold the stages of this rank's pipeline, in stage order (group rank
+  // = stage); null when parallel.pipeline = 1. `communicator` is then this stage's data-parallel group.
+  std::shared_ptr<Communicator> pipeline_group;
 };
 
 class Router;

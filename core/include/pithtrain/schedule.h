@@ -1,6 +1,7 @@
 // Interface of a `schedule` plugin: how one optimizer step runs across micro-batches (and, later, devices).
 #pragma once
 #include <functional>
+#include <vector>
 
 #include "pithtrain/plugin.h"
 
@@ -12,6 +13,14 @@ struct MicroBatchLoss {
   double cross_entropy = 0;    // the language-model part, for logging
   double aux_loss = 0;         // the router part, for logging
   int64_t tokens = 0;          // target tokens in the micro-batch
+};
+
+// What one unit of the model chain returns (StepFunctions::forward_unit).
+struct UnitOutput {
+  // Units before the last: the hidden state [B, S, H] the next unit takes. The last unit: the
+  // micro-batch's cross-entropy [].
+  at::Tensor output;
+  at::Tensor aux_loss;  // [] the unit's router loss (MoE layers); undefined elsewhere
 };
 
 // What the core hands a schedule for one optimizer step. Each function is called explicitly by the
@@ -27,6 +36,23 @@ struct StepFunctions {
   std::function<void()> optimizer_step;
   // Runs every router's after_optimizer_step().
   std::function<void()> after_optimizer_step;
+
+  // The same model as a chain of units, for schedules that run it piece by piece (fully sharded,
+  // pipeline): unit 0 is the embedding, units 1..L the decoder layers, unit L + 1 the final norm, the
+  // LM head and the cross-entropy. The micro-batch's loss is the last unit's output plus every unit's
+  // aux_loss, so its gradient is the backward of each unit with the gradient of its output from the
+  // unit after it and 1 (times the micro-batch's weight) for its aux_loss.
+  int64_t units = 0;
+  // Runs unit `unit` on micro-batch `micro_batch`: `input` is the previous unit's output (undefined for
+  // unit 0, which reads the micro-batch's tokens). With grad mode on it builds a graph and the core
+  // counts the unit's routing statistics; with it off it only computes.
+  std::function<UnitOutput(int64_t unit, int64_t micro_batch, const at::Tensor& input)> forward_unit;
+  int64_t tokens_per_micro_batch = 0;  // target tokens of one micro-batch on this rank
+  // Pipeline parallelism: this rank's stage runs units [stage_first_unit, stage_end_unit) (every unit
+  // when parallel.pipeline = 1); a unit's output between stages has activation_shape and activation_dtype.
+  int64_t stage_first_unit = 0, stage_end_unit = 0;
+  std::vector<int64_t> activation_shape;  // [B, S, H]
+  c10::ScalarType activation_dtype = c10::kFloat;
 };
 
 // Averages over the step's micro-batches.
@@ -48,6 +74,23 @@ class Schedule {
   // expert_sharded over PluginContext::communicator before calling clip_gradients (e.g. overlapped
   // with the backward), and the core does not. False: the core does it inside clip_gradients.
   virtual bool reduces_gradients() const { return false; }
+  // True: run_step runs only this rank's pipeline stage (StepFunctions::stage_first_unit..stage_end_unit)
+  // and exchanges activations over PluginContext::pipeline_group; needed when parallel.pipeline > 1.
+  virtual bool runs_pipeline_stages() const { return false; }
+
+  // Fully sharded schedules. The core calls shard() once, before it makes the optimizer, with the
+  // trainable parameters grouped by unit (StepFunctions::units). A schedule that shards returns one
+  // shard per parameter, same name, in the layout below: the optimizer updates these, checkpoints hold
+  // them gathered to full tensors, and the schedule owns the full tensors from then on (it may free
+  // them between uses). Returning an empty vector (the default) leaves the parameters as they are.
+  // Layout: the flattened full tensor padded with zeros to size * s elements, s = ceil(numel / size)
+  // over PluginContext::communicator's size ranks; rank r's shard is elements [r * s, (r + 1) * s).
+  virtual std::vector<Parameter> shard(const std::vector<std::vector<Parameter>>& /*parameters_by_unit*/) { return {}; }
+  // Before the core runs a unit outside run_step (evaluation, the routing count pass) it calls
+  // gather_unit(unit), and release_unit(unit) after; a sharded schedule restores and frees the unit's
+  // full tensors there.
+  virtual void gather_unit(int64_t /*unit*/) {}
+  virtual void release_unit(int64_t /*unit*/) {}
 };
 
 // The step of a gradient-accumulation schedule: zero_grad; forward and backward of each micro-batch
