@@ -1,0 +1,150 @@
+// PipelineSchedule (1F1B): this rank runs its stage's units of the model chain; activations go to the
+// next stage and their gradients come back through point-to-point messages. After P - s - 1 warm-up
+// forwards each stage alternates one forward and one backward, then drains the remaining backwards,
+// so at most P - s micro-batches are in flight on stage s.
+#include <chrono>
+#include <deque>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <spdlog/spdlog.h>
+
+#include "pithtrain/distributed.h"
+#include "pithtrain/schedule.h"
+
+namespace pithtrain {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// One micro-batch between its forward and its backward on this stage.
+struct InFlight {
+  int64_t micro_batch = 0;
+  at::Tensor input;     // [B, S, H] received from the previous stage (requires grad); undefined on stage 0
+  at::Tensor output;    // [B, S, H] sent to the next stage, or the cross-entropy [] on the last stage
+  at::Tensor aux_loss;  // [] the stage's router losses; undefined when it has none
+};
+
+class PipelineSchedule final : public Schedule {
+ public:
+  PipelineSchedule(Options& /*options*/, const PluginContext& context) : group_(context.pipeline_group), log_(context.logger) {
+    stages_ = group_ ? group_->size() : 1;
+    stage_ = group_ ? group_->rank() : 0;
+    // One line for the job: stage 0 of the first pipeline (world rank 0) reports.
+    reporter_ = stage_ == 0 && (!context.communicator || context.communicator->rank() == 0);
+  }
+
+  bool runs_pipeline_stages() const override { return true; }
+
+  StepResult run_step(const StepFunctions& step) override {
+    if (step.units < 1 || !step.forward_unit)
+      throw Error("schedule 'pipeline_1f1b' needs the model as a chain of units (StepFunctions::forward_unit)");
+    const auto step_start = Clock::now();
+    busy_seconds_ = 0;
+    StepResult result;
+    step.zero_grad();
+    scale_ = 1.0 / static_cast<double>(step.micro_batches);
+    std::deque<InFlight> in_flight;
+    const int64_t warmup = std::min<int64_t>(stages_ - stage_ - 1, step.micro_batches);
+    int64_t forwarded = 0, backwarded = 0;
+    for (; forwarded < warmup; ++forwarded) in_flight.push_back(forward(step, forwarded, result));
+    for (; forwarded < step.micro_batches; ++forwarded, ++backwarded) {
+      in_flight.push_back(forward(step, forwarded, result));
+      backward(step, in_flight.front());
+      in_flight.pop_front();
+    }
+    for (; backwarded < step.micro_batches; ++backwarded) {
+      backward(step, in_flight.front());
+      in_flight.pop_front();
+    }
+    for (auto& pending : sends_) pending->wait();
+    sends_.clear();
+    const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
+    report_bubble(step, step_seconds);
+    result.grad_norm = step.clip_gradients();
+    step.optimizer_step();
+    step.after_optimizer_step();
+    return result;
+  }
+
+ private:
+  bool first_stage() const { return stage_ == 0; }
+  bool last_stage() const { return stage_ == stages_ - 1; }
+
+  InFlight forward(const StepFunctions& step, int64_t micro_batch, StepResult& result) {
+    InFlight entry;
+    entry.micro_batch = micro_batch;
+    if (!first_stage()) {
+      entry.input = group_->receive(step.activation_shape, step.activation_dtype, stage_ - 1, 2 * micro_batch);
+      entry.input.requires_grad_(true);
+    }
+    const auto start = Clock::now();
+    at::Tensor x = entry.input;
+    for (int64_t unit = step.stage_first_unit; unit < step.stage_end_unit; ++unit) {
+      UnitOutput output = step.forward_unit(unit, micro_batch, x);
+      x = output.output;
+      if (output.aux_loss.defined()) entry.aux_loss = entry.aux_loss.defined() ? entry.aux_loss + output.aux_loss : output.aux_loss;
+    }
+    entry.output = x;
+    busy_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
+    if (!last_stage()) sends_.push_back(group_->start_send(x.detach().contiguous(), stage_ + 1, 2 * micro_batch));
+    const double cross_entropy = last_stage() ? x.item<double>() : 0.0;
+    const double aux_loss = entry.aux_loss.defined() ? entry.aux_loss.item<double>() : 0.0;
+    // This stage's share of the step's figures; the core sums them over the stages.
+    result.loss += (cross_entropy + aux_loss) * scale_;
+    result.cross_entropy += cross_entropy * scale_;
+    result.aux_loss += aux_loss * scale_;
+    if (last_stage()) result.tokens += step.tokens_per_micro_batch;
+    return entry;
+  }
+
+  void backward(const StepFunctions& step, InFlight& entry) {
+    std::vector<at::Tensor> roots, grads;
+    if (last_stage()) {
+      roots.push_back(entry.output), grads.push_back(at::full_like(entry.output, scale_));
+    } else {
+      at::Tensor output_grad = group_->receive(step.activation_shape, step.activation_dtype, stage_ + 1, 2 * entry.micro_batch + 1);
+      roots.push_back(entry.output), grads.push_back(output_grad);
+    }
+    if (entry.aux_loss.defined() && entry.aux_loss.requires_grad())
+      roots.push_back(entry.aux_loss), grads.push_back(at::full_like(entry.aux_loss, scale_));
+    const auto start = Clock::now();
+    torch::autograd::backward(roots, grads);
+    busy_seconds_ += std::chrono::duration<double>(Clock::now() - start).count();
+    if (!first_stage()) {
+      at::Tensor input_grad = entry.input.grad().defined() ? entry.input.grad() : at::zeros_like(entry.input);
+      sends_.push_back(group_->start_send(input_grad.contiguous(), stage_ - 1, 2 * entry.micro_batch + 1));
+    }
+    entry = InFlight();  // the graph and activations go now
+  }
+
+  // Bubble: the share of the step a stage spends not computing (waiting for its neighbours), averaged
+  // over the stages, next to the 1F1B figure (P - 1) / (M + P - 1) for equal stages.
+  void report_bubble(const StepFunctions& step, double step_seconds) {
+    std::vector<at::Tensor> figures = {at::tensor({1.0 - busy_seconds_ / std::max(step_seconds, 1e-9)}, at::kDouble)};
+    if (group_) group_->all_reduce_sum(figures);
+    last_bubble_ = figures[0].item<double>() / static_cast<double>(stages_);
+    const double theory = static_cast<double>(stages_ - 1) / static_cast<double>(step.micro_batches + stages_ - 1);
+    if (log_ != nullptr && reporter_ && ++reports_ <= 2)  // the first step includes start-up costs
+      log_->info("schedule pipeline_1f1b: {} stage(s), {} micro-batches: measured bubble {:.1f}% of the step "
+                 "(mean over stages), 1F1B theory (P-1)/(M+P-1) = {:.1f}%",
+                 stages_, step.micro_batches, 100 * last_bubble_, 100 * theory);
+  }
+
+  std::shared_ptr<Communicator> group_;
+  spdlog::logger* log_ = nullptr;
+  int64_t stages_ = 1, stage_ = 0;
+  double scale_ = 1, busy_seconds_ = 0, last_bubble_ = 0;
+  int64_t reports_ = 0;
+  bool reporter_ = false;
+  std::vector<std::unique_ptr<PendingCollective>> sends_;
+};
+
+}  // namespace
+
+std::unique_ptr<Schedule> make_pipeline_1f1b_schedule(Options& options, const PluginContext& context) {
+  return std::make_unique<PipelineSchedule>(options, context);
+}
+
+}  // namespace pithtrain
