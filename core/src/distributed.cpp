@@ -225,13 +225,16 @@ std::optional<ProcessEnvironment> process_environment() {
 }
 
 ProcessGroups connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds,
-                      int64_t expert_size, int64_t pipeline_size) {
+                      int64_t expert_size, int64_t pipeline_size, int64_t context_size) {
   // CUDA: NCCL on this rank's GPU (the trainer has made `device` cuda:LOCAL_RANK).
   const c10::Device collective_device = device == "cpu" ? c10::Device(c10::kCPU) : c10::Device(device);
   const int64_t rank = environment.rank, world = environment.world_size;
   if (pipeline_size < 1 || world % pipeline_size != 0)
     throw Error("parallel.pipeline = " + std::to_string(pipeline_size) + " does not divide the " + std::to_string(world) + " processes");
   const int64_t data_size = world / pipeline_size, stage = rank / data_size, data_rank = rank % data_size;
+  if (context_size < 1 || data_size % context_size != 0)
+    throw Error("parallel.context = " + std::to_string(context_size) + " does not divide the " + std::to_string(data_size) +
+                " ranks of a pipeline stage");
   if (expert_size < 1 || data_size % expert_size != 0)
     throw Error("parallel.expert = " + std::to_string(expert_size) + " does not divide the " + std::to_string(data_size) +
                 " data-parallel ranks");
@@ -254,6 +257,9 @@ ProcessGroups connect(const ProcessEnvironment& environment, const std::string& 
     groups.data = group("data_" + std::to_string(stage), data_rank, data_size);
     groups.pipeline = group("pipeline_" + std::to_string(data_rank), stage, pipeline_size);
   }
+  if (context_size > 1)
+    groups.context = group("context_" + std::to_string(stage) + "_" + std::to_string(data_rank / context_size),
+                           data_rank % context_size, context_size);
   // Expert groups: consecutive data ranks (docs/distributed.md); expert-data groups: the data ranks at
   // the same place in their expert group, which hold the same experts.
   const std::string stage_prefix = pipeline_size > 1 ? std::to_string(stage) + "_" : "";

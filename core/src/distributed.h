@@ -21,10 +21,12 @@ struct ProcessEnvironment {
 std::optional<ProcessEnvironment> process_environment();
 
 // The process groups of a run (docs/distributed.md, "The mesh").
-// Mesh order, outer to inner: pipeline, data (which expert groups subdivide): rank = stage x D + d.
+// Mesh order, outer to inner: pipeline, data, context (expert groups subdivide the data x context ranks
+// of a stage): rank = (stage x D + d) x C + c.
 struct ProcessGroups {
   std::shared_ptr<Communicator> world;        // every rank: agreed figures
-  std::shared_ptr<Communicator> data;         // the D ranks of this pipeline stage (= world without pipeline)
+  std::shared_ptr<Communicator> data;         // the D x C ranks of this pipeline stage (= world without pipeline)
+  std::shared_ptr<Communicator> context;      // the C ranks splitting the same sequences; null when C = 1
   std::shared_ptr<Communicator> pipeline;     // the stages of this data index, in stage order; null when 1 stage
   std::shared_ptr<Communicator> expert;       // parallel.expert consecutive data ranks splitting the experts; null when 1
   std::shared_ptr<Communicator> expert_data;  // the data ranks holding the same experts; null when there is one such rank
@@ -33,7 +35,7 @@ struct ProcessGroups {
 // Joins the process groups (c10d TCPStore rendezvous at MASTER_ADDR:MASTER_PORT, Gloo for CPU runs).
 // Collectives that take longer than timeout_seconds fail instead of hanging.
 ProcessGroups connect(const ProcessEnvironment& environment, const std::string& device, double timeout_seconds,
-                      int64_t expert_size = 1, int64_t pipeline_size = 1);
+                      int64_t expert_size = 1, int64_t pipeline_size = 1, int64_t context_size = 1);
 
 // What `pithtrain launch` starts: `processes` on this machine, node `node_rank` of `nodes`; rank 0's
 // machine is master_address, its port master_port (0: a free port, one node only).

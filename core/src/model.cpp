@@ -113,18 +113,30 @@ ModelOutput Model::forward(const at::Tensor& tokens, const std::function<void(in
   return output;
 }
 
+at::Tensor Model::token_positions(int64_t seq) const {
+  if (context_size_ == 1) return at::arange(seq, at::kLong);
+  // Load-balanced causal split: 2 x size chunks, this rank taking chunk r and chunk 2 x size - 1 - r, so
+  // every rank has as many early (cheap) as late (expensive) queries.
+  const int64_t chunk = seq / (2 * context_size_), rank = context_rank_;
+  return at::cat({at::arange(rank * chunk, (rank + 1) * chunk, at::kLong),
+                  at::arange((2 * context_size_ - 1 - rank) * chunk, (2 * context_size_ - rank) * chunk, at::kLong)});
+}
+
 UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::Tensor& tokens, ModelOutput& output) {
-  const int64_t batch = tokens.size(0), seq = tokens.size(1) - 1, hidden = context_.dims.hidden_size;
-  if (unit == 0) return {at::embedding(embedding_, tokens.narrow(1, 0, seq).to(context_.device)), at::Tensor()};  // [B, S, H]
+  const int64_t full = tokens.size(1) - 1, hidden = context_.dims.hidden_size;
+  const at::Tensor local = token_positions(full);  // [S] this rank's token positions (all of them without a context split)
+  const int64_t batch = tokens.size(0), seq = local.numel();
+  if (unit == 0)  // [B, S, H]
+    return {at::embedding(embedding_, tokens.narrow(1, 0, full).index_select(1, local).to(context_.device)), at::Tensor()};
   if (unit == num_units() - 1) {
-    at::Tensor targets = tokens.narrow(1, 1, seq).to(context_.device);  // [B, S]
+    at::Tensor targets = tokens.narrow(1, 1, full).index_select(1, local).to(context_.device);  // [B, S]
     output.logits = at::linear(rms_norm(input, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
     output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
     if (at::GradMode::is_enabled()) router_checked_ = true;
     return {output.cross_entropy, at::Tensor()};
   }
   DecoderLayer& layer = layers_[unit - 1];
-  at::Tensor positions = at::arange(seq, at::TensorOptions().dtype(at::kLong).device(context_.device));  // [S]
+  at::Tensor positions = local.to(context_.device);  // [S]
   at::Tensor x = input + layer.attention->forward(rms_norm(input, layer.attention_norm, norm_eps_), positions);
   at::Tensor normed = rms_norm(x, layer.ffn_norm, norm_eps_).reshape({batch * seq, hidden});  // [T, H]
   at::Tensor ffn_out;                                                                          // [T, H]
@@ -147,6 +159,12 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
     ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
   }
   return {x + ffn_out.view({batch, seq, hidden}), aux_loss};
+}
+
+bool Model::attention_supports_context_parallel() const {
+  for (const auto& layer : layers_)
+    if (!layer.attention->supports_context_parallel()) return false;
+  return true;
 }
 
 int64_t Model::moe_layer_of_unit(int64_t unit) const {

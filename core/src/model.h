@@ -56,6 +56,11 @@ class Model {
   // statistics and, for the last unit, logits and cross_entropy go to `output`.
   UnitOutput forward_unit(int64_t unit, const at::Tensor& input, const at::Tensor& tokens, ModelOutput& output);
   int64_t num_units() const { return static_cast<int64_t>(layers_.size()) + 2; }
+  // Context parallelism: this rank (of `size`) runs the tokens of chunks rank and 2 x size - 1 - rank of
+  // every sequence; token_positions(seq) are their positions (all of 0..seq-1 when size = 1).
+  void set_context_split(int64_t rank, int64_t size) { context_rank_ = rank, context_size_ = size; }
+  at::Tensor token_positions(int64_t seq) const;
+  bool attention_supports_context_parallel() const;
   // The unit a parameter (by its name in parameters()) belongs to.
   int64_t unit_of(const std::string& parameter_name) const;
   // The MoE layer index (among MoE layers) of a decoder-layer unit; -1 for other units and dense layers.
@@ -83,7 +88,8 @@ class Model {
   void check_router_loss(const Routing& routing, int64_t layer) const;
 
   PluginContext context_;
-  bool router_checked_ = false;  // the first training forward checks each router's loss terms
+  bool router_checked_ = false;
+  int64_t context_rank_ = 0, context_size_ = 1;  // the first training forward checks each router's loss terms
   double norm_eps_ = 1e-5;
   int64_t first_dense_layers_ = 0, dense_hidden_size_ = 0, shared_experts_ = 0;
   at::Tensor embedding_;   // [V, H]

@@ -89,13 +89,21 @@ at::Tensor balance_loss_from_counts(const at::Tensor& probs, const at::Tensor& c
   return probs.size(1) * (fraction * probs.mean(0)).sum();
 }
 
-at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len) {
+at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len, Communicator* context) {
   const int64_t tokens = scores.size(0), experts = scores.size(1), k = expert_ids.size(1);
   if (seq_len <= 0 || tokens % seq_len != 0) seq_len = tokens;
   const int64_t sequences = tokens / seq_len;
   at::Tensor normalized = (scores / scores.sum(-1, true).clamp_min(1e-20)).view({sequences, seq_len, experts});  // [N, S, E]
   at::Tensor chosen = at::zeros({tokens, experts}, scores.options()).scatter(1, expert_ids, 1.0);                // [T, E]
-  at::Tensor fraction = chosen.view({sequences, seq_len, experts}).sum(1) / static_cast<double>(seq_len * k);     // [N, E]
+  at::Tensor counts = chosen.view({sequences, seq_len, experts}).sum(1);                                          // [N, E]
+  int64_t sequence_tokens = seq_len;
+  if (context != nullptr) {  // this rank holds seq_len of the sequence's context->size() * seq_len tokens
+    std::vector<at::Tensor> shared = {counts.detach().clone()};
+    context->all_reduce_sum(shared);
+    counts = shared[0];
+    sequence_tokens *= context->size();
+  }
+  at::Tensor fraction = counts / static_cast<double>(sequence_tokens * k);                                         // [N, E]
   return (experts * (fraction * normalized.mean(1)).sum(-1)).mean();
 }
 

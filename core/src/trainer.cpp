@@ -196,20 +196,30 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   const int64_t processes = environment ? environment->world_size : 1;
   Options parallel = options_.table("parallel");
   config_.pipeline_parallel = parallel.integer("pipeline", 1);
-  if (config_.pipeline_parallel < 1 || processes % config_.pipeline_parallel != 0)
-    throw Error(parallel.where("pipeline") + ": parallel.pipeline = " + std::to_string(config_.pipeline_parallel) +
-                " must divide the job's " + std::to_string(processes) + " process(es) (pithtrain launch --nproc, WORLD_SIZE "
-                "or SLURM_NTASKS): every process is one stage of one pipeline");
-  config_.data_parallel = parallel.integer("data", processes / config_.pipeline_parallel);
+  config_.context_parallel = parallel.integer("context", 1);
+  const int64_t pipeline = config_.pipeline_parallel, context_size = config_.context_parallel;
+  for (auto [key, value] : {std::pair{"pipeline", pipeline}, {"context", context_size}})
+    if (value < 1 || processes % value != 0)
+      throw Error(parallel.where(key) + ": parallel." + key + " = " + std::to_string(value) + " must divide the job's " +
+                  std::to_string(processes) + " process(es) (pithtrain launch --nproc, WORLD_SIZE or SLURM_NTASKS; processes " +
+                  "= pipeline x data x context)");
+  if (processes % (pipeline * context_size) != 0)
+    throw Error(parallel.where("context") + ": parallel.pipeline x parallel.context = " + std::to_string(pipeline) + " x " +
+                std::to_string(context_size) + " does not divide the job's " + std::to_string(processes) + " processes " +
+                "(processes = pipeline x data x context)");
+  config_.data_parallel = parallel.integer("data", processes / (pipeline * context_size));
   config_.expert_parallel = parallel.integer("expert", 1);
-  if (config_.data_parallel * config_.pipeline_parallel != processes)
+  if (config_.data_parallel * pipeline * context_size != processes)
     throw Error(parallel.where("data") + ": parallel.data = " + std::to_string(config_.data_parallel) + " but the job has " +
-                std::to_string(processes) + " process(es) (pithtrain launch --nproc, WORLD_SIZE or SLURM_NTASKS) and " +
-                "parallel.pipeline = " + std::to_string(config_.pipeline_parallel) + " (processes = pipeline x data); set " +
-                "parallel.data = " + std::to_string(processes / config_.pipeline_parallel) + " or leave it out");
-  if (config_.expert_parallel < 1 || config_.data_parallel % config_.expert_parallel != 0)
+                std::to_string(processes) + " process(es) (pithtrain launch --nproc, WORLD_SIZE or SLURM_NTASKS) with " +
+                "parallel.pipeline = " + std::to_string(pipeline) + " and parallel.context = " + std::to_string(context_size) +
+                " (processes = pipeline x data x context); set parallel.data = " +
+                std::to_string(processes / (pipeline * context_size)) + " or leave it out");
+  const int64_t expert_ranks = config_.data_parallel * context_size;  // what expert groups subdivide
+  if (config_.expert_parallel < 1 || expert_ranks % config_.expert_parallel != 0)
     throw Error(parallel.where("expert") + ": parallel.expert = " + std::to_string(config_.expert_parallel) +
                 " must divide parallel.data = " + std::to_string(config_.data_parallel) +
+                (context_size > 1 ? " x parallel.context = " + std::to_string(expert_ranks) : std::string()) +
                 " (the experts of each MoE layer are split over groups of parallel.expert data-parallel ranks)");
   if (const int64_t experts = options_.table("model").table("moe").integer("num_experts", 8); experts % config_.expert_parallel != 0)
     throw Error(options_.table("model").table("moe").where("num_experts") + ": model.moe.num_experts = " + std::to_string(experts) +
@@ -234,6 +244,10 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
                 std::to_string(config_.micro_batches) + " x " + std::to_string(config_.data_parallel) +
                 "; leave train.micro_batches out to derive it");
   config_.seq_len = train.integer("seq_len", 128);
+  if (config_.context_parallel > 1 && config_.seq_len % (2 * config_.context_parallel) != 0)
+    throw Error(train.where("seq_len") + ": train.seq_len = " + std::to_string(config_.seq_len) + " must be a multiple of " +
+                "2 x parallel.context = " + std::to_string(2 * config_.context_parallel) + " (each context rank takes two " +
+                "equal chunks of every sequence)");
   config_.lr = train.number("lr", 3e-3);
   config_.min_lr = train.number("min_lr", config_.lr * 0.1);
   config_.warmup_steps = train.integer("warmup_steps", std::min<int64_t>(100, config_.steps / 10));
@@ -304,7 +318,9 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
     config_.device = "cuda:" + std::to_string(environment->local_rank);
   }
   if (environment) {
-    ProcessGroups groups = connect(*environment, config_.device, collective_timeout, config_.expert_parallel, config_.pipeline_parallel);
+    ProcessGroups groups = connect(*environment, config_.device, collective_timeout, config_.expert_parallel,
+                                   config_.pipeline_parallel, config_.context_parallel);
+    context_group_ = groups.context;
     world_ = groups.world;
     communicator_ = groups.data;
     pipeline_group_ = groups.pipeline;
@@ -317,11 +333,21 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   context.communicator = communicator_;
   context.expert_group = expert_group_;
   context.pipeline_group = pipeline_group_;
+  context.context_group = context_group_;
   context.device = c10::Device(config_.device);
   context.dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   context.logger = &logger();
-  context.dims.seq_len = config_.seq_len;  // sequence-wise router losses need the sequence boundaries
+  // Sequence-wise router losses need the sequence boundaries: this rank's tokens of each sequence.
+  context.dims.seq_len = config_.seq_len / config_.context_parallel;
   model_ = std::make_unique<Model>(options_.table("model"), *registry_, context);
+  if (context_group_) {
+    model_->set_context_split(context_group_->rank(), context_group_->size());
+    if (!model_->attention_supports_context_parallel())
+      throw Error(parallel.where("context") + ": parallel.context = " + std::to_string(config_.context_parallel) +
+                  " but attention plugin '" + options_.table("model").table("attention").text("plugin", "gqa") +
+                  "' does not split sequences over ranks (Attention::supports_context_parallel); use \"gqa\" or "
+                  "parallel.context = 1");
+  }
   manifest_ = model_->manifest();
   parameters_ = model_->parameters();
   // bf16 compute keeps float32 master weights: the optimizer updates them, the model gets bf16 copies.
@@ -389,7 +415,8 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
       std::vector<double> cost(units, 0.0);
       for (const auto& parameter : parameters_) {
         if (parameter.tensor.dim() < 2 || parameter.name == "embedding.weight") continue;
-        const double count = static_cast<double>(parameter.tensor.numel());
+        // An expert-parallel block stands for parallel.expert blocks: the split does not depend on the layout.
+        const double count = static_cast<double>(parameter.tensor.numel() * (parameter.expert_sharded ? config_.expert_parallel : 1));
         cost[model_->unit_of(parameter.name)] +=
             parameter.name.find(".experts.") != std::string::npos ? count * dims.top_k / dims.num_experts : count;
       }
@@ -423,8 +450,9 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
         what += (what.empty() ? "" : " + ") + (first_layer == last_layer ? "layer " + std::to_string(first_layer)
                                                                           : "layers " + std::to_string(first_layer) + "-" + std::to_string(last_layer));
       if (last == units - 1) what += (what.empty() ? "" : " + ") + std::string("head");
-      plan += fmt::format("{}stage {} (ranks {}-{}): {}", index ? "; " : "", index, index * config_.data_parallel,
-                          (index + 1) * config_.data_parallel - 1, what);
+      const int64_t stage_ranks = config_.data_parallel * config_.context_parallel;
+      plan += fmt::format("{}stage {} (ranks {}-{}): {}", index ? "; " : "", index, index * stage_ranks,
+                          (index + 1) * stage_ranks - 1, what);
     }
     if (!settings_.quiet) logger().info("pipeline: {}", plan);
     for (const auto& parameter : parameters_) {
@@ -517,8 +545,8 @@ double Trainer::evaluate() {
   // batch is a global batch (batch_size x micro_batches x ranks windows) split as in training, so every
   // layout evaluates the same windows; the mean over equal pieces is the mean over all of them.
   const uint64_t per_rank = static_cast<uint64_t>(config_.batch_size), micro_batches = static_cast<uint64_t>(config_.micro_batches);
-  const uint64_t ranks = communicator_ ? static_cast<uint64_t>(communicator_->size()) : 1;
-  const uint64_t rank = communicator_ ? static_cast<uint64_t>(communicator_->rank()) : 0;
+  const uint64_t ranks = static_cast<uint64_t>(config_.data_parallel);  // context ranks share the windows
+  const uint64_t rank = communicator_ ? static_cast<uint64_t>(communicator_->rank() / config_.context_parallel) : 0;
   const uint64_t global = per_rank * micro_batches * ranks;
   const uint64_t available = (held_out - 1) / seq_len;
   const uint64_t wanted = static_cast<uint64_t>(config_.eval_batches) * global;
@@ -536,7 +564,7 @@ double Trainer::evaluate() {
   if (communicator_) {
     std::vector<at::Tensor> sum = {at::tensor({total}, at::kDouble)};
     communicator_->all_reduce_sum(sum);
-    total = sum[0].item<double>() / static_cast<double>(ranks);
+    total = sum[0].item<double>() / static_cast<double>(communicator_->size());
   }
   return total;
 }
@@ -702,7 +730,8 @@ TrainSummary Trainer::run() {
   // Resume from the newest valid checkpoint of this run directory.
   CheckpointFolder checkpoints(checkpoint_dir_, config_.checkpoint_keep);
   const bool writes_checkpoints = !world_ || world_->rank() == 0;
-  const int64_t ranks = communicator_ ? communicator_->size() : 1, rank = communicator_ ? communicator_->rank() : 0;
+  // The data-parallel index and count: the ranks of a context group read the same sequences.
+  const int64_t ranks = config_.data_parallel, rank = communicator_ ? communicator_->rank() / config_.context_parallel : 0;
   double smoothed = 0;
   int64_t start_step = 0;
   if (config_.resume) {
@@ -764,7 +793,7 @@ TrainSummary Trainer::run() {
   if (!settings_.profile.empty())
     profiler = std::make_unique<StepProfiler>(settings_.profile, run_dir_, c10::Device(config_.device).is_cuda());
 
-  const int64_t tokens_per_step = config_.batch_size * config_.micro_batches * config_.seq_len;
+  const int64_t tokens_per_step = config_.batch_size * config_.micro_batches * config_.seq_len / config_.context_parallel;
   const double flops_per_token = flops_per_token_;
   double lr = 0, window_tokens = 0, window_seconds = 0, total_seconds = 0;
   std::vector<at::Tensor> step_load;  // per MoE layer, this step's tokens_per_expert
@@ -825,9 +854,9 @@ TrainSummary Trainer::run() {
   step_functions.units = model_->num_units();
   step_functions.stage_first_unit = stage_first_unit_;
   step_functions.stage_end_unit = stage_end_unit_;
-  step_functions.activation_shape = {config_.batch_size, config_.seq_len, model_->dims().hidden_size};
+  step_functions.activation_shape = {config_.batch_size, config_.seq_len / config_.context_parallel, model_->dims().hidden_size};
   step_functions.activation_dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
-  step_functions.tokens_per_micro_batch = config_.batch_size * config_.seq_len;
+  step_functions.tokens_per_micro_batch = config_.batch_size * config_.seq_len / config_.context_parallel;
   step_functions.forward_unit = [&](int64_t unit, int64_t micro_batch, const at::Tensor& input) {
     ModelOutput output;
     UnitOutput result = model_->forward_unit(unit, input, step_batches.at(micro_batch), output);

@@ -40,6 +40,7 @@ struct TrainConfig {
   int64_t data_parallel = 1;                 // parallel.data: processes, each training its slice of the batch
   int64_t expert_parallel = 1;               // parallel.expert: ranks splitting each MoE layer's experts
   int64_t pipeline_parallel = 1;             // parallel.pipeline: stages the model's units are split into
+  int64_t context_parallel = 1;              // parallel.context: ranks splitting every sequence
 };
 
 struct TrainSummary {
@@ -104,8 +105,9 @@ class Trainer {
   std::vector<ManifestEntry> manifest_;
   std::set<std::string> frozen_;       // names of the train.freeze parameters
   std::shared_ptr<Communicator> world_;         // multi-process runs: every rank; null with one process
-  std::shared_ptr<Communicator> communicator_;  // the data-parallel ranks of this stage (= world_ without pipeline)
+  std::shared_ptr<Communicator> communicator_;  // the data x context ranks of this stage (= world_ without pipeline)
   std::shared_ptr<Communicator> pipeline_group_;  // the stages of this rank's pipeline; null without pipeline
+  std::shared_ptr<Communicator> context_group_;   // the ranks splitting this rank's sequences; null without context
   int64_t stage_first_unit_ = 0, stage_end_unit_ = 0;  // this rank's units of the model chain
   std::set<std::string> owned_;  // pipeline: names of the parameters of this rank's stage (others are not trained here)
   std::shared_ptr<Communicator> expert_group_, expert_data_group_;  // distributed.h ProcessGroups

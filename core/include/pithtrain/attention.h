@@ -14,6 +14,9 @@ class Attention {
   virtual at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions) = 0;
   // Projection weights (and any norms, with weight_decay = false).
   virtual std::vector<Parameter> parameters() = 0;
+  // True when forward() handles PluginContext::context_group (a sequence split over ranks: `hidden`
+  // holds this rank's tokens and `positions` their global positions), e.g. with ring_attention().
+  virtual bool supports_context_parallel() const { return false; }
 };
 
 }  // namespace pithtrain

@@ -68,4 +68,13 @@ at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const Ro
 // The same rotation with adjacent pairs (2i, 2i + 1), as complex numbers (DeepSeek's MLA convention).
 at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, const Rope& rope);
 
+// Context parallelism (PluginContext::context_group): causal attention of this rank's queries
+// q [B, h, L, D] over the keys and values k, v [B, kv, L, D] of every rank of `group` (h a multiple of
+// kv; query head i uses kv head i / (h / kv)). positions [L] are the global positions of this rank's
+// tokens (any order; each rank may hold several chunks): key j is visible to query i when
+// position_j <= position_i. Returns [B, h, L, D], equal to full causal attention over the whole
+// sequence restricted to this rank's queries; differentiable. A collective over `group`.
+at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                          Communicator& group);
+
 }  // namespace pithtrain

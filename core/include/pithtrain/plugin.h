@@ -21,7 +21,8 @@ namespace pithtrain {
 // 2: Routing gained loss_terms and dropped_fraction, PluginContext the communicator.
 // 3: Parameter gained expert_sharded, PluginContext the expert group, Communicator all_to_all/all_gather.
 // 4: Communicator reduce_scatter_sum/start_send/receive; StepFunctions the unit chain and the stage;
-//    Schedule shard/gather_unit/release_unit/runs_pipeline_stages; PluginContext the pipeline group.
+//    Schedule shard/gather_unit/release_unit/runs_pipeline_stages; PluginContext the pipeline and context
+//    groups; Attention::supports_context_parallel; the balance losses take the context group.
 inline constexpr uint32_t kPluginAbiVersion = 4;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.
@@ -79,6 +80,10 @@ struct PluginContext {
   // The parallel.pipeline ranks that hold the stages of this rank's pipeline, in stage order (group rank
   // = stage); null when parallel.pipeline = 1. `communicator` is then this stage's data-parallel group.
   std::shared_ptr<Communicator> pipeline_group;
+  // The parallel.context ranks that split every sequence (each holds two of 2 x context chunks, an early
+  // and a late one); null when parallel.context = 1. `communicator` then spans data x context ranks.
+  // Attention runs ring_attention (pithtrain/nn.h) over it; routers reduce per-sequence statistics.
+  std::shared_ptr<Communicator> context_group;
 };
 
 class Router;

@@ -36,7 +36,10 @@ at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert
 // sequence, with P from the scores normalised per token (s / sum_j s_j), averaged over sequences.
 // scores [T, E] (affinities >= 0), expert_ids [T, k], seq_len: tokens per sequence (T a multiple of it;
 // 0 or a non-divisor: all T tokens form one sequence).
-at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len);
+// With `context` (parallel.context) each sequence is split over its ranks: the counts f are summed over
+// them and P stays this rank's, so the mean over the context ranks is the loss of the whole sequence.
+at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len,
+                                 Communicator* context = nullptr);
 // The same loss with f from given counts [E] (e.g. those of every micro-batch of a step on every rank,
 // Router::set_step_counts): E * sum_e (counts_e / sum counts) * mean_t probs[t, e].
 at::Tensor balance_loss_from_counts(const at::Tensor& probs, const at::Tensor& counts);

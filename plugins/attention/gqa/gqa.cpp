@@ -31,6 +31,10 @@ class GroupedQueryAttention final : public Attention {
     const int64_t layer = std::max<int64_t>(context.layer_index, 0);
     if (window_layers == "all" || (window_layers == "even") == (layer % 2 == 0)) window_ = window;
     rope_ = read_rope(options, dims_);
+    context_group_ = context.context_group;
+    if (context_group_ && (window_ > 0 || sinks))
+      throw Error(options.where(sinks ? "sinks" : "sliding_window") + ": attention plugin 'gqa' does not yet combine " +
+                  (sinks ? std::string("sinks") : std::string("a sliding window")) + " with parallel.context; set parallel.context = 1");
 
     auto tensor_options = at::TensorOptions().dtype(context.dtype).device(context.device);
     if (qk_norm_ != "none") {
@@ -63,7 +67,10 @@ class GroupedQueryAttention final : public Attention {
     k = apply_rope(k, positions, rope_).transpose(1, 2);  // [B, kv, S, D]
     v = v.transpose(1, 2);                                // [B, kv, S, D]
     at::Tensor out;                                       // [B, h, S, D]
-    if (!sinks_.defined()) {
+    if (context_group_) {
+      // The sequence is split over the context group: this rank's queries against every rank's keys.
+      out = ring_attention(q, k, v, positions, *context_group_);
+    } else if (!sinks_.defined()) {
       std::optional<at::Tensor> mask;
       if (window_ > 0 && window_ < seq) mask = allowed(positions);
       out = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/!mask.has_value(), std::nullopt,
@@ -73,6 +80,8 @@ class GroupedQueryAttention final : public Attention {
     }
     return at::linear(out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * head_dim}), o_proj_, o_bias_);  // [B, S, H]
   }
+
+  bool supports_context_parallel() const override { return true; }
 
   std::vector<Parameter> parameters() override {
     std::vector<Parameter> result = {{"q_proj", q_proj_, true}, {"k_proj", k_proj_, true}, {"v_proj", v_proj_, true},
@@ -118,6 +127,7 @@ class GroupedQueryAttention final : public Attention {
   double qk_norm_eps_ = 1e-6;
   at::Tensor q_norm_, k_norm_;  // [D] ("head") or [h * D], [kv * D] ("full")
   int64_t window_ = 0;          // this layer's window; 0: full causal attention
+  std::shared_ptr<Communicator> context_group_;  // parallel.context > 1: ring attention over these ranks
   Rope rope_;
 };
 

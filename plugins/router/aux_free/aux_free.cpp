@@ -33,6 +33,7 @@ class AuxFreeRouter final : public Router {
       throw Error(options.where("seq_aux_loss_coeff") + ": seq_aux_loss_coeff and z_loss_coeff must be >= 0");
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
     context_communicator_ = context.communicator;
+    context_group_ = context.context_group;
     auto options_of = at::TensorOptions().device(context.device);
     bias_ = at::zeros({dims_.num_experts}, options_of.dtype(context.dtype == at::kDouble ? at::kDouble : at::kFloat));
     load_ = at::zeros({dims_.num_experts}, options_of.dtype(at::kLong));
@@ -63,7 +64,7 @@ class AuxFreeRouter final : public Router {
     // No balancing loss is needed; DeepSeek-V3 still adds a tiny sequence-wise one (alpha = 1e-4).
     routing.aux_loss = at::zeros({}, at::TensorOptions().dtype(compute_dtype).device(hidden.device()));
     if (seq_aux_loss_coeff_ > 0)
-      routing.loss_terms.push_back({"sequence", seq_aux_loss_coeff_ * sequence_balance_loss(scores, expert_ids, dims_.seq_len)});
+      routing.loss_terms.push_back({"sequence", seq_aux_loss_coeff_ * sequence_balance_loss(scores, expert_ids, dims_.seq_len, context_group_.get())});
     if (z_loss_coeff_ > 0) routing.loss_terms.push_back({"z", z_loss_coeff_ * router_z_loss(logits)});
     for (const auto& term : routing.loss_terms) routing.aux_loss = routing.aux_loss + term.tensor;
     if (at::GradMode::is_enabled()) load_ += routing.tokens_per_expert;  // training: count toward the update
@@ -91,6 +92,7 @@ class AuxFreeRouter final : public Router {
   double update_rate_ = 1e-3;
   double scaling_factor_ = 1.0, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0, capacity_factor_ = 0.0;
   bool freeze_bias_ = false;
+  std::shared_ptr<Communicator> context_group_;  // context parallel: the ranks sharing each sequence
   std::shared_ptr<Communicator> context_communicator_;  // data-parallel runs: sums the load over ranks  // fine-tuning: keep the loaded bias
   bool renormalize_ = true;
   int64_t num_groups_ = 1, topk_groups_ = 1;

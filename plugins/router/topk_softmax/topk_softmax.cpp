@@ -17,6 +17,7 @@ class TopKSoftmaxRouter final : public Router {
     seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0);
     global_aux_loss_coeff_ = options.number("global_aux_loss_coeff", 0.0);
     communicator_ = context.communicator;
+    context_group_ = context.context_group;
     z_loss_coeff_ = options.number("z_loss_coeff", 0.0);
     capacity_factor_ = options.number("capacity_factor", 0.0);
     scaling_factor_ = options.number("scaling_factor", 1.0);
@@ -59,8 +60,10 @@ class TopKSoftmaxRouter final : public Router {
       routing.loss_terms.push_back({name, coeff * term()});
       routing.aux_loss = routing.aux_loss + routing.loss_terms.back().tensor;
     };
-    add("switch", aux_loss_coeff_, [&] { return switch_balance_loss(probs, expert_ids); });
-    add("sequence", seq_aux_loss_coeff_, [&] { return sequence_balance_loss(probs, expert_ids, dims_.seq_len); });
+    // Under context parallelism a micro-batch's (and a sequence's) tokens are spread over the context
+    // group: f counts them all, P stays this rank's (router.h).
+    add("switch", aux_loss_coeff_, [&] { return switch_balance_loss(probs, expert_ids, context_group_.get()); });
+    add("sequence", seq_aux_loss_coeff_, [&] { return sequence_balance_loss(probs, expert_ids, dims_.seq_len, context_group_.get()); });
     // Global-batch balance: f over every rank's tokens; under gradient accumulation over every
     // micro-batch of the step (counted by the core beforehand, set_step_counts).
     add("global", global_aux_loss_coeff_, [&] {
@@ -85,6 +88,7 @@ class TopKSoftmaxRouter final : public Router {
   ModelDims dims_;
   bool renormalize_ = true;
   std::shared_ptr<Communicator> communicator_;  // data parallel: the global-batch loss sums counts over ranks
+  std::shared_ptr<Communicator> context_group_;  // context parallel: the ranks sharing each sequence
   double global_aux_loss_coeff_ = 0.0;
   at::Tensor step_counts_;  // [E] this step's counts over micro-batches and ranks; undefined: count per call
   double aux_loss_coeff_ = 0.01, seq_aux_loss_coeff_ = 0.0, z_loss_coeff_ = 0.0, capacity_factor_ = 0.0, scaling_factor_ = 1.0;
