@@ -23,7 +23,7 @@ run pp2 launch --nproc 2 -- "${common[@]}" "${topk[@]}" "${pp[@]}" --set paralle
 run pp2dp2 launch --nproc 4 -- "${common[@]}" "${topk[@]}" "${pp[@]}" --set parallel.pipeline=2 --set train.steps=6 --out "$work/pp2dp2"
 # 5 units (embedding, 3 layers, head) over 4 stages, split by hand.
 run pp4 launch --nproc 4 -- "${common[@]}" "${topk[@]}" "${pp[@]}" --set parallel.pipeline=4 --set parallel.pipeline_units='"2,1,1,1"' \
-  --set train.steps=6 --out "$work/pp4"
+  --set schedule.trace_dir="\"$work/trace\"" --set train.steps=6 --out "$work/pp4"
 # The aux_free router: its bias update runs on the stage of its layer and must reach the other stages.
 free=(--set model.moe.router.plugin=aux_free --set model.moe.router.seq_aux_loss_coeff=0.001)
 run one_free "${common[@]}" "${free[@]}" --set train.steps=6 --out "$work/one_free"
@@ -64,6 +64,30 @@ for run, base in (("pp2", "one"), ("pp2dp2", "one"), ("pp4", "one"), ("pp2_to_on
 PY
 # Refusals before training: a schedule that runs the whole model, a split that does not add up, a
 # pipeline that does not divide the processes.
+# The recorded trace of step 2 is the 1F1B order on every stage: P - s - 1 warm-up forwards, then one
+# forward and one backward, then the remaining backwards; a backward starts after the next stage's
+# backward of that micro-batch ended, a forward after the previous stage's forward.
+python3 - "$work/trace" <<'PY'
+import json, os, sys
+stages, micro = 4, 4
+events = {s: [json.loads(l) for l in open(os.path.join(sys.argv[1], f"stage_{s}.jsonl"))] for s in range(stages)}
+for s in range(stages):
+    order = [(e["kind"], e["micro_batch"]) for e in events[s]]
+    warmup = min(stages - s - 1, micro)
+    expected = [("F", m) for m in range(warmup)]
+    for m in range(micro - warmup):
+        expected += [("F", warmup + m), ("B", m)]
+    expected += [("B", m) for m in range(micro - warmup, micro)]
+    assert order == expected, (s, order, expected)
+    for e in events[s]:
+        neighbour = s - 1 if e["kind"] == "F" else s + 1
+        if 0 <= neighbour < stages:
+            before = next(x for x in events[neighbour] if x["kind"] == e["kind"] and x["micro_batch"] == e["micro_batch"])
+            assert e["start"] >= before["end"] - 1e-3, (s, e, before)
+print("pp4 trace: the 1F1B order on every stage, causal across stages")
+PY
+python3 "$(dirname "$0")/../scripts/pipeline_timeline.py" "$work/trace" > /dev/null
+
 expect_error() {  # NAME PATTERN launch args...
   local name=$1 pattern=$2; shift 2
   if "$bin" "$@" > "$work/$name.log" 2>&1; then echo "$name was accepted"; exit 1; fi
