@@ -1,4 +1,5 @@
-"""Reading a run directory in the multi-process tests: metrics.jsonl rows and model.safetensors tensors."""
+"""Reading a run directory in the multi-process tests: metrics.jsonl rows and model.safetensors tensors,
+and the check that a run trained exactly as a reference run."""
 import array
 import json
 import struct
@@ -16,3 +17,30 @@ def weights(run_dir):
     header.pop("__metadata__", None)
     return {name: array.array("f", raw[8 + length + t["data_offsets"][0]:8 + length + t["data_offsets"][1]])
             for name, t in header.items() if t["dtype"] == "F32"}
+
+
+def close(a, b, tolerance=1e-5):
+    return abs(a - b) <= tolerance * max(abs(a), 1e-3)
+
+
+def assert_matches(work, run, base, weight_tolerance=2e-6):
+    """WORK/RUN trained as WORK/BASE: the same steps; cross-entropy, aux loss, gradient norm (total and by
+    group), validation loss and each router loss within 1e-5 relative; identical expert loads; final
+    weights (same names) within weight_tolerance. Returns the largest weight difference."""
+    reference, rows = metrics(f"{work}/{base}"), metrics(f"{work}/{run}")
+    assert [r["step"] for r in rows] == [r["step"] for r in reference], (run, [r["step"] for r in rows])
+    for a, b in zip(reference, rows):
+        for field in ("cross_entropy", "aux_loss", "grad_norm") + (("val_loss",) if "val_loss" in a else ()):
+            assert close(a[field], b[field]), (run, a["step"], field, a[field], b[field])
+        assert sorted(a["grad_norms"]) == sorted(b["grad_norms"]), (run, a["grad_norms"], b["grad_norms"])
+        for group in a["grad_norms"]:
+            assert close(a["grad_norms"][group], b["grad_norms"][group]), (run, a["step"], group)
+        for name in a.get("router_losses", {}):
+            assert close(a["router_losses"][name], b["router_losses"][name]), (run, a["step"], name)
+        assert [l["tokens_per_expert"] for l in a["router"]] == [l["tokens_per_expert"] for l in b["router"]], (run, a["step"])
+    expected, got = weights(f"{work}/{base}"), weights(f"{work}/{run}")
+    assert sorted(got) == sorted(expected), run
+    worst = max(max(abs(x - y) for x, y in zip(expected[name], got[name])) for name in expected)
+    assert worst <= weight_tolerance, (run, worst)
+    print(f"{run}: {len(rows)} steps equal to {base}; final weights max |diff| {worst:.2g}")
+    return worst

@@ -4,10 +4,7 @@
 # 2 x 2 with data, 2 x 2 with pipeline, the 4-D mesh pipeline 2 x data 2 x context 2 x expert 2 on 8
 # processes, and the aux_free router; a context-parallel checkpoint resumes in one process; bad
 # layouts are refused before training. Args: PITHTRAIN_BIN FORTUNES_DIR
-set -eu
-bin=$1; fortunes=$2
-work=${KEEP_WORK:-$(mktemp -d)}; [ -n "${KEEP_WORK:-}" ] || trap 'rm -rf "$work"' EXIT; mkdir -p "$work"
-"$bin" data build --format fortune --out "$work/tokens" "$fortunes/literature" > /dev/null
+source "$(dirname "$0")/multi_process_lib.sh" "$@"
 # Every router loss that depends on the split: the micro-batch (switch) and sequence-wise balance losses
 # count the context group's tokens, the z-loss is a mean over tokens.
 common=(--set data.path="\"$work/tokens\"" --set train.log_every=1 --set eval.every=3 --set eval.batches=2
@@ -17,10 +14,6 @@ common=(--set data.path="\"$work/tokens\"" --set train.log_every=1 --set eval.ev
 # optimizer.eps = 1e-6: see test_expert_parallel.sh (Adam turns float32 noise in ~1e-8 gradients into lr-sized steps).
 topk=(--set model.moe.router.plugin=topk_softmax --set model.moe.router.aux_loss_coeff=0.01)
 free=(--set model.moe.router.plugin=aux_free)
-run() {  # run NAME [launch args --] pithtrain args...
-  local name=$1; shift
-  "$bin" "$@" > "$work/$name.log" 2>&1 || { echo "run $name failed:"; cat "$work/$name.log"; exit 1; }
-}
 run one "${common[@]}" "${topk[@]}" --set train.steps=6 --out "$work/one"
 run cp2 launch --nproc 2 -- "${common[@]}" "${topk[@]}" --set parallel.context=2 --set train.steps=6 --out "$work/cp2"
 run cp4 launch --nproc 4 -- "${common[@]}" "${topk[@]}" --set parallel.context=4 --set train.steps=6 --out "$work/cp4"
@@ -41,33 +34,10 @@ import sys
 work = sys.argv[1]
 sys.path.insert(0, sys.argv[2])
 import run_outputs
-def close(a, b, tolerance=1e-5):
-    return abs(a - b) <= tolerance * max(abs(a), 1e-3)
 for run, base in (("cp2", "one"), ("cp4", "one"), ("dp2cp2", "one"), ("pp2cp2", "one"), ("mesh8", "one"),
                   ("cp2_free", "one_free"), ("cp2_to_one", "one")):
-    reference, reference_weights = run_outputs.metrics(f"{work}/{base}"), run_outputs.weights(f"{work}/{base}")
-    assert all(row["router_losses"]["sequence"] > 0 for row in reference), base
-    rows = run_outputs.metrics(f"{work}/{run}")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], (run, [r["step"] for r in rows])
-    for a, b in zip(reference, rows):
-        for field in ("cross_entropy", "aux_loss", "grad_norm") + (("val_loss",) if "val_loss" in a else ()):
-            assert close(a[field], b[field]), (run, a["step"], field, a[field], b[field])
-        for group in a["grad_norms"]:
-            assert close(a["grad_norms"][group], b["grad_norms"][group]), (run, a["step"], group)
-        for name in a["router_losses"]:
-            assert close(a["router_losses"][name], b["router_losses"][name]), (run, a["step"], name, a["router_losses"][name], b["router_losses"][name])
-        assert [l["tokens_per_expert"] for l in a["router"]] == [l["tokens_per_expert"] for l in b["router"]], (run, a["step"])
-    other = run_outputs.weights(f"{work}/{run}")
-    assert sorted(other) == sorted(reference_weights), run
-    worst = max(max(abs(x - y) for x, y in zip(reference_weights[k], other[k])) for k in reference_weights)
-    assert worst <= 2e-6, (run, worst)
-    print(f"{run}: 6 steps equal to one process; final weights max |diff| {worst:.2g}")
+    run_outputs.assert_matches(work, run, base)
 PY
-expect_error() {  # NAME PATTERN launch args...
-  local name=$1 pattern=$2; shift 2
-  if "$bin" "$@" > "$work/$name.log" 2>&1; then echo "$name was accepted"; exit 1; fi
-  grep -q "$pattern" "$work/$name.log" || { echo "$name: expected '$pattern'"; cat "$work/$name.log"; exit 1; }
-}
 expect_error seq 'train.seq_len = 30 must be a multiple of 2 x parallel.context = 4' launch --nproc 2 -- "${common[@]}" "${topk[@]}" \
   --set parallel.context=2 --set train.seq_len=30 --set train.steps=1 --out "$work/bad1"
 expect_error mla "attention plugin 'mla' does not split sequences over ranks" launch --nproc 2 -- "${common[@]}" "${topk[@]}" \

@@ -509,6 +509,30 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
         flat_shards_["optimizer/" + item.name] = flat_shards_.at("model/" + name);
   }
   manifest_.push_back({"schedule.plugin", &schedule_plugin});
+  if (pipeline_group_) {
+    // A stage keeps only its units' trainable parameters and their optimizer state; the others are
+    // emptied (their shapes kept for checkpoints, which gather every stage's tensors).
+    at::NoGradGuard no_grad;
+    auto away = [&](const std::string& entry, const at::Tensor& tensor) {
+      away_shapes_[entry] = tensor.sizes().vec();
+      tensor.set_data(at::empty({0}, tensor.options()));
+    };
+    std::map<std::string, bool> trained_elsewhere;  // parameter name -> another stage trains it
+    for (const auto& parameter : trainable) trained_elsewhere[parameter.name] = !owned_.count(parameter.name);
+    for (const auto& item : optimizer_->state()) {
+      const auto dot = item.name.rfind('.');
+      for (std::string name = item.name; !name.empty(); name = name.substr(0, name.rfind('.') == std::string::npos ? 0 : name.rfind('.')))
+        if (auto found = trained_elsewhere.find(name); found != trained_elsewhere.end()) {
+          if (found->second && item.tensor.numel() > 0 && dot != std::string::npos) away("optimizer/" + item.name, item.tensor);
+          break;
+        }
+    }
+    for (size_t index = 0; index < parameters_.size(); ++index)
+      if (trained_elsewhere.count(parameters_[index].name) && trained_elsewhere.at(parameters_[index].name)) {
+        away("model/" + master_[index].name, master_[index].tensor);
+        if (mixed_precision_) parameters_[index].tensor.set_data(at::empty({0}, parameters_[index].tensor.options()));
+      }
+  }
   if (config_.pipeline_parallel > 1 && !schedule_->runs_pipeline_stages())
     throw Error(schedule_options.where("plugin") + ": parallel.pipeline = " + std::to_string(config_.pipeline_parallel) +
                 " but schedule '" + schedule_plugin.name() + "' runs the whole model on every rank; set schedule.plugin = "
@@ -540,7 +564,6 @@ double Trainer::evaluate() {
   const uint64_t seq_len = static_cast<uint64_t>(config_.seq_len);
   if (config_.eval_batches < 1 || held_out < seq_len + 1) return std::nan("");
   at::NoGradGuard no_grad;
-  if (pipeline_group_) share_stage_state(/*parameters=*/true);  // every rank evaluates the whole model
   // The same held-out windows, evenly spread, every time: validation losses compare across a run. A
   // batch is a global batch (batch_size x micro_batches x ranks windows) split as in training, so every
   // layout evaluates the same windows; the mean over equal pieces is the mean over all of them.
@@ -558,9 +581,28 @@ double Trainer::evaluate() {
         const uint64_t window = batch * global + (micro_batch * ranks + rank) * per_rank + row;
         offsets.push_back(train_end_ + (window * available / wanted) % available * seq_len);
       }
-      total += forward_gathered(dataset_->windows(offsets, config_.seq_len + 1)).cross_entropy.item<double>();
+      at::Tensor tokens = dataset_->windows(offsets, config_.seq_len + 1);
+      if (!pipeline_group_) {
+        total += forward_gathered(tokens).cross_entropy.item<double>();
+        continue;
+      }
+      // Pipeline: this stage's units, the activation passed on; the last stage has the loss.
+      const int64_t stage = pipeline_group_->rank(), stages = pipeline_group_->size();
+      const int64_t tag = 1000000 + static_cast<int64_t>(batch * micro_batches + micro_batch);
+      const std::vector<int64_t> shape = {config_.batch_size, config_.seq_len / config_.context_parallel, model_->dims().hidden_size};
+      at::Tensor x;
+      if (stage > 0) x = pipeline_group_->receive(shape, config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat, stage - 1, tag);
+      ModelOutput scratch;
+      for (int64_t unit = stage_first_unit_; unit < stage_end_unit_; ++unit) x = model_->forward_unit(unit, x, tokens, scratch).output;
+      if (stage + 1 < stages) pipeline_group_->start_send(x.contiguous(), stage + 1, tag)->wait();
+      else total += x.item<double>();
     }
   total /= static_cast<double>(config_.eval_batches * micro_batches);
+  if (pipeline_group_) {  // the loss is the last stage's
+    std::vector<at::Tensor> sum = {at::tensor({total}, at::kDouble)};
+    pipeline_group_->all_reduce_sum(sum);
+    total = sum[0].item<double>();
+  }
   if (communicator_) {
     std::vector<at::Tensor> sum = {at::tensor({total}, at::kDouble)};
     communicator_->all_reduce_sum(sum);
@@ -576,22 +618,25 @@ ModelOutput Trainer::forward_gathered(const at::Tensor& tokens) {
 
 std::vector<NamedTensor> Trainer::gathered(std::vector<NamedTensor> tensors, const std::string& entry_prefix) {
   if (pipeline_group_) {
-    // Parameters are current on every rank after share_stage_state(); optimizer state lives only on the
-    // stage that trains the parameter: summed over the stages with zeros elsewhere.
-    share_stage_state(/*parameters=*/true);
-    std::vector<at::Tensor> states;
+    // Trainable parameters and their optimizer state live on the stage that trains them: every stage's
+    // come together as a sum over the stages, with zeros for the ones kept elsewhere.
+    std::vector<at::Tensor> shared;
     for (auto& item : tensors) {
       const std::string entry = entry_prefix + item.name;
-      if (entry.rfind("optimizer/", 0) != 0) continue;
-      for (const auto& parameter : master_)
-        if (entry.rfind("optimizer/" + parameter.name + ".", 0) == 0) {
-          if (!owned_.count(parameter.name)) item.tensor = at::zeros_like(item.tensor);
-          else item.tensor = item.tensor.detach().clone();
-          states.push_back(item.tensor);
-          break;
-        }
+      bool stage_tensor = away_shapes_.count(entry) > 0;
+      if (auto shape = away_shapes_.find(entry); shape != away_shapes_.end())
+        item.tensor = at::zeros(shape->second, item.tensor.options());
+      else
+        for (const auto& parameter : master_)
+          if (owned_.count(parameter.name) && (entry == "model/" + parameter.name || entry.rfind("optimizer/" + parameter.name + ".", 0) == 0)) {
+            stage_tensor = true;
+            break;
+          }
+      if (!stage_tensor) continue;
+      item.tensor = item.tensor.detach().clone();
+      shared.push_back(item.tensor);
     }
-    pipeline_group_->all_reduce_sum(states);
+    pipeline_group_->all_reduce_sum(shared);
   }
   for (auto& item : tensors) {
     if (expert_group_ && sharded_entries_.count(entry_prefix + item.name))
@@ -612,7 +657,10 @@ void Trainer::load_tensors(const SafetensorsFile& file, const std::vector<NamedT
   std::map<std::string, std::vector<int64_t>> shards;
   for (const auto& [entry, shape] : flat_shards_)
     if (entry.rfind(entry_prefix, 0) == 0) shards.emplace(entry.substr(entry_prefix.size()), shape);
-  copy_tensors_by_name(file, targets, file_prefix, path, blocks, expert_group_ ? expert_group_->rank() : 0,
+  std::vector<NamedTensor> here;  // pipeline: the tensors this stage keeps
+  for (const auto& target : targets)
+    if (!away_shapes_.count(entry_prefix + target.name)) here.push_back(target);
+  copy_tensors_by_name(file, here, file_prefix, path, blocks, expert_group_ ? expert_group_->rank() : 0,
                        expert_group_ ? expert_group_->size() : 1, shards, communicator_ ? communicator_->rank() : 0,
                        communicator_ ? communicator_->size() : 1);
 }
@@ -633,9 +681,9 @@ bool Trainer::owns_moe_layer(int64_t moe_layer) const {
   return false;
 }
 
-void Trainer::share_stage_state(bool parameters) {
-  // Every rank holds the whole model, but a stage trains only its units' parameters and updates only its
-  // layers' router buffers: each stage's values reach the others as a sum of (own ? value : 0).
+void Trainer::share_stage_buffers() {
+  // A stage updates only its layers' router buffers (e.g. the aux_free bias); every rank keeps all of
+  // them (they are small): each stage's values reach the others as a sum of (own ? value : 0).
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> values, targets;
   auto add = [&](const std::string& name, const at::Tensor& tensor) {
@@ -644,14 +692,10 @@ void Trainer::share_stage_state(bool parameters) {
     values.push_back(own ? tensor : at::zeros_like(tensor));
     targets.push_back(own ? at::Tensor() : tensor);
   };
-  if (parameters)
-    for (const auto& parameter : master_)
-      if (!frozen_.count(parameter.name)) add(parameter.name, parameter.tensor.detach());
   for (const auto& item : buffers()) add(item.name, item.tensor);
   pipeline_group_->all_reduce_sum(values);
   for (size_t index = 0; index < values.size(); ++index)
     if (targets[index].defined()) targets[index].copy_(values[index]);
-  if (parameters) copy_master_to_model();
 }
 
 double Trainer::state_mb() {
@@ -1019,7 +1063,7 @@ TrainSummary Trainer::run() {
       size_t index = 1 + step_load.size();
       for (auto& [name, value] : step_loss_terms) value = shared[index++].item<double>() / n;
       for (auto& dropped : step_dropped) dropped = shared[index++].item<double>() / n - 1.0;
-      if (pipeline_group_) share_stage_state(/*parameters=*/false);  // the routers' buffers of every layer
+      if (pipeline_group_) share_stage_buffers();  // the routers' buffers of every layer
     }
     if (!std::isfinite(result.loss))
       throw Error("loss became " + std::to_string(result.loss) + " at step " + std::to_string(step) +

@@ -81,9 +81,9 @@ class Trainer {
                     const std::string& file_prefix, const std::string& path);
   // MiB of parameters, gradients and optimizer state this rank keeps between steps (metrics state_mb).
   double state_mb();
-  // Pipeline parallelism: copies each stage's trained parameters (with `parameters`) and router buffers
-  // to the other stages' copies (a collective over the pipeline group).
-  void share_stage_state(bool parameters);
+  // Pipeline parallelism: copies each stage's router buffers to the other stages (a collective over the
+  // pipeline group).
+  void share_stage_buffers();
   bool owns_moe_layer(int64_t moe_layer) const;  // whether this rank's stage runs that MoE layer
   std::vector<NamedTensor> buffers() const;  // model state that is not a parameter (router buffers)
   void copy_master_to_model();               // bf16 runs: the model takes the rounded float32 masters
@@ -110,6 +110,9 @@ class Trainer {
   std::shared_ptr<Communicator> context_group_;   // the ranks splitting this rank's sequences; null without context
   int64_t stage_first_unit_ = 0, stage_end_unit_ = 0;  // this rank's units of the model chain
   std::set<std::string> owned_;  // pipeline: names of the parameters of this rank's stage (others are not trained here)
+  // Pipeline: checkpoint entries ("model/...", "optimizer/...") another stage keeps, emptied here, with
+  // their shapes.
+  std::map<std::string, std::vector<int64_t>> away_shapes_;
   std::shared_ptr<Communicator> expert_group_, expert_data_group_;  // distributed.h ProcessGroups
   // Checkpoint entries ("model/...", "optimizer/...") that are this rank's expert-parallel block of a
   // larger tensor: gathered over the expert group to save, narrowed to the block to load.
