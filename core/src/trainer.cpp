@@ -517,18 +517,15 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
       away_shapes_[entry] = tensor.sizes().vec();
       tensor.set_data(at::empty({0}, tensor.options()));
     };
-    std::map<std::string, bool> trained_elsewhere;  // parameter name -> another stage trains it
-    for (const auto& parameter : trainable) trained_elsewhere[parameter.name] = !owned_.count(parameter.name);
-    for (const auto& item : optimizer_->state()) {
-      const auto dot = item.name.rfind('.');
-      for (std::string name = item.name; !name.empty(); name = name.substr(0, name.rfind('.') == std::string::npos ? 0 : name.rfind('.')))
-        if (auto found = trained_elsewhere.find(name); found != trained_elsewhere.end()) {
-          if (found->second && item.tensor.numel() > 0 && dot != std::string::npos) away("optimizer/" + item.name, item.tensor);
+    // Optimizer state of a parameter is named "<parameter>.<what>" (as for expert blocks above).
+    for (const auto& item : optimizer_->state())
+      for (const auto& parameter : trainable)
+        if (!owned_.count(parameter.name) && item.name.rfind(parameter.name + ".", 0) == 0) {
+          away("optimizer/" + item.name, item.tensor);
           break;
         }
-    }
     for (size_t index = 0; index < parameters_.size(); ++index)
-      if (trained_elsewhere.count(parameters_[index].name) && trained_elsewhere.at(parameters_[index].name)) {
+      if (!owned_.count(parameters_[index].name) && !frozen_.count(parameters_[index].name)) {
         away("model/" + master_[index].name, master_[index].tensor);
         if (mixed_precision_) parameters_[index].tensor.set_data(at::empty({0}, parameters_[index].tensor.options()));
       }
