@@ -11,7 +11,6 @@
 # PITHTRAIN_BENCH_GLIBC_DEFAULT=1 to measure with glibc's default instead.
 set -euo pipefail
 [ -n "${PITHTRAIN_BENCH_GLIBC_DEFAULT:-}" ] || export MALLOC_MMAP_THRESHOLD_=262144
-cd "$(dirname "$0")/.."
 procs="1 2 4"; steps=4; extra=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -20,9 +19,7 @@ while [ $# -gt 0 ]; do
     *) extra+=("$1"); shift ;;
   esac
 done
-bin=${PITHTRAIN_BUILD_DIR:-build}/bin/pithtrain
-[ -x "$bin" ] || bash scripts/build.sh
-[ -f data/fortunes.tokens ] || "$bin" data build --format fortune --out data/fortunes.tokens /usr/share/games/fortunes
+source "$(dirname "$0")/script_common.sh"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 model=(--set model.num_layers=8 --set model.hidden_size=512 --set model.num_heads=8 --set model.num_kv_heads=8
        --set model.moe.num_experts=8 --set model.moe.expert_hidden_size=512 --set train.seq_len=64

@@ -5,7 +5,6 @@
 # mean over the steps after the first), next to the 1F1B figure (P - 1) / (M + P - 1).
 # Usage: scripts/bench_pipeline.sh [--steps N] [extra pithtrain args...]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 steps=20; extra=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -13,9 +12,7 @@ while [ $# -gt 0 ]; do
     *) extra+=("$1"); shift ;;
   esac
 done
-bin=${PITHTRAIN_BUILD_DIR:-build}/bin/pithtrain
-[ -x "$bin" ] || bash scripts/build.sh
-[ -f data/fortunes.tokens ] || "$bin" data build --format fortune --out data/fortunes.tokens /usr/share/games/fortunes
+source "$(dirname "$0")/script_common.sh"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 common=(--config configs/tiny.toml --set train.steps="$steps" --set train.log_every=1 --set eval.every=0 --set eval.batches=0
         --set checkpoint.every=0 --set train.batch_size=4)

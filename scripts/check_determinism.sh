@@ -4,7 +4,6 @@
 # claims; on the CPU ctest Determinism.* covers it already.
 # Usage: scripts/check_determinism.sh [--device cuda:0] [--config F] [--steps N] [extra pithtrain args...]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 device=cpu; config=configs/tiny.toml; steps=20; extra=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -14,11 +13,7 @@ while [ $# -gt 0 ]; do
     *) extra+=("$1"); shift ;;
   esac
 done
-bin=${PITHTRAIN_BUILD_DIR:-build}/bin/pithtrain
-[ -x "$bin" ] || bash scripts/build.sh
-if [ ! -f data/fortunes.tokens ]; then
-  "$bin" data build --format fortune --out data/fortunes.tokens /usr/share/games/fortunes
-fi
+source "$(dirname "$0")/script_common.sh"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 for run in a b; do
   echo "run $run: $steps steps of $config on $device"

@@ -132,12 +132,7 @@ class ProcessGroupCommunicator final : public Communicator {
   std::unique_ptr<PendingCollective> start_all_reduce_sum(at::Tensor buffer) override {
     if (!buffer.is_contiguous() || buffer.scalar_type() != at::kFloat || buffer.device() != device_)
       throw Error("start_all_reduce_sum: the buffer must be a contiguous float32 tensor on " + device_.str());
-    struct Pending final : PendingCollective {
-      c10::intrusive_ptr<c10d::Work> work;
-      std::vector<at::Tensor> tensors;  // keeps the buffer alive while the collective runs
-      void wait() override { work->wait(); }
-    };
-    auto pending = std::make_unique<Pending>();
+    auto pending = std::make_unique<PendingWork>();
     pending->tensors = {buffer};
     pending->work = group_->allreduce(pending->tensors);
     return pending;

@@ -126,10 +126,14 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
   const int64_t full = tokens.size(1) - 1, hidden = context_.dims.hidden_size;
   const at::Tensor local = token_positions(full);  // [S] this rank's token positions (all of them without a context split)
   const int64_t batch = tokens.size(0), seq = local.numel();
-  if (unit == 0)  // [B, S, H]
-    return {at::embedding(embedding_, tokens.narrow(1, 0, full).index_select(1, local).to(context_.device)), at::Tensor()};
+  // This rank's tokens: shifted by `shift` (0 inputs, 1 targets), a view unless a context split picks chunks.
+  auto mine = [&](int64_t shift) {
+    at::Tensor shifted = tokens.narrow(1, shift, full);
+    return (context_size_ == 1 ? shifted : shifted.index_select(1, local)).to(context_.device);
+  };
+  if (unit == 0) return {at::embedding(embedding_, mine(0)), at::Tensor()};  // [B, S, H]
   if (unit == num_units() - 1) {
-    at::Tensor targets = tokens.narrow(1, 1, full).index_select(1, local).to(context_.device);  // [B, S]
+    at::Tensor targets = mine(1);  // [B, S]
     output.logits = at::linear(rms_norm(input, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
     output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
     if (at::GradMode::is_enabled()) router_checked_ = true;

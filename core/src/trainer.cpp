@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iomanip>
 #include <limits>
+#include <numeric>
 #include <sstream>
 
 #include <ATen/ATen.h>
@@ -154,6 +155,39 @@ LayerStats router_stats(size_t layer, const at::Tensor& tokens_per_expert, const
   if (dropped_fraction >= 0) out << ",\"dropped_fraction\":" << dropped_fraction;
   out << "}";
   return {out.str(), imbalance, entropy};
+}
+
+// Units per stage for `stages` consecutive stages of units with these costs: the split whose most
+// expensive stage is cheapest (dynamic programming over prefixes).
+std::vector<int64_t> balanced_split(const std::vector<double>& cost, int64_t stages) {
+  const int64_t units = static_cast<int64_t>(cost.size());
+  std::vector<double> prefix(units + 1, 0.0);
+  for (int64_t unit = 0; unit < units; ++unit) prefix[unit + 1] = prefix[unit] + cost[unit];
+  std::vector<std::vector<double>> best(stages + 1, std::vector<double>(units + 1, std::numeric_limits<double>::infinity()));
+  std::vector<std::vector<int64_t>> cut(stages + 1, std::vector<int64_t>(units + 1, 0));  // where the last stage begins
+  best[0][0] = 0;
+  for (int64_t stage = 1; stage <= stages; ++stage)
+    for (int64_t end = stage; end <= units; ++end)
+      for (int64_t begin = stage - 1; begin < end; ++begin) {
+        const double worst = std::max(best[stage - 1][begin], prefix[end] - prefix[begin]);
+        if (worst < best[stage][end]) best[stage][end] = worst, cut[stage][end] = begin;
+      }
+  std::vector<int64_t> units_per_stage(stages, 0);
+  for (int64_t stage = stages, end = units; stage >= 1; end = cut[stage][end], --stage) units_per_stage[stage - 1] = end - cut[stage][end];
+  return units_per_stage;
+}
+
+// Units [first, end) of a chain of `units` in words: "embedding + layers 0-1", "layer 2 + head".
+std::string units_named(int64_t first, int64_t end, int64_t units) {
+  std::vector<std::string> parts;
+  if (first == 0) parts.push_back("embedding");
+  const int64_t first_layer = std::max<int64_t>(first, 1) - 1, last_layer = std::min<int64_t>(end - 1, units - 2) - 1;
+  if (first_layer == last_layer) parts.push_back("layer " + std::to_string(first_layer));
+  if (first_layer < last_layer) parts.push_back("layers " + std::to_string(first_layer) + "-" + std::to_string(last_layer));
+  if (end == units) parts.push_back("head");
+  std::string text;
+  for (const auto& part : parts) text += (text.empty() ? "" : " + ") + part;
+  return text;
 }
 
 // A resolved [model] table without model.moe.experts.plugin: experts plugins that share the weight
@@ -402,9 +436,9 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
       std::stringstream list(parallel.text("pipeline_units", ""));
       std::string item;
       while (std::getline(list, item, ',')) units_per_stage.push_back(std::atoll(item.c_str()));
-      int64_t total = 0;
-      for (int64_t count : units_per_stage) total += count > 0 ? count : units + 1;
-      if (static_cast<int64_t>(units_per_stage.size()) != stages || total != units)
+      const bool positive = std::all_of(units_per_stage.begin(), units_per_stage.end(), [](int64_t count) { return count > 0; });
+      if (!positive || static_cast<int64_t>(units_per_stage.size()) != stages ||
+          std::accumulate(units_per_stage.begin(), units_per_stage.end(), int64_t{0}) != units)
         throw Error(parallel.where("pipeline_units") + ": parallel.pipeline_units = \"" + parallel.text("pipeline_units", "") +
                     "\" must list " + std::to_string(stages) + " positive counts adding up to the " + std::to_string(units) +
                     " units (the embedding, " + std::to_string(dims.num_layers) + " decoder layers, the head)");
@@ -421,38 +455,15 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
             parameter.name.find(".experts.") != std::string::npos ? count * dims.top_k / dims.num_experts : count;
       }
       for (int64_t unit = 1; unit + 1 < units; ++unit) cost[unit] += static_cast<double>(config_.seq_len * dims.num_heads * dims.head_dim);
-      // The split minimising the most expensive stage (dynamic programming over prefixes).
-      std::vector<double> prefix(units + 1, 0.0);
-      for (int64_t unit = 0; unit < units; ++unit) prefix[unit + 1] = prefix[unit] + cost[unit];
-      const double infinity = std::numeric_limits<double>::infinity();
-      std::vector<std::vector<double>> best(stages + 1, std::vector<double>(units + 1, infinity));
-      std::vector<std::vector<int64_t>> cut(stages + 1, std::vector<int64_t>(units + 1, 0));
-      best[0][0] = 0;
-      for (int64_t stage = 1; stage <= stages; ++stage)
-        for (int64_t end = stage; end <= units; ++end)
-          for (int64_t begin = stage - 1; begin < end; ++begin) {
-            const double worst = std::max(best[stage - 1][begin], prefix[end] - prefix[begin]);
-            if (worst < best[stage][end]) best[stage][end] = worst, cut[stage][end] = begin;
-          }
-      units_per_stage.assign(stages, 0);
-      for (int64_t stage = stages, end = units; stage >= 1; end = cut[stage][end], --stage)
-        units_per_stage[stage - 1] = end - cut[stage][end];
+      units_per_stage = balanced_split(cost, stages);
     }
     const int64_t stage = pipeline_group_->rank();
     std::string plan;
     for (int64_t index = 0, first = 0; index < stages; first += units_per_stage[index], ++index) {
       if (index == stage) stage_first_unit_ = first, stage_end_unit_ = first + units_per_stage[index];
-      const int64_t last = first + units_per_stage[index] - 1;
-      std::string what;
-      if (first == 0) what += "embedding";
-      const int64_t first_layer = std::max<int64_t>(first, 1) - 1, last_layer = std::min<int64_t>(last, units - 2) - 1;
-      if (first_layer <= last_layer)
-        what += (what.empty() ? "" : " + ") + (first_layer == last_layer ? "layer " + std::to_string(first_layer)
-                                                                          : "layers " + std::to_string(first_layer) + "-" + std::to_string(last_layer));
-      if (last == units - 1) what += (what.empty() ? "" : " + ") + std::string("head");
       const int64_t stage_ranks = config_.data_parallel * config_.context_parallel;
       plan += fmt::format("{}stage {} (ranks {}-{}): {}", index ? "; " : "", index, index * stage_ranks,
-                          (index + 1) * stage_ranks - 1, what);
+                          (index + 1) * stage_ranks - 1, units_named(first, first + units_per_stage[index], units));
     }
     if (!settings_.quiet) logger().info("pipeline: {}", plan);
     for (const auto& parameter : parameters_) {
@@ -475,6 +486,15 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   Options schedule_options = options_.table("schedule");
   const LoadedPlugin& schedule_plugin = registry_->get("schedule", schedule_options.text("plugin", "single"));
   schedule_ = make_schedule(schedule_plugin, schedule_options, optimizer_context);
+  if (config_.pipeline_parallel > 1 && !schedule_->runs_pipeline_stages())
+    throw Error(schedule_options.where("plugin") + ": parallel.pipeline = " + std::to_string(config_.pipeline_parallel) +
+                " but schedule '" + schedule_plugin.name() + "' runs the whole model on every rank; set schedule.plugin = "
+                "\"pipeline_1f1b\"");
+  if (config_.pipeline_parallel > 1 && config_.micro_batches > 1 && model_->needs_step_counts())
+    throw Error(options_.table("model").table("moe").table("router").where("global_aux_loss_coeff") +
+                ": the global-batch balance loss over several micro-batches needs every layer's routing before the step, "
+                "which a pipeline stage does not have; under parallel.pipeline use aux_loss_coeff or seq_aux_loss_coeff, "
+                "or the aux_free router");
   // A fully sharded schedule hands back one flat shard per trainable parameter: the optimizer and the
   // checkpoints see those, the schedule owns the full tensors.
   std::vector<std::vector<Parameter>> trainable_by_unit(model_->num_units());
@@ -530,15 +550,6 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
         if (mixed_precision_) parameters_[index].tensor.set_data(at::empty({0}, parameters_[index].tensor.options()));
       }
   }
-  if (config_.pipeline_parallel > 1 && !schedule_->runs_pipeline_stages())
-    throw Error(schedule_options.where("plugin") + ": parallel.pipeline = " + std::to_string(config_.pipeline_parallel) +
-                " but schedule '" + schedule_plugin.name() + "' runs the whole model on every rank; set schedule.plugin = "
-                "\"pipeline_1f1b\"");
-  if (config_.pipeline_parallel > 1 && config_.micro_batches > 1 && model_->needs_step_counts())
-    throw Error(options_.table("model").table("moe").table("router").where("global_aux_loss_coeff") +
-                ": the global-batch balance loss over several micro-batches needs every layer's routing before the step, "
-                "which a pipeline stage does not have; under parallel.pipeline use aux_loss_coeff or seq_aux_loss_coeff, "
-                "or the aux_free router");
 
   options_.check_unknown_keys();
 
@@ -1030,7 +1041,7 @@ TrainSummary Trainer::run() {
         step_dropped.resize(model_->num_moe_layers(), -1.0);
         for (size_t layer = 0; layer < step_load.size(); ++layer)
           if (!step_load[layer].defined()) step_load[layer] = at::zeros({model_->dims().num_experts}, at::kLong), step_dropped[layer] = -1.0;
-        if (loss_term_names_.empty()) {
+        if (!loss_terms_agreed_) {
           // Once: the union of the stages' term names (a stage without MoE layers has none).
           std::string mine;
           for (const auto& [name, value] : step_loss_terms) mine += name + ",";
@@ -1043,10 +1054,9 @@ TrainSummary Trainer::run() {
             for (std::string name; std::getline(list, name, ',');) if (!name.empty()) names.insert(name);
           }
           loss_term_names_.assign(names.begin(), names.end());
-          if (loss_term_names_.empty()) loss_term_names_.push_back("");  // agreed: there are none
+          loss_terms_agreed_ = true;
         }
-        for (const auto& name : loss_term_names_)
-          if (!name.empty()) step_loss_terms.try_emplace(name, 0.0);
+        for (const auto& name : loss_term_names_) step_loss_terms.try_emplace(name, 0.0);
       }
       std::vector<at::Tensor> shared = {at::tensor({result.loss, result.cross_entropy, result.aux_loss, stop ? 1.0 : 0.0}, at::kDouble)};
       for (auto& load : step_load) shared.push_back(load);

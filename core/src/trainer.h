@@ -124,6 +124,7 @@ class Trainer {
   std::map<std::string, std::pair<int64_t, int64_t>> parameter_groups_;  // group -> (trainable, total) elements
   double flops_per_token_ = 0;
   std::vector<std::string> loss_term_names_;  // pipeline: every stage's router loss terms, agreed at the first step
+  bool loss_terms_agreed_ = false;
   std::string checkpoint_dir_;                   // RUN_DIR/checkpoints, shared by all ranks
   uint64_t train_end_ = 0;  // tokens [0, train_end_) train, the rest validate
 };

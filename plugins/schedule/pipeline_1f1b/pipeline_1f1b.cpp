@@ -157,19 +157,19 @@ class PipelineSchedule final : public Schedule {
   void report_bubble(const StepFunctions& step, double step_seconds) {
     std::vector<at::Tensor> figures = {at::tensor({1.0 - busy_seconds_ / std::max(step_seconds, 1e-9)}, at::kDouble)};
     if (group_) group_->all_reduce_sum(figures);
-    last_bubble_ = figures[0].item<double>() / static_cast<double>(stages_);
+    const double bubble = figures[0].item<double>() / static_cast<double>(stages_);
     const double theory = static_cast<double>(stages_ - 1) / static_cast<double>(step.micro_batches + stages_ - 1);
     // Always the first two steps (the first includes start-up costs), then every bubble_every steps.
     if (log_ != nullptr && reporter_ && (steps_ <= 2 || (bubble_every_ > 0 && steps_ % bubble_every_ == 0)))
       log_->info("schedule pipeline_1f1b: {} stage(s), {} micro-batches: measured bubble {:.1f}% of the step "
                  "(mean over stages), 1F1B theory (P-1)/(M+P-1) = {:.1f}%",
-                 stages_, step.micro_batches, 100 * last_bubble_, 100 * theory);
+                 stages_, step.micro_batches, 100 * bubble, 100 * theory);
   }
 
   std::shared_ptr<Communicator> group_;
   spdlog::logger* log_ = nullptr;
   int64_t stages_ = 1, stage_ = 0;
-  double scale_ = 1, busy_seconds_ = 0, last_bubble_ = 0;
+  double scale_ = 1, busy_seconds_ = 0;
   bool reporter_ = false, tracer_ = false;
   int64_t steps_ = 0, bubble_every_ = 0, trace_step_ = 2;
   std::string trace_dir_;
