@@ -75,7 +75,7 @@ python3 "$(dirname "$0")/../scripts/pipeline_timeline.py" "$work/trace" > /dev/n
 # Refusals before training: a schedule that runs the whole model, a split that does not add up, a
 # pipeline that does not divide the processes.
 expect_error single 'set schedule.plugin = "pipeline_1f1b"' launch --nproc 2 -- "${common[@]}" "${topk[@]}" --set parallel.pipeline=2 --set train.steps=1 --out "$work/bad1"
-expect_error split 'must list 2 positive counts adding up to the 5 units' launch --nproc 2 -- "${common[@]}" "${topk[@]}" "${pp[@]}" \
+expect_error split 'must list 2 positive counts (2 stages) adding up to the 5 units' launch --nproc 2 -- "${common[@]}" "${topk[@]}" "${pp[@]}" \
   --set parallel.pipeline=2 --set parallel.pipeline_units='"1,1"' --set train.steps=1 --out "$work/bad2"
 expect_error divide 'parallel.pipeline = 3 must divide' launch --nproc 2 -- "${common[@]}" "${topk[@]}" "${pp[@]}" --set parallel.pipeline=3 --set train.steps=1 --out "$work/bad3"
 echo "pipeline: all checks passed"

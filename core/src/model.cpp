@@ -134,7 +134,7 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
   if (unit == 0) return {at::embedding(embedding_, mine(0)), at::Tensor()};  // [B, S, H]
   if (unit == num_units() - 1) {
     at::Tensor targets = mine(1);  // [B, S]
-    output.logits = at::linear(rms_norm(input, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
+    output.logits = pithtrain::linear(rms_norm(input, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
     output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
     if (at::GradMode::is_enabled()) router_checked_ = true;
     return {output.cross_entropy, at::Tensor()};

@@ -133,7 +133,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 
 at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
                   const at::Tensor& down_proj) {
-  return at::linear(at::silu(at::linear(x, gate_proj)) * at::linear(x, up_proj), down_proj);
+  return pithtrain::linear(at::silu(pithtrain::linear(x, gate_proj)) * pithtrain::linear(x, up_proj), down_proj);
 }
 
 Rope read_rope(Options& options, const ModelDims& dims) {

@@ -424,59 +424,6 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   if (trainable.empty()) throw Error(train.where("freeze") + ": train.freeze leaves no parameter to train");
 
   flops_per_token_ = model_->flops_per_token(config_.seq_len);
-  // Pipeline stages: consecutive units of the model chain, balanced by the work a token does in each
-  // (matrix parameters it multiplies with, experts at top_k / num_experts, plus attention scores), or
-  // as parallel.pipeline_units says.
-  stage_end_unit_ = model_->num_units();
-  if (config_.pipeline_parallel > 1) {
-    const int64_t units = model_->num_units(), stages = config_.pipeline_parallel;
-    const ModelDims& dims = model_->dims();
-    std::vector<int64_t> units_per_stage;
-    if (parallel.has("pipeline_units")) {
-      std::stringstream list(parallel.text("pipeline_units", ""));
-      std::string item;
-      while (std::getline(list, item, ',')) units_per_stage.push_back(std::atoll(item.c_str()));
-      const bool positive = std::all_of(units_per_stage.begin(), units_per_stage.end(), [](int64_t count) { return count > 0; });
-      if (!positive || static_cast<int64_t>(units_per_stage.size()) != stages ||
-          std::accumulate(units_per_stage.begin(), units_per_stage.end(), int64_t{0}) != units)
-        throw Error(parallel.where("pipeline_units") + ": parallel.pipeline_units = \"" + parallel.text("pipeline_units", "") +
-                    "\" must list " + std::to_string(stages) + " positive counts adding up to the " + std::to_string(units) +
-                    " units (the embedding, " + std::to_string(dims.num_layers) + " decoder layers, the head)");
-    } else {
-      if (units < stages)
-        throw Error(parallel.where("pipeline") + ": parallel.pipeline = " + std::to_string(stages) + " stages but the model has " +
-                    "only " + std::to_string(units) + " units (the embedding, each decoder layer, the head)");
-      std::vector<double> cost(units, 0.0);
-      for (const auto& parameter : parameters_) {
-        if (parameter.tensor.dim() < 2 || parameter.name == "embedding.weight") continue;
-        // An expert-parallel block stands for parallel.expert blocks: the split does not depend on the layout.
-        const double count = static_cast<double>(parameter.tensor.numel() * (parameter.expert_sharded ? config_.expert_parallel : 1));
-        cost[model_->unit_of(parameter.name)] +=
-            parameter.name.find(".experts.") != std::string::npos ? count * dims.top_k / dims.num_experts : count;
-      }
-      for (int64_t unit = 1; unit + 1 < units; ++unit) cost[unit] += static_cast<double>(config_.seq_len * dims.num_heads * dims.head_dim);
-      units_per_stage = balanced_split(cost, stages);
-    }
-    const int64_t stage = pipeline_group_->rank();
-    std::string plan;
-    for (int64_t index = 0, first = 0; index < stages; first += units_per_stage[index], ++index) {
-      if (index == stage) stage_first_unit_ = first, stage_end_unit_ = first + units_per_stage[index];
-      const int64_t stage_ranks = config_.data_parallel * config_.context_parallel;
-      plan += fmt::format("{}stage {} (ranks {}-{}): {}", index ? "; " : "", index, index * stage_ranks,
-                          (index + 1) * stage_ranks - 1, units_named(first, first + units_per_stage[index], units));
-    }
-    if (!settings_.quiet) logger().info("pipeline: {}", plan);
-    for (const auto& parameter : parameters_) {
-      const int64_t unit = model_->unit_of(parameter.name);
-      if (unit >= stage_first_unit_ && unit < stage_end_unit_) owned_.insert(parameter.name);
-    }
-  }
-  for (const auto& parameter : parameters_) {
-    auto& [trainable_count, total] = parameter_groups_[parameter_group(parameter.name)];
-    total += parameter.tensor.numel();
-    if (!frozen_.count(parameter.name)) trainable_count += parameter.tensor.numel();
-  }
-
   Options optimizer_options = options_.table("optimizer");
   const LoadedPlugin& optimizer_plugin = registry_->get("optimizer", optimizer_options.text("plugin", "adamw"));
   PluginContext optimizer_context = context;
@@ -489,12 +436,76 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   if (config_.pipeline_parallel > 1 && !schedule_->runs_pipeline_stages())
     throw Error(schedule_options.where("plugin") + ": parallel.pipeline = " + std::to_string(config_.pipeline_parallel) +
                 " but schedule '" + schedule_plugin.name() + "' runs the whole model on every rank; set schedule.plugin = "
-                "\"pipeline_1f1b\"");
+                "\"pipeline_1f1b\" (or \"dualpipev\")");
   if (config_.pipeline_parallel > 1 && config_.micro_batches > 1 && model_->needs_step_counts())
     throw Error(options_.table("model").table("moe").table("router").where("global_aux_loss_coeff") +
                 ": the global-batch balance loss over several micro-batches needs every layer's routing before the step, "
                 "which a pipeline stage does not have; under parallel.pipeline use aux_loss_coeff or seq_aux_loss_coeff, "
                 "or the aux_free router");
+  // Pipeline stages: the model chain cut into parallel.pipeline x chunks_per_stage pieces of
+  // consecutive units, balanced by the work a token does in each (matrix parameters it multiplies
+  // with, experts at top_k / num_experts, plus attention scores), or as parallel.pipeline_units says.
+  stage_chunks_ = {{0, model_->num_units()}};
+  if (config_.pipeline_parallel > 1 || schedule_->chunks_per_stage() > 1) {
+    const int64_t units = model_->num_units(), stages = config_.pipeline_parallel;
+    const int64_t chunks = schedule_->chunks_per_stage(), pieces = stages * chunks;
+    const std::string pieces_text = chunks == 1 ? std::to_string(stages) + " stages"
+                                                : std::to_string(pieces) + " chunks (" + std::to_string(chunks) + " per stage)";
+    const ModelDims& dims = model_->dims();
+    std::vector<int64_t> units_per_piece;
+    if (parallel.has("pipeline_units")) {
+      std::stringstream list(parallel.text("pipeline_units", ""));
+      std::string item;
+      while (std::getline(list, item, ',')) units_per_piece.push_back(std::atoll(item.c_str()));
+      const bool positive = std::all_of(units_per_piece.begin(), units_per_piece.end(), [](int64_t count) { return count > 0; });
+      if (!positive || static_cast<int64_t>(units_per_piece.size()) != pieces ||
+          std::accumulate(units_per_piece.begin(), units_per_piece.end(), int64_t{0}) != units)
+        throw Error(parallel.where("pipeline_units") + ": parallel.pipeline_units = \"" + parallel.text("pipeline_units", "") +
+                    "\" must list " + std::to_string(pieces) + " positive counts (" + pieces_text + ") adding up to the " +
+                    std::to_string(units) + " units (the embedding, " + std::to_string(dims.num_layers) + " decoder layers, the head)");
+    } else {
+      if (units < pieces)
+        throw Error(parallel.where("pipeline") + ": parallel.pipeline = " + std::to_string(stages) + " needs " + pieces_text +
+                    " but the model has only " + std::to_string(units) + " units (the embedding, each decoder layer, the head)");
+      std::vector<double> cost(units, 0.0);
+      for (const auto& parameter : parameters_) {
+        if (parameter.tensor.dim() < 2 || parameter.name == "embedding.weight") continue;
+        // An expert-parallel block stands for parallel.expert blocks: the split does not depend on the layout.
+        const double count = static_cast<double>(parameter.tensor.numel() * (parameter.expert_sharded ? config_.expert_parallel : 1));
+        cost[model_->unit_of(parameter.name)] +=
+            parameter.name.find(".experts.") != std::string::npos ? count * dims.top_k / dims.num_experts : count;
+      }
+      for (int64_t unit = 1; unit + 1 < units; ++unit) cost[unit] += static_cast<double>(config_.seq_len * dims.num_heads * dims.head_dim);
+      units_per_piece = balanced_split(cost, pieces);
+    }
+    std::vector<std::pair<int64_t, int64_t>> piece_units;  // [first, end) of each piece in chain order
+    for (int64_t index = 0, first = 0; index < pieces; first += units_per_piece[index], ++index)
+      piece_units.emplace_back(first, first + units_per_piece[index]);
+    const int64_t stage = pipeline_group_ ? pipeline_group_->rank() : 0;
+    const int64_t stage_ranks = config_.data_parallel * config_.context_parallel;
+    std::string plan;
+    stage_chunks_.clear();
+    for (int64_t index = 0; index < stages; ++index) {
+      std::string named;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const auto [first, end] = piece_units[chunk == 0 ? index : pieces - 1 - index];
+        if (index == stage) stage_chunks_.emplace_back(first, end);
+        named += (chunk ? " | " : "") + units_named(first, end, units);
+      }
+      plan += fmt::format("{}stage {} (ranks {}-{}): {}", index ? "; " : "", index, index * stage_ranks, (index + 1) * stage_ranks - 1, named);
+    }
+    for (int64_t index = 0; index < pieces; ++index) piece_owner_.push_back(index < stages ? index : pieces - 1 - index);
+    if (!settings_.quiet) logger().info("pipeline: {}", plan);
+    for (const auto& parameter : parameters_)
+      if (owns_unit(model_->unit_of(parameter.name))) owned_.insert(parameter.name);
+    piece_units_ = piece_units;
+  }
+  for (const auto& parameter : parameters_) {
+    auto& [trainable_count, total] = parameter_groups_[parameter_group(parameter.name)];
+    total += parameter.tensor.numel();
+    if (!frozen_.count(parameter.name)) trainable_count += parameter.tensor.numel();
+  }
+
   // A fully sharded schedule hands back one flat shard per trainable parameter: the optimizer and the
   // checkpoints see those, the schedule owns the full tensors.
   std::vector<std::vector<Parameter>> trainable_by_unit(model_->num_units());
@@ -594,19 +605,26 @@ double Trainer::evaluate() {
         total += forward_gathered(tokens).cross_entropy.item<double>();
         continue;
       }
-      // Pipeline: this stage's units, the activation passed on; the last stage has the loss.
-      const int64_t stage = pipeline_group_->rank(), stages = pipeline_group_->size();
+      // Pipeline: the chain's pieces in order, each on its stage, the activation passed from stage to
+      // stage; the last piece's stage has the loss.
+      const int64_t stage = pipeline_group_->rank();
       const int64_t tag = 1000000 + static_cast<int64_t>(batch * micro_batches + micro_batch);
       const std::vector<int64_t> shape = {config_.batch_size, config_.seq_len / config_.context_parallel, model_->dims().hidden_size};
+      const int64_t pieces = static_cast<int64_t>(piece_units_.size());
       at::Tensor x;
-      if (stage > 0) x = pipeline_group_->receive(shape, config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat, stage - 1, tag);
       ModelOutput scratch;
-      for (int64_t unit = stage_first_unit_; unit < stage_end_unit_; ++unit) x = model_->forward_unit(unit, x, tokens, scratch).output;
-      if (stage + 1 < stages) pipeline_group_->start_send(x.contiguous(), stage + 1, tag)->wait();
-      else total += x.item<double>();
+      for (int64_t piece = 0; piece < pieces; ++piece) {
+        if (piece_owner_[piece] != stage) continue;
+        if (piece > 0 && piece_owner_[piece - 1] != stage)
+          x = pipeline_group_->receive(shape, config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat, piece_owner_[piece - 1], tag);
+        for (int64_t unit = piece_units_[piece].first; unit < piece_units_[piece].second; ++unit)
+          x = model_->forward_unit(unit, x, tokens, scratch).output;
+        if (piece + 1 == pieces) total += x.item<double>();
+        else if (piece_owner_[piece + 1] != stage) pipeline_group_->start_send(x.contiguous(), piece_owner_[piece + 1], tag)->wait();
+      }
     }
   total /= static_cast<double>(config_.eval_batches * micro_batches);
-  if (pipeline_group_) {  // the loss is the last stage's
+  if (pipeline_group_) {  // the loss is the last piece's stage's
     std::vector<at::Tensor> sum = {at::tensor({total}, at::kDouble)};
     pipeline_group_->all_reduce_sum(sum);
     total = sum[0].item<double>();
@@ -684,8 +702,15 @@ std::vector<NamedTensor> Trainer::checkpoint_tensors() {
 
 bool Trainer::owns_moe_layer(int64_t moe_layer) const {
   if (!pipeline_group_) return true;
-  for (int64_t unit = stage_first_unit_; unit < stage_end_unit_; ++unit)
-    if (model_->moe_layer_of_unit(unit) == moe_layer) return true;
+  for (const auto& [first, end] : stage_chunks_)
+    for (int64_t unit = first; unit < end; ++unit)
+      if (model_->moe_layer_of_unit(unit) == moe_layer) return true;
+  return false;
+}
+
+bool Trainer::owns_unit(int64_t unit) const {
+  for (const auto& [first, end] : stage_chunks_)
+    if (unit >= first && unit < end) return true;
   return false;
 }
 
@@ -696,7 +721,7 @@ void Trainer::share_stage_buffers() {
   std::vector<at::Tensor> values, targets;
   auto add = [&](const std::string& name, const at::Tensor& tensor) {
     const int64_t unit = model_->unit_of(name);
-    const bool own = unit >= stage_first_unit_ && unit < stage_end_unit_;
+    const bool own = owns_unit(unit);
     values.push_back(own ? tensor : at::zeros_like(tensor));
     targets.push_back(own ? at::Tensor() : tensor);
   };
@@ -904,8 +929,9 @@ TrainSummary Trainer::run() {
                           config_.batch_size * config_.seq_len};
   };
   step_functions.units = model_->num_units();
-  step_functions.stage_first_unit = stage_first_unit_;
-  step_functions.stage_end_unit = stage_end_unit_;
+  step_functions.stage_first_unit = stage_chunks_.front().first;
+  step_functions.stage_end_unit = stage_chunks_.front().second;
+  step_functions.stage_chunks = stage_chunks_;
   step_functions.activation_shape = {config_.batch_size, config_.seq_len / config_.context_parallel, model_->dims().hidden_size};
   step_functions.activation_dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   step_functions.tokens_per_micro_batch = config_.batch_size * config_.seq_len / config_.context_parallel;

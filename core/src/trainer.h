@@ -85,6 +85,7 @@ class Trainer {
   // pipeline group).
   void share_stage_buffers();
   bool owns_moe_layer(int64_t moe_layer) const;  // whether this rank's stage runs that MoE layer
+  bool owns_unit(int64_t unit) const;          // whether this rank runs that unit of the model chain
   std::vector<NamedTensor> buffers() const;  // model state that is not a parameter (router buffers)
   void copy_master_to_model();               // bf16 runs: the model takes the rounded float32 masters
   std::map<std::string, std::string> checkpoint_metadata(int64_t step, double smoothed) const;
@@ -108,7 +109,11 @@ class Trainer {
   std::shared_ptr<Communicator> communicator_;  // the data x context ranks of this stage (= world_ without pipeline)
   std::shared_ptr<Communicator> pipeline_group_;  // the stages of this rank's pipeline; null without pipeline
   std::shared_ptr<Communicator> context_group_;   // the ranks splitting this rank's sequences; null without context
-  int64_t stage_first_unit_ = 0, stage_end_unit_ = 0;  // this rank's units of the model chain
+  // This rank's chunks [first, end) of the model chain's units (one without pipeline parallelism).
+  std::vector<std::pair<int64_t, int64_t>> stage_chunks_;
+  // Pipeline: the pieces the chain is cut into, in chain order, and the stage running each.
+  std::vector<std::pair<int64_t, int64_t>> piece_units_;
+  std::vector<int64_t> piece_owner_;
   std::set<std::string> owned_;  // pipeline: names of the parameters of this rank's stage (others are not trained here)
   // Pipeline: checkpoint entries ("model/...", "optimizer/...") another stage keeps, emptied here, with
   // their shapes.

@@ -1,5 +1,7 @@
 // Building blocks shared by the core and plugins: initialisation, RMSNorm, SwiGLU, rotary embeddings.
 #pragma once
+#include <deque>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -76,5 +78,30 @@ at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positio
 // sequence restricted to this rank's queries; differentiable. A collective over `group`.
 at::Tensor ring_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                           Communicator& group);
+
+// x [..., in] times weight [out, in] transposed, plus bias [out]: at::linear, except that once
+// WeightGradientQueue::enable_deferral(true) was called, a weight that is a leaf (a parameter) may have
+// its gradient left for later by a backward run inside WeightGradientQueue::defer. Use it for the
+// model's matrix multiplies so zero-bubble pipeline schedules can split their backwards.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias = {});
+
+// Deferred weight gradients, for schedules that split a backward into the input gradients (which the
+// previous pipeline stage waits for) and the weight gradients (which can fill a bubble later).
+class WeightGradientQueue {
+ public:
+  // Process-wide: while on, pithtrain::linear records forwards whose weight gradient can be deferred
+  // (one custom autograd node per call); off, it is at::linear itself.
+  static void enable_deferral(bool enabled);
+  // Runs `backward` (a call of torch::autograd::backward); the weight gradients of the deferrable
+  // linear layers it reaches are queued as one group instead of computed. Everything else, the
+  // inputs' gradients included, is computed as usual.
+  void defer(const std::function<void()>& backward);
+  // Computes the oldest group's weight gradients and accumulates them into the parameters' .grad.
+  void run_oldest();
+  size_t pending() const { return groups_.size(); }
+
+ private:
+  std::deque<std::vector<std::function<void()>>> groups_;
+};
 
 }  // namespace pithtrain

@@ -23,7 +23,7 @@ namespace pithtrain {
 // 4: Communicator reduce_scatter_sum/start_send/receive; StepFunctions the unit chain and the stage;
 //    Schedule shard/gather_unit/release_unit/runs_pipeline_stages; PluginContext the pipeline and context
 //    groups; Attention::supports_context_parallel; the balance losses take the context group.
-inline constexpr uint32_t kPluginAbiVersion = 4;
+inline constexpr uint32_t kPluginAbiVersion = 5;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.
 inline constexpr const char* kTorchVersion = TORCH_VERSION;

@@ -51,6 +51,9 @@ struct StepFunctions {
   // Pipeline parallelism: this rank's stage runs units [stage_first_unit, stage_end_unit) (every unit
   // when parallel.pipeline = 1); a unit's output between stages has activation_shape and activation_dtype.
   int64_t stage_first_unit = 0, stage_end_unit = 0;
+  // The stage's chunks [first, end) of units in chain order, Schedule::chunks_per_stage() of them: with
+  // one, {stage_first_unit, stage_end_unit}; with two (V shape), chunk s and chunk 2P - 1 - s of the 2P.
+  std::vector<std::pair<int64_t, int64_t>> stage_chunks;
   std::vector<int64_t> activation_shape;  // [B, S, H]
   c10::ScalarType activation_dtype = c10::kFloat;
 };
@@ -77,6 +80,10 @@ class Schedule {
   // True: run_step runs only this rank's pipeline stage (StepFunctions::stage_first_unit..stage_end_unit)
   // and exchanges activations over PluginContext::pipeline_group; needed when parallel.pipeline > 1.
   virtual bool runs_pipeline_stages() const { return false; }
+  // Pipeline schedules: the chunks of the model chain each stage runs. 1: the chain is cut into P
+  // consecutive pieces, stage s runs piece s. 2 (V shape): it is cut into 2P pieces and stage s runs
+  // piece s and piece 2P - 1 - s, so stage 0 holds the embedding and the head.
+  virtual int64_t chunks_per_stage() const { return 1; }
 
   // Fully sharded schedules. The core calls shard() once, before it makes the optimizer, with the
   // trainable parameters grouped by unit (StepFunctions::units). A schedule that shards returns one

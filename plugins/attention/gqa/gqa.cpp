@@ -56,13 +56,13 @@ class GroupedQueryAttention final : public Attention {
 
   at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions) override {
     const int64_t batch = hidden.size(0), seq = hidden.size(1), head_dim = dims_.head_dim;
-    at::Tensor q = at::linear(hidden, q_proj_, q_bias_);  // [B, S, h * D]
-    at::Tensor k = at::linear(hidden, k_proj_, k_bias_);  // [B, S, kv * D]
+    at::Tensor q = pithtrain::linear(hidden, q_proj_, q_bias_);  // [B, S, h * D]
+    at::Tensor k = pithtrain::linear(hidden, k_proj_, k_bias_);  // [B, S, kv * D]
     if (qk_norm_ == "full") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
     q = q.view({batch, seq, dims_.num_heads, head_dim});     // [B, S, h, D]
     k = k.view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
     if (qk_norm_ == "head") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
-    at::Tensor v = at::linear(hidden, v_proj_, v_bias_).view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
+    at::Tensor v = pithtrain::linear(hidden, v_proj_, v_bias_).view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
     q = apply_rope(q, positions, rope_).transpose(1, 2);  // [B, h, S, D]
     k = apply_rope(k, positions, rope_).transpose(1, 2);  // [B, kv, S, D]
     v = v.transpose(1, 2);                                // [B, kv, S, D]
@@ -78,7 +78,7 @@ class GroupedQueryAttention final : public Attention {
     } else {
       out = attention_with_sinks(q, k, v, positions);
     }
-    return at::linear(out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * head_dim}), o_proj_, o_bias_);  // [B, S, H]
+    return pithtrain::linear(out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * head_dim}), o_proj_, o_bias_);  // [B, S, H]
   }
 
   bool supports_context_parallel() const override { return true; }

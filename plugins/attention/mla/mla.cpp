@@ -48,20 +48,20 @@ class MultiHeadLatentAttention final : public Attention {
 
   at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions) override {
     const int64_t batch = hidden.size(0), seq = hidden.size(1), heads = dims_.num_heads;
-    at::Tensor q = q_lora_rank_ == 0 ? at::linear(hidden, q_proj_)
-                                     : at::linear(rms_norm(at::linear(hidden, q_a_proj_), q_a_norm_, norm_eps_), q_b_proj_);
+    at::Tensor q = q_lora_rank_ == 0 ? pithtrain::linear(hidden, q_proj_)
+                                     : pithtrain::linear(rms_norm(pithtrain::linear(hidden, q_a_proj_), q_a_norm_, norm_eps_), q_b_proj_);
     q = q.view({batch, seq, heads, nope_dim_ + rope_dim_});                                   // [B, S, h, n + r]
-    at::Tensor compressed = at::linear(hidden, kv_a_proj_);                                    // [B, S, c + r]
+    at::Tensor compressed = pithtrain::linear(hidden, kv_a_proj_);                                    // [B, S, c + r]
     at::Tensor latent = rms_norm(compressed.narrow(-1, 0, kv_lora_rank_), kv_a_norm_, norm_eps_);  // [B, S, c]
     at::Tensor k_rope = compressed.narrow(-1, kv_lora_rank_, rope_dim_).unsqueeze(2);          // [B, S, 1, r]
-    at::Tensor kv = at::linear(latent, kv_b_proj_).view({batch, seq, heads, nope_dim_ + v_dim_});  // [B, S, h, n + v]
+    at::Tensor kv = pithtrain::linear(latent, kv_b_proj_).view({batch, seq, heads, nope_dim_ + v_dim_});  // [B, S, h, n + v]
     at::Tensor q_rope = apply_rope_interleaved(q.narrow(-1, nope_dim_, rope_dim_), positions, rope_);
     k_rope = apply_rope_interleaved(k_rope, positions, rope_).expand({batch, seq, heads, rope_dim_});
     at::Tensor query = at::cat({q.narrow(-1, 0, nope_dim_), q_rope}, -1).transpose(1, 2);        // [B, h, S, n + r]
     at::Tensor key = at::cat({kv.narrow(-1, 0, nope_dim_), k_rope}, -1).transpose(1, 2);         // [B, h, S, n + r]
     at::Tensor value = kv.narrow(-1, nope_dim_, v_dim_).transpose(1, 2);                         // [B, h, S, v]
     at::Tensor out = at::scaled_dot_product_attention(query, key, value, {}, 0.0, /*is_causal=*/true, softmax_scale_);  // [B, h, S, v]
-    return at::linear(out.transpose(1, 2).reshape({batch, seq, heads * v_dim_}), o_proj_);     // [B, S, H]
+    return pithtrain::linear(out.transpose(1, 2).reshape({batch, seq, heads * v_dim_}), o_proj_);     // [B, S, H]
   }
 
   std::vector<Parameter> parameters() override {

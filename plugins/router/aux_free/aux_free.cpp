@@ -41,7 +41,7 @@ class AuxFreeRouter final : public Router {
 
   Routing route(const at::Tensor& hidden) override {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor logits = at::linear(hidden, gate_).to(compute_dtype);  // [T, E]
+    at::Tensor logits = pithtrain::linear(hidden, gate_).to(compute_dtype);  // [T, E]
     at::Tensor scores = at::sigmoid(logits);                           // [T, E]
     // The bias steers only which experts are chosen; the gate weights come from the unbiased scores.
     at::Tensor for_choice = scores.detach() + bias_;                                          // [T, E]

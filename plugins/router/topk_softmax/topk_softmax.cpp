@@ -36,7 +36,7 @@ class TopKSoftmaxRouter final : public Router {
 
   Routing route(const at::Tensor& hidden) override {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor logits = at::linear(hidden, gate_, gate_bias_).to(compute_dtype);  // [T, E]
+    at::Tensor logits = pithtrain::linear(hidden, gate_, gate_bias_).to(compute_dtype);  // [T, E]
     at::Tensor probs = at::softmax(logits, -1);                                    // [T, E]
     at::Tensor choosable = probs;
     if (topk_groups_ < num_groups_) {
