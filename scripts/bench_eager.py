@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""The PithTrain tiny architecture as a plain PyTorch eager training loop: the other side of
+scripts/bench_cpu.sh (benchmark only; not used by training or tests).
+
+Same model as configs/tiny.toml with its defaults: byte embedding; per layer RMSNorm, GQA attention with
+RoPE (theta 10000) through scaled_dot_product_attention, RMSNorm, then a dense SwiGLU FFN (first layer)
+or a shared SwiGLU expert plus top-k routed SwiGLU experts chosen by sigmoid scores plus a balancing
+bias (aux-free, renormalised weights, bias updated after each step); final RMSNorm, LM head,
+cross-entropy; AdamW (weight decay on matrices), gradient clipping at 1.0. Random tokens: the speed
+does not depend on them.
+Prints one line per step: "step N seconds S tokens T". Usage: see --help.
+"""
+import argparse, time
+
+import torch
+import torch.nn.functional as F
+
+parser = argparse.ArgumentParser()
+for name, default in (("vocab", 257), ("hidden", 128), ("layers", 4), ("heads", 4), ("kv_heads", 2), ("dense_hidden", 384),
+                      ("experts", 8), ("top_k", 2), ("expert_hidden", 128), ("shared_experts", 1), ("first_dense", 1),
+                      ("batch", 16), ("seq", 128), ("steps", 20), ("threads", 0), ("seed", 1234)):
+    parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default)
+parser.add_argument("--lr", type=float, default=3e-3)
+args = parser.parse_args()
+if args.threads > 0:
+    torch.set_num_threads(args.threads)
+torch.manual_seed(args.seed)
+std = 0.02
+head_dim = args.hidden // args.heads
+
+
+def param(*shape, scale=std):
+    return torch.nn.Parameter(torch.randn(*shape) * scale)
+
+
+def ones(size):
+    return torch.nn.Parameter(torch.ones(size))
+
+
+def rms_norm(x, weight, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def swiglu(x, gate, up, down):
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, index):
+        super().__init__()
+        h, out_scale = args.hidden, std / (2.0 * args.layers) ** 0.5
+        self.attention_norm, self.ffn_norm = ones(h), ones(h)
+        self.q = param(args.heads * head_dim, h)
+        self.k = param(args.kv_heads * head_dim, h)
+        self.v = param(args.kv_heads * head_dim, h)
+        self.o = param(h, args.heads * head_dim, scale=out_scale)
+        self.moe = index >= args.first_dense
+        inner = args.shared_experts * args.expert_hidden if self.moe else args.dense_hidden
+        self.gate, self.up, self.down = param(inner, h), param(inner, h), param(h, inner, scale=out_scale)
+        if self.moe:
+            e, f = args.experts, args.expert_hidden
+            self.router = param(e, h)
+            self.register_buffer("bias", torch.zeros(e))
+            self.expert_gate, self.expert_up = param(e, f, h), param(e, f, h)
+            self.expert_down = param(e, h, f, scale=out_scale)
+            self.load = None
+
+    def attention(self, x, cos, sin):
+        b, s, _ = x.shape
+        q = F.linear(x, self.q).view(b, s, args.heads, head_dim).transpose(1, 2)
+        k = F.linear(x, self.k).view(b, s, args.kv_heads, head_dim).transpose(1, 2)
+        v = F.linear(x, self.v).view(b, s, args.kv_heads, head_dim).transpose(1, 2)
+
+        def rotate(t):
+            first, second = t.chunk(2, dim=-1)
+            return t * cos + torch.cat((-second, first), dim=-1) * sin
+        out = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True, enable_gqa=True)
+        return F.linear(out.transpose(1, 2).reshape(b, s, -1), self.o)
+
+    def experts(self, x):  # x [T, H]
+        scores = torch.sigmoid(F.linear(x, self.router))           # [T, E]
+        chosen = torch.topk(scores.detach() + self.bias, args.top_k, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, chosen)
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // args.top_k
+        counts = torch.bincount(flat, minlength=args.experts)
+        self.load = counts
+        permuted = x[token]
+        outputs, offset = [], 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                part = permuted[offset:offset + count]
+                outputs.append(swiglu(part, self.expert_gate[expert], self.expert_up[expert], self.expert_down[expert]))
+            offset += count
+        combined = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(1)
+        return torch.zeros_like(x).index_add(0, token, combined)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(rms_norm(x, self.attention_norm), cos, sin)
+        normed = rms_norm(x, self.ffn_norm)
+        out = swiglu(normed, self.gate, self.up, self.down)
+        if self.moe:
+            b, s, h = normed.shape
+            out = out + self.experts(normed.reshape(-1, h)).view(b, s, h)
+        return x + out
+
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = param(args.vocab, args.hidden)
+        self.layers = torch.nn.ModuleList(Layer(i) for i in range(args.layers))
+        self.final_norm = ones(args.hidden)
+        self.head = param(args.vocab, args.hidden)
+        inverse = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        angles = torch.outer(torch.arange(args.seq).float(), inverse)
+        self.register_buffer("cos", torch.cat((angles, angles), -1).cos())
+        self.register_buffer("sin", torch.cat((angles, angles), -1).sin())
+
+    def forward(self, tokens):
+        x = F.embedding(tokens[:, :-1], self.embedding)
+        for layer in self.layers:
+            x = layer(x, self.cos, self.sin)
+        logits = F.linear(rms_norm(x, self.final_norm), self.head)
+        return F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
+
+
+model = Model()
+decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+for step in range(1, args.steps + 1):
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(tokens)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    with torch.no_grad():  # aux-free balancing: raise the bias of under-loaded experts
+        for layer in model.layers:
+            if layer.moe:
+                load = layer.load.float()
+                layer.bias += 1e-3 * torch.sign(load.mean() - load)
+    seconds = time.perf_counter() - start
+    print(f"step {step} seconds {seconds:.6f} tokens {args.batch * args.seq} loss {loss.item():.4f}", flush=True)
