@@ -5,8 +5,6 @@
 // the bubbles: the published bubble per stage is (P - 1)(F&B + B - 3W).
 #include <chrono>
 #include <deque>
-#include <filesystem>
-#include <fstream>
 #include <map>
 
 #include <ATen/ATen.h>
@@ -16,6 +14,7 @@
 
 #include "pithtrain/distributed.h"
 #include "pithtrain/nn.h"
+#include "pithtrain/pipeline_trace.h"
 #include "pithtrain/schedule.h"
 
 namespace pithtrain {
@@ -73,16 +72,10 @@ struct InFlight {
 
 class DualPipeVSchedule final : public Schedule {
  public:
-  DualPipeVSchedule(Options& options, const PluginContext& context) : group_(context.pipeline_group), log_(context.logger) {
-    bubble_every_ = options.integer("bubble_every", 0);
-    trace_dir_ = options.text("trace_dir", "");
-    trace_step_ = options.integer("trace_step", 2);
-    if (bubble_every_ < 0) throw Error(options.where("bubble_every") + ": bubble_every must be >= 0 (0: the first two steps only)");
-    if (trace_step_ < 1) throw Error(options.where("trace_step") + ": trace_step must be at least 1");
+  DualPipeVSchedule(Options& options, const PluginContext& context)
+      : group_(context.pipeline_group), trace_(options, context, "dualpipev") {
     stages_ = group_ ? group_->size() : 1;
     stage_ = group_ ? group_->rank() : 0;
-    reporter_ = stage_ == 0 && (!context.communicator || context.communicator->rank() == 0);
-    tracer_ = !trace_dir_.empty() && (!context.communicator || context.communicator->rank() == 0);
     // Linear layers built from now on can leave their weight gradients for a later W.
     WeightGradientQueue::enable_deferral(true);
   }
@@ -101,9 +94,7 @@ class DualPipeVSchedule final : public Schedule {
                   " (train.global_batch_size / (train.batch_size x parallel.data)): raise train.global_batch_size "
                   "or lower train.batch_size, or use schedule.plugin = \"pipeline_1f1b\"");
     const auto step_start = Clock::now();
-    ++steps_;
-    busy_seconds_ = 0;
-    trace_.clear();
+    trace_.start_step(stage_);
     durations_ = {};
     StepResult result;
     step.zero_grad();
@@ -138,7 +129,7 @@ class DualPipeVSchedule final : public Schedule {
     sends_.clear();
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
     report_bubble(step, step_seconds);
-    if (tracer_ && steps_ == trace_step_) write_trace();
+    trace_.finish_step();
     next_forward_[0] = next_forward_[1] = 0;
     result.grad_norm = step.clip_gradients();
     step.optimizer_step();
@@ -227,32 +218,17 @@ class DualPipeVSchedule final : public Schedule {
     }
   }
 
-  // Busy time, and the trace's event when this step is traced.
   void record(char kind, int chunk, int64_t micro_batch, bool deferred, int64_t pair, Clock::time_point start) {
-    const auto now = Clock::now();
-    busy_seconds_ += std::chrono::duration<double>(now - start).count();
-    if (tracer_ && steps_ == trace_step_)
-      trace_.push_back(fmt::format(
-          "{{\"stage\":{},\"kind\":\"{}\",\"chunk\":{},\"micro_batch\":{},\"deferred\":{},\"pair\":{},\"start\":{:.6f},\"end\":{:.6f}}}",
-          stage_, kind, chunk, micro_batch, deferred ? "true" : "false", pair,
-          std::chrono::duration<double>(start.time_since_epoch()).count(), std::chrono::duration<double>(now.time_since_epoch()).count()));
-  }
-
-  void write_trace() {
-    std::filesystem::create_directories(trace_dir_);
-    const std::string path = trace_dir_ + "/stage_" + std::to_string(stage_) + ".jsonl";
-    std::ofstream out(path, std::ios::trunc);
-    for (const auto& line : trace_) out << line << "\n";
-    if (!out) throw Error("schedule.trace_dir: cannot write " + path);
-    if (log_ != nullptr && reporter_) log_->info("schedule dualpipev: step {} traced to {} (scripts/pipeline_timeline.py {})",
-                                                 steps_, trace_dir_, trace_dir_);
+    trace_.record(start, fmt::format("\"kind\":\"{}\",\"chunk\":{},\"micro_batch\":{},\"deferred\":{},\"pair\":{}", kind,
+                                     chunk, micro_batch, deferred ? "true" : "false", pair));
   }
 
   // The measured bubble (share of the step a stage does not compute, mean over stages) next to the
   // published DualPipeV bubble (P - 1)(F&B + B - 3W) evaluated with this step's mean durations over
   // every stage: F a lone forward, B a whole backward, W deferred weight gradients, F&B a pair.
   void report_bubble(const StepFunctions& step, double step_seconds) {
-    std::vector<double> sums = {1.0 - busy_seconds_ / std::max(step_seconds, 1e-9), busy_seconds_};
+    const double busy_seconds = trace_.busy_seconds();
+    std::vector<double> sums = {1.0 - busy_seconds / std::max(step_seconds, 1e-9), busy_seconds};
     for (const auto* figure : {&durations_.forward, &durations_.backward, &durations_.weights, &durations_.pair})
       sums.push_back(figure->first), sums.push_back(static_cast<double>(figure->second));
     std::vector<at::Tensor> figures = {at::tensor(sums, at::kDouble)};
@@ -264,8 +240,8 @@ class DualPipeVSchedule final : public Schedule {
     const double forward = mean(2), backward = mean(4), weights = mean(6), pair = mean(8);
     const double theory_seconds = std::max(0.0, static_cast<double>(stages_ - 1) * (pair + backward - 3 * weights));
     const double theory = theory_seconds / std::max(theory_seconds + busy, 1e-12);
-    if (log_ != nullptr && reporter_ && (steps_ <= 2 || (bubble_every_ > 0 && steps_ % bubble_every_ == 0)))
-      log_->info("schedule dualpipev: {} stage(s) x 2 chunks, {} micro-batches: measured bubble {:.1f}% of the step "
+    if (trace_.logs_bubble())
+      trace_.log()->info("schedule dualpipev: {} stage(s) x 2 chunks, {} micro-batches: measured bubble {:.1f}% of the step "
                  "(mean over stages), DualPipeV theory (P-1)(F&B+B-3W) = {:.1f} ms = {:.1f}% "
                  "(measured F {:.2f}, B {:.2f}, W {:.2f}, F&B {:.2f} ms)",
                  stages_, step.micro_batches, 100 * bubble, 1e3 * theory_seconds, 100 * theory, 1e3 * forward, 1e3 * backward,
@@ -282,13 +258,9 @@ class DualPipeVSchedule final : public Schedule {
   };
 
   std::shared_ptr<Communicator> group_;
-  spdlog::logger* log_ = nullptr;
+  PipelineTrace trace_;
   int64_t stages_ = 1, stage_ = 0;
-  double scale_ = 1, busy_seconds_ = 0;
-  bool reporter_ = false, tracer_ = false;
-  int64_t steps_ = 0, bubble_every_ = 0, trace_step_ = 2;
-  std::string trace_dir_;
-  std::vector<std::string> trace_;
+  double scale_ = 1;
   Durations durations_;
   int64_t next_forward_[2] = {0, 0};
   std::deque<InFlight> pending_[2];

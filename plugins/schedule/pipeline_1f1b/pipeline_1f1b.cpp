@@ -4,8 +4,6 @@
 // so at most P - s micro-batches are in flight on stage s.
 #include <chrono>
 #include <deque>
-#include <filesystem>
-#include <fstream>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -13,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "pithtrain/distributed.h"
+#include "pithtrain/pipeline_trace.h"
 #include "pithtrain/schedule.h"
 
 namespace pithtrain {
@@ -30,17 +29,10 @@ struct InFlight {
 
 class PipelineSchedule final : public Schedule {
  public:
-  PipelineSchedule(Options& options, const PluginContext& context) : group_(context.pipeline_group), log_(context.logger) {
-    bubble_every_ = options.integer("bubble_every", 0);
-    trace_dir_ = options.text("trace_dir", "");
-    trace_step_ = options.integer("trace_step", 2);
-    if (bubble_every_ < 0) throw Error(options.where("bubble_every") + ": bubble_every must be >= 0 (0: the first two steps only)");
-    if (trace_step_ < 1) throw Error(options.where("trace_step") + ": trace_step must be at least 1");
+  PipelineSchedule(Options& options, const PluginContext& context)
+      : group_(context.pipeline_group), trace_(options, context, "pipeline_1f1b") {
     stages_ = group_ ? group_->size() : 1;
     stage_ = group_ ? group_->rank() : 0;
-    // One line for the job: stage 0 of the first pipeline (world rank 0) reports.
-    reporter_ = stage_ == 0 && (!context.communicator || context.communicator->rank() == 0);
-    tracer_ = !trace_dir_.empty() && (!context.communicator || context.communicator->rank() == 0);
   }
 
   bool runs_pipeline_stages() const override { return true; }
@@ -49,9 +41,7 @@ class PipelineSchedule final : public Schedule {
     if (step.units < 1 || !step.forward_unit)
       throw Error("schedule 'pipeline_1f1b' needs the model as a chain of units (StepFunctions::forward_unit)");
     const auto step_start = Clock::now();
-    ++steps_;
-    busy_seconds_ = 0;
-    trace_.clear();
+    trace_.start_step(stage_);
     StepResult result;
     step.zero_grad();
     scale_ = 1.0 / static_cast<double>(step.micro_batches);
@@ -72,7 +62,7 @@ class PipelineSchedule final : public Schedule {
     sends_.clear();
     const double step_seconds = std::chrono::duration<double>(Clock::now() - step_start).count();
     report_bubble(step, step_seconds);
-    if (tracer_ && steps_ == trace_step_) write_trace();
+    trace_.finish_step();
     result.grad_norm = step.clip_gradients();
     step.optimizer_step();
     step.after_optimizer_step();
@@ -130,50 +120,27 @@ class PipelineSchedule final : public Schedule {
     entry = InFlight();  // the graph and activations go now
   }
 
-  // A forward or backward that ran from `start` to now: busy time, and the trace's event.
   void record(char kind, int64_t micro_batch, Clock::time_point start) {
-    const auto now = Clock::now();
-    busy_seconds_ += std::chrono::duration<double>(now - start).count();
-    if (tracer_ && steps_ == trace_step_)
-      trace_.push_back(fmt::format("{{\"stage\":{},\"kind\":\"{}\",\"micro_batch\":{},\"start\":{:.6f},\"end\":{:.6f}}}", stage_,
-                                   kind, micro_batch, std::chrono::duration<double>(start.time_since_epoch()).count(),
-                                   std::chrono::duration<double>(now.time_since_epoch()).count()));
-  }
-
-  // One file per stage (data rank 0 of the stage), times in seconds of the machine's monotonic clock so
-  // the stages line up: scripts/pipeline_timeline.py draws them.
-  void write_trace() {
-    std::filesystem::create_directories(trace_dir_);
-    const std::string path = trace_dir_ + "/stage_" + std::to_string(stage_) + ".jsonl";
-    std::ofstream out(path, std::ios::trunc);
-    for (const auto& line : trace_) out << line << "\n";
-    if (!out) throw Error("schedule.trace_dir: cannot write " + path);
-    if (log_ != nullptr && reporter_) log_->info("schedule pipeline_1f1b: step {} traced to {} (scripts/pipeline_timeline.py {})",
-                                                 steps_, trace_dir_, trace_dir_);
+    trace_.record(start, fmt::format("\"kind\":\"{}\",\"micro_batch\":{}", kind, micro_batch));
   }
 
   // Bubble: the share of the step a stage spends not computing (waiting for its neighbours), averaged
   // over the stages, next to the 1F1B figure (P - 1) / (M + P - 1) for equal stages.
   void report_bubble(const StepFunctions& step, double step_seconds) {
-    std::vector<at::Tensor> figures = {at::tensor({1.0 - busy_seconds_ / std::max(step_seconds, 1e-9)}, at::kDouble)};
+    std::vector<at::Tensor> figures = {at::tensor({1.0 - trace_.busy_seconds() / std::max(step_seconds, 1e-9)}, at::kDouble)};
     if (group_) group_->all_reduce_sum(figures);
     const double bubble = figures[0].item<double>() / static_cast<double>(stages_);
     const double theory = static_cast<double>(stages_ - 1) / static_cast<double>(step.micro_batches + stages_ - 1);
-    // Always the first two steps (the first includes start-up costs), then every bubble_every steps.
-    if (log_ != nullptr && reporter_ && (steps_ <= 2 || (bubble_every_ > 0 && steps_ % bubble_every_ == 0)))
-      log_->info("schedule pipeline_1f1b: {} stage(s), {} micro-batches: measured bubble {:.1f}% of the step "
+    if (trace_.logs_bubble())
+      trace_.log()->info("schedule pipeline_1f1b: {} stage(s), {} micro-batches: measured bubble {:.1f}% of the step "
                  "(mean over stages), 1F1B theory (P-1)/(M+P-1) = {:.1f}%",
                  stages_, step.micro_batches, 100 * bubble, 100 * theory);
   }
 
   std::shared_ptr<Communicator> group_;
-  spdlog::logger* log_ = nullptr;
+  PipelineTrace trace_;
   int64_t stages_ = 1, stage_ = 0;
-  double scale_ = 1, busy_seconds_ = 0;
-  bool reporter_ = false, tracer_ = false;
-  int64_t steps_ = 0, bubble_every_ = 0, trace_step_ = 2;
-  std::string trace_dir_;
-  std::vector<std::string> trace_;  // this step's events, JSON lines
+  double scale_ = 1;
   std::vector<std::unique_ptr<PendingCollective>> sends_;
 };
 
