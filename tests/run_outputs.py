@@ -23,10 +23,16 @@ def close(a, b, tolerance=1e-5):
     return abs(a - b) <= tolerance * max(abs(a), 1e-3)
 
 
-def assert_matches(work, run, base, weight_tolerance=2e-6):
+def assert_matches(work, run, base, weight_tolerance=3e-6):
     """WORK/RUN trained as WORK/BASE: the same steps; cross-entropy, aux loss, gradient norm (total and by
     group), validation loss and each router loss within 1e-5 relative; identical expert loads; final
-    weights (same names) within weight_tolerance. Returns the largest weight difference."""
+    weights (same names) within weight_tolerance. Returns the largest weight difference.
+
+    The weight tolerance: a layout that sums gradients in another order changes them by float32
+    rounding, and Adam (eps 1e-6 in these tests) turns that into steps of up to about lr x noise / eps
+    for the few elements whose gradient is near zero. Measured 2026-11-30 over 6 steps at lr 3e-3: most
+    runs under 1e-6; single elements reach 2.3e-6 (one embedding row under context parallelism, one
+    attention element of 16384 with 4 fully sharded ranks)."""
     reference, rows = metrics(f"{work}/{base}"), metrics(f"{work}/{run}")
     assert [r["step"] for r in rows] == [r["step"] for r in reference], (run, [r["step"] for r in rows])
     for a, b in zip(reference, rows):
