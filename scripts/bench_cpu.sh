@@ -41,7 +41,7 @@ ours, eager, ratios = [], [], []
 for r in range(1, rounds + 1):
     rows = [json.loads(line) for line in open(f"{work}/{name}.{r}/metrics.jsonl")]
     a = statistics.median(row["tokens_per_s"] for row in rows if row["step"] > 2)
-    steps = [line.split() for line in open(f"{work}/{name}.{r}.eager")]
+    steps = [line.split() for line in open(f"{work}/{name}.{r}.eager") if line.startswith("step ")]
     b = statistics.median(float(s[5]) / float(s[3]) for s in steps if int(s[1]) > 2)
     ours.append(a), eager.append(b), ratios.append(a / b)
     print(f"{name} round {r}: pithtrain {a:.0f} tok/s, eager {b:.0f} tok/s, ratio {a / b:.2f}")

@@ -8,7 +8,9 @@ or a shared SwiGLU expert plus top-k routed SwiGLU experts chosen by sigmoid sco
 bias (aux-free, renormalised weights, bias updated after each step); final RMSNorm, LM head,
 cross-entropy; AdamW (weight decay on matrices), gradient clipping at 1.0. Random tokens: the speed
 does not depend on them.
-Prints one line per step: "step N seconds S tokens T". Usage: see --help.
+On a GPU (--device cuda) the same loop runs in float32 parameters under bfloat16 autocast
+(--dtype bfloat16), optionally under torch.compile (--compile), and also prints the peak memory.
+Prints one line per step: "step N seconds S tokens T loss L". Usage: see --help.
 """
 import argparse, time
 
@@ -18,15 +20,22 @@ import torch.nn.functional as F
 parser = argparse.ArgumentParser()
 for name, default in (("vocab", 257), ("hidden", 128), ("layers", 4), ("heads", 4), ("kv_heads", 2), ("dense_hidden", 384),
                       ("experts", 8), ("top_k", 2), ("expert_hidden", 128), ("shared_experts", 1), ("first_dense", 1),
-                      ("batch", 16), ("seq", 128), ("steps", 20), ("threads", 0), ("seed", 1234)):
+                      ("batch", 16), ("seq", 128), ("steps", 20), ("threads", 0), ("seed", 1234), ("head_dim", 0)):
     parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=default)
 parser.add_argument("--lr", type=float, default=3e-3)
+parser.add_argument("--router", choices=("sigmoid", "softmax"), default="sigmoid",
+                    help="sigmoid: aux-free (bias for the choice, tiny.toml); softmax: top-k softmax (Qwen3-MoE)")
+parser.add_argument("--qk-norm", action="store_true", help="RMSNorm over each head of q and k (Qwen3)")
+parser.add_argument("--device", default="cpu")
+parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast over float32 parameters")
+parser.add_argument("--compile", action="store_true", help="run the model under torch.compile")
 args = parser.parse_args()
 if args.threads > 0:
     torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
+device = torch.device(args.device)
 std = 0.02
-head_dim = args.hidden // args.heads
+head_dim = args.head_dim or args.hidden // args.heads
 
 
 def param(*shape, scale=std):
@@ -54,6 +63,8 @@ class Layer(torch.nn.Module):
         self.k = param(args.kv_heads * head_dim, h)
         self.v = param(args.kv_heads * head_dim, h)
         self.o = param(h, args.heads * head_dim, scale=out_scale)
+        if args.qk_norm:
+            self.q_norm, self.k_norm = ones(head_dim), ones(head_dim)
         self.moe = index >= args.first_dense
         inner = args.shared_experts * args.expert_hidden if self.moe else args.dense_hidden
         self.gate, self.up, self.down = param(inner, h), param(inner, h), param(h, inner, scale=out_scale)
@@ -67,8 +78,11 @@ class Layer(torch.nn.Module):
 
     def attention(self, x, cos, sin):
         b, s, _ = x.shape
-        q = F.linear(x, self.q).view(b, s, args.heads, head_dim).transpose(1, 2)
-        k = F.linear(x, self.k).view(b, s, args.kv_heads, head_dim).transpose(1, 2)
+        q = F.linear(x, self.q).view(b, s, args.heads, head_dim)
+        k = F.linear(x, self.k).view(b, s, args.kv_heads, head_dim)
+        if args.qk_norm:
+            q, k = rms_norm(q, self.q_norm, 1e-6), rms_norm(k, self.k_norm, 1e-6)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = F.linear(x, self.v).view(b, s, args.kv_heads, head_dim).transpose(1, 2)
 
         def rotate(t):
@@ -78,8 +92,10 @@ class Layer(torch.nn.Module):
         return F.linear(out.transpose(1, 2).reshape(b, s, -1), self.o)
 
     def experts(self, x):  # x [T, H]
-        scores = torch.sigmoid(F.linear(x, self.router))           # [T, E]
-        chosen = torch.topk(scores.detach() + self.bias, args.top_k, dim=-1).indices  # [T, k]
+        logits = F.linear(x, self.router).float()
+        scores = torch.sigmoid(logits) if args.router == "sigmoid" else torch.softmax(logits, -1)  # [T, E]
+        bias = self.bias if args.router == "sigmoid" else 0.0
+        chosen = torch.topk(scores.detach() + bias, args.top_k, dim=-1).indices  # [T, k]
         weights = scores.gather(1, chosen)
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         flat = chosen.reshape(-1)
@@ -94,7 +110,7 @@ class Layer(torch.nn.Module):
                 part = permuted[offset:offset + count]
                 outputs.append(swiglu(part, self.expert_gate[expert], self.expert_up[expert], self.expert_down[expert]))
             offset += count
-        combined = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(1)
+        combined = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(1).to(permuted.dtype)
         return torch.zeros_like(x).index_add(0, token, combined)
 
     def forward(self, x, cos, sin):
@@ -124,18 +140,26 @@ class Model(torch.nn.Module):
         for layer in self.layers:
             x = layer(x, self.cos, self.sin)
         logits = F.linear(rms_norm(x, self.final_norm), self.head)
-        return F.cross_entropy(logits.reshape(-1, args.vocab), tokens[:, 1:].reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, args.vocab).float(), tokens[:, 1:].reshape(-1))
 
 
-model = Model()
+model = Model().to(device)
+forward = torch.compile(model) if args.compile else model
 decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
 no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
 optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+def synchronize():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 for step in range(1, args.steps + 1):
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
+    synchronize()
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    loss = model(tokens)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        loss = forward(tokens)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -144,5 +168,8 @@ for step in range(1, args.steps + 1):
             if layer.moe:
                 load = layer.load.float()
                 layer.bias += 1e-3 * torch.sign(load.mean() - load)
+    synchronize()
     seconds = time.perf_counter() - start
     print(f"step {step} seconds {seconds:.6f} tokens {args.batch * args.seq} loss {loss.item():.4f}", flush=True)
+if device.type == "cuda":
+    print(f"peak_memory_mb {torch.cuda.max_memory_allocated() / 2**20:.0f}", flush=True)

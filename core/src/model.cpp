@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "pithtrain/kernels.h"
 #include "pithtrain/nn.h"
 
 namespace pithtrain {
@@ -134,8 +135,13 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
   if (unit == 0) return {at::embedding(embedding_, mine(0)), at::Tensor()};  // [B, S, H]
   if (unit == num_units() - 1) {
     at::Tensor targets = mine(1);  // [B, S]
-    output.logits = pithtrain::linear(rms_norm(input, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
-    output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
+    if (loss_chunk_tokens_ > 0) {
+      const at::Tensor normed = rms_norm(input, final_norm_, norm_eps_).reshape({batch * seq, hidden});  // [T, H]
+      output.cross_entropy = kernels::chunked_cross_entropy(normed, lm_head_, targets.reshape(-1), loss_chunk_tokens_);
+    } else {
+      output.logits = pithtrain::linear(rms_norm(input, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
+      output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
+    }
     if (at::GradMode::is_enabled()) router_checked_ = true;
     return {output.cross_entropy, at::Tensor()};
   }

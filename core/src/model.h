@@ -59,6 +59,9 @@ class Model {
   // Context parallelism: this rank (of `size`) runs the tokens of chunks rank and 2 x size - 1 - rank of
   // every sequence; token_positions(seq) are their positions (all of 0..seq-1 when size = 1).
   void set_context_split(int64_t rank, int64_t size) { context_rank_ = rank, context_size_ = size; }
+  // > 0: the head's cross-entropy is computed this many tokens at a time, never holding the whole
+  // [tokens, vocab] logits and their gradient (output.logits then stays undefined).
+  void set_loss_chunk_tokens(int64_t tokens) { loss_chunk_tokens_ = tokens; }
   at::Tensor token_positions(int64_t seq) const;
   bool attention_supports_context_parallel() const;
   // The unit a parameter (by its name in parameters()) belongs to.
@@ -89,7 +92,8 @@ class Model {
 
   PluginContext context_;
   bool router_checked_ = false;
-  int64_t context_rank_ = 0, context_size_ = 1;  // the first training forward checks each router's loss terms
+  int64_t context_rank_ = 0, context_size_ = 1;
+  int64_t loss_chunk_tokens_ = 0;  // the first training forward checks each router's loss terms
   double norm_eps_ = 1e-5;
   int64_t first_dense_layers_ = 0, dense_hidden_size_ = 0, shared_experts_ = 0;
   at::Tensor embedding_;   // [V, H]

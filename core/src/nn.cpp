@@ -1,6 +1,7 @@
 // Shared building blocks (see pithtrain/nn.h) and the core's logger.
 #include "pithtrain/nn.h"
 #include "pithtrain/distributed.h"
+#include "pithtrain/kernels.h"
 #include "pithtrain/router.h"
 
 #include <cmath>
@@ -51,19 +52,38 @@ ExpertWeights::ExpertWeights(Options& options, const PluginContext& context) {
   }
 }
 
+namespace {
+// One expert's SwiGLU FFN on its rows x [n, H] with its (already selected) weights.
+at::Tensor expert_ffn(const ExpertWeights& w, const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
+                      const at::Tensor& down_proj, const at::Tensor& gate_bias, const at::Tensor& up_bias, const at::Tensor& down_bias) {
+  at::Tensor gate = at::linear(x, gate_proj, gate_bias);  // [n, F]
+  at::Tensor up = at::linear(x, up_proj, up_bias);        // [n, F]
+  // The fused kernel on CUDA; elsewhere the same arithmetic in ATen ops (pithtrain/kernels.h).
+  at::Tensor inner = kernels::swiglu(gate, up, w.activation != "swiglu", w.swiglu_alpha, w.swiglu_limit);  // [n, F]
+  return at::linear(inner, down_proj, down_bias);  // [n, H]
+}
+}  // namespace
+
 at::Tensor ExpertWeights::apply(const at::Tensor& x, int64_t expert) const {
   const bool bias = gate_bias.defined();
-  at::Tensor gate = at::linear(x, gate_proj[expert], bias ? gate_bias[expert] : at::Tensor());  // [n, F]
-  at::Tensor up = at::linear(x, up_proj[expert], bias ? up_bias[expert] : at::Tensor());        // [n, F]
-  at::Tensor inner;
-  if (activation == "swiglu") {
-    inner = at::silu(gate) * up;
-  } else {
-    gate = at::clamp_max(gate, swiglu_limit);
-    up = at::clamp(up, -swiglu_limit, swiglu_limit);
-    inner = gate * at::sigmoid(gate * swiglu_alpha) * (up + 1);
+  return expert_ffn(*this, x, gate_proj[expert], up_proj[expert], down_proj[expert], bias ? gate_bias[expert] : at::Tensor(),
+                    bias ? up_bias[expert] : at::Tensor(), bias ? down_bias[expert] : at::Tensor());
+}
+
+at::Tensor ExpertWeights::apply_grouped(const at::Tensor& x, const std::vector<int64_t>& rows_per_expert) const {
+  const bool bias = gate_bias.defined();
+  const std::vector<at::Tensor> pieces = x.split_with_sizes(rows_per_expert, 0);
+  const std::vector<at::Tensor> gates = gate_proj.unbind(0), ups = up_proj.unbind(0), downs = down_proj.unbind(0);
+  std::vector<at::Tensor> gate_biases, up_biases, down_biases;
+  if (bias) gate_biases = gate_bias.unbind(0), up_biases = up_bias.unbind(0), down_biases = down_bias.unbind(0);
+  std::vector<at::Tensor> outputs;
+  for (size_t e = 0; e < pieces.size(); ++e) {
+    if (rows_per_expert[e] == 0) continue;
+    outputs.push_back(expert_ffn(*this, pieces[e], gates[e], ups[e], downs[e], bias ? gate_biases[e] : at::Tensor(),
+                                 bias ? up_biases[e] : at::Tensor(), bias ? down_biases[e] : at::Tensor()));
   }
-  return at::linear(inner, down_proj[expert], bias ? down_bias[expert] : at::Tensor());  // [n, H]
+  if (outputs.empty()) return at::zeros({0, x.size(1)}, x.options());
+  return at::cat(outputs, 0);  // [N, H]
 }
 
 std::vector<Parameter> ExpertWeights::parameters() const {
@@ -126,14 +146,12 @@ void apply_expert_capacity(Routing& routing, double capacity_factor, int64_t num
 at::Tensor router_z_loss(const at::Tensor& logits) { return at::logsumexp(logits, -1).pow(2).mean(); }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  at::Tensor x32 = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
-  at::Tensor normalized = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return normalized.to(x.scalar_type()) * weight;
+  return kernels::rms_norm(x, weight, eps);  // fused on the CPU in float32/float64 (pithtrain/kernels.h)
 }
 
 at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
                   const at::Tensor& down_proj) {
-  return pithtrain::linear(at::silu(pithtrain::linear(x, gate_proj)) * pithtrain::linear(x, up_proj), down_proj);
+  return pithtrain::linear(kernels::swiglu(pithtrain::linear(x, gate_proj), pithtrain::linear(x, up_proj)), down_proj);
 }
 
 Rope read_rope(Options& options, const ModelDims& dims) {
@@ -186,13 +204,10 @@ at::Tensor rope_angles(const at::Tensor& x, const at::Tensor& positions, const R
 }  // namespace
 
 at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& positions, const Rope& rope) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor angles = rope_angles(x, positions, rope);                                                    // [seq, half]
-  at::Tensor cos = at::cat({angles.cos(), angles.cos()}, -1).unsqueeze(0).unsqueeze(2) * rope.attention_factor;  // [1, seq, 1, head_dim]
-  at::Tensor sin = at::cat({angles.sin(), angles.sin()}, -1).unsqueeze(0).unsqueeze(2) * rope.attention_factor;
-  at::Tensor x_float = x.to(angles.scalar_type());
-  at::Tensor rotated = at::cat({-x_float.narrow(-1, half, half), x_float.narrow(-1, 0, half)}, -1);
-  return (x_float * cos + rotated * sin).to(x.scalar_type());
+  at::Tensor angles = rope_angles(x, positions, rope);                                  // [seq, half]
+  at::Tensor cos = at::cat({angles.cos(), angles.cos()}, -1) * rope.attention_factor;   // [seq, head_dim]
+  at::Tensor sin = at::cat({angles.sin(), angles.sin()}, -1) * rope.attention_factor;
+  return kernels::rope(x.to(angles.scalar_type()), cos, sin).to(x.scalar_type());       // fused on the CPU (pithtrain/kernels.h)
 }
 
 at::Tensor apply_rope_interleaved(const at::Tensor& x, const at::Tensor& positions, const Rope& rope) {

@@ -296,6 +296,9 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   config_.deterministic = train.boolean("deterministic", false);
   config_.freeze = train.text_list("freeze", {});
   config_.dead_expert_steps = train.integer("dead_expert_steps", 100);
+  config_.loss_chunk_tokens = train.integer("loss_chunk_tokens", 0);
+  if (config_.loss_chunk_tokens < 0)
+    throw Error(train.where("loss_chunk_tokens") + ": train.loss_chunk_tokens must be >= 0 (0: the whole micro-batch's logits at once)");
   Options eval = options_.table("eval");
   config_.eval_every = eval.integer("every", 0);
   config_.eval_batches = eval.integer("batches", 8);
@@ -374,6 +377,7 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   // Sequence-wise router losses need the sequence boundaries: this rank's tokens of each sequence.
   context.dims.seq_len = config_.seq_len / config_.context_parallel;
   model_ = std::make_unique<Model>(options_.table("model"), *registry_, context);
+  model_->set_loss_chunk_tokens(config_.loss_chunk_tokens);
   if (context_group_) {
     model_->set_context_split(context_group_->rank(), context_group_->size());
     if (!model_->attention_supports_context_parallel())

@@ -32,6 +32,7 @@ struct TrainConfig {
   uint64_t seed = 0;
   std::string device, dtype, data_path, run_name;
   int64_t eval_every = 0, eval_batches = 0;
+  int64_t loss_chunk_tokens = 0;  // > 0: the cross-entropy in chunks of this many tokens (pithtrain/kernels.h)
   int64_t checkpoint_every = 0, checkpoint_keep = 3;
   bool resume = true;
   bool deterministic = false;                // train.deterministic

@@ -28,6 +28,11 @@ struct ExpertWeights {
   ExpertWeights(Options& options, const PluginContext& context);
   // Expert `expert` on its tokens x [n, H] -> [n, H].
   at::Tensor apply(const at::Tensor& x, int64_t expert) const;
+  // Every expert on its consecutive rows of x [N, H] (rows_per_expert[e] rows for expert e, in expert
+  // order) -> [N, H]. The same arithmetic as apply per expert, but one autograd node splits x and one
+  // per weight collects the experts' gradients, where apply's row slice and weight[e] would each add a
+  // zero-filled full-size tensor per expert in the backward.
+  at::Tensor apply_grouped(const at::Tensor& x, const std::vector<int64_t>& rows_per_expert) const;
   std::vector<Parameter> parameters() const;
 };
 

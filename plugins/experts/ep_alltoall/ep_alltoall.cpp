@@ -66,16 +66,9 @@ class ExpertParallelExperts final : public Experts {
     const auto index_options = at::TensorOptions().dtype(at::kLong).device(hidden.device());
     at::Tensor index = at::tensor(regroup, at::kLong).to(hidden.device());  // [R]
     at::Tensor expert_input = received.index_select(0, index);             // [R, H], expert-major
-    std::vector<at::Tensor> outputs;
-    int64_t offset = 0;
-    for (int64_t e = 0; e < local_experts_; ++e) {
-      if (rows_per_expert[e] == 0) continue;
-      outputs.push_back(weights_.apply(expert_input.narrow(0, offset, rows_per_expert[e]), e));
-      offset += rows_per_expert[e];
-    }
     // With no rows the (empty) input stands in for the output, so the combine below stays in the graph
     // and this rank takes part in the backward all-to-alls its peers make.
-    at::Tensor expert_output = outputs.empty() ? expert_input : at::cat(outputs, 0);  // [R, H]
+    at::Tensor expert_output = expert_input.size(0) == 0 ? expert_input : weights_.apply_grouped(expert_input, rows_per_expert);  // [R, H]
     at::Tensor inverse = at::empty_like(index).scatter_(0, index, at::arange(index.numel(), index_options));
     at::Tensor back = expert_output.index_select(0, inverse);  // [R, H], by source rank again
     // Combine: each row returns to the rank it came from, in the order it was sent.

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/core/grad_mode.h>
 
 #include "pithtrain/experts.h"
@@ -78,4 +79,44 @@ TEST(GroupedExperts, EqualsLoopWithAnExpertThatGetsNoTokens) {
 TEST(GroupedExperts, EqualsLoopWithClampedSwigluAndBiases) {
   at::manual_seed(3);
   compare(at::kDouble, 1e-12, 40, true, "activation = \"clamped_swiglu\"\nbias = true\nswiglu_limit = 0.5\n");
+}
+
+// On a GPU the fused path (kernels for the permutation, combine and activation, grouped GEMMs) equals
+// `loop` on the CPU with the same weights, outputs and gradients; skipped without a GPU.
+TEST(GroupedExperts, FusedCudaPathEqualsLoopOnTheCpu) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device on this machine";
+  for (const std::string toml : {"", "activation = \"clamped_swiglu\"\nbias = true\n"}) {
+    at::manual_seed(3);
+    PluginContext cpu_context;
+    cpu_context.dims = {.hidden_size = 16, .num_layers = 2, .num_experts = 6, .top_k = 2, .expert_hidden_size = 8, .init_std = 0.3};
+    cpu_context.dtype = at::kFloat;
+    PluginContext gpu_context = cpu_context;
+    gpu_context.device = at::Device(at::kCUDA, 0);
+    Options options = Options::from_string(toml, "test.toml");
+    auto grouped = pithtrain_plugin()->make_experts(options, gpu_context);
+    LoadedPlugin loop_plugin = load_plugin_file(std::string(PITHTRAIN_PLUGIN_DIR) + "/experts_loop.so");
+    auto loop = loop_plugin.descriptor->make_experts(options, cpu_context);
+    {
+      at::NoGradGuard no_grad;
+      auto from = loop->parameters(), to = grouped->parameters();
+      for (size_t i = 0; i < from.size(); ++i) {
+        if (from[i].name.find("bias") != std::string::npos) from[i].tensor.normal_(0.0, 0.5);
+        to[i].tensor.copy_(from[i].tensor);
+      }
+    }
+    const int64_t tokens = 40;
+    at::Tensor x = at::randn({tokens, 16});
+    Routing routing;
+    routing.expert_ids = at::stack({at::randint(0, 3, {tokens}, at::kLong), at::randint(3, 6, {tokens}, at::kLong)}, 1);
+    routing.weights = at::rand({tokens, 2});
+    at::Tensor probe = at::randn({tokens, 16});
+    Routing on_gpu = routing;
+    on_gpu.expert_ids = routing.expert_ids.cuda(), on_gpu.weights = routing.weights.cuda();
+    Result a = run(*grouped, x.cuda(), on_gpu, probe.cuda()), b = run(*loop, x, routing, probe);
+    EXPECT_TRUE(at::allclose(a.out.cpu(), b.out, 1e-4, 1e-4)) << toml;
+    EXPECT_TRUE(at::allclose(a.grad_x.cpu(), b.grad_x, 1e-4, 1e-4)) << toml;
+    EXPECT_TRUE(at::allclose(a.grad_weights.cpu(), b.grad_weights, 1e-4, 1e-4)) << toml;
+    for (size_t i = 0; i < a.grad_parameters.size(); ++i)
+      EXPECT_TRUE(at::allclose(a.grad_parameters[i].cpu(), b.grad_parameters[i], 1e-4, 1e-4)) << toml << " parameter " << i;
+  }
 }

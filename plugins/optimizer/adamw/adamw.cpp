@@ -1,5 +1,8 @@
 // AdamW (Loshchilov & Hutter, arXiv:1711.05101): Adam moments with weight decay applied to the weights
 // directly, p <- p * (1 - lr * weight_decay), skipped for parameters marked weight_decay = false.
+#include <map>
+#include <tuple>
+
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
@@ -26,19 +29,29 @@ class AdamW final : public Optimizer {
 
   void step(double lr) override {
     at::NoGradGuard no_grad;
+    // LibTorch's fused AdamW (one kernel over a list of tensors, the same update as below) for each group
+    // of parameters with gradients that shares weight decay, dtype and device.
+    std::map<std::tuple<bool, int, std::string>, std::vector<size_t>> groups;
     for (size_t i = 0; i < parameters_.size(); ++i) {
-      at::Tensor param = parameters_[i].tensor;
-      const at::Tensor& grad = param.grad();
-      if (!grad.defined()) continue;
-      steps_[i] += 1;
-      const double step = static_cast<double>(steps_[i].item<int64_t>());
-      if (parameters_[i].weight_decay && weight_decay_ != 0) param.mul_(1.0 - lr * weight_decay_);
-      exp_avg_[i].mul_(beta1_).add_(grad, 1.0 - beta1_);
-      exp_avg_sq_[i].mul_(beta2_).addcmul_(grad, grad, 1.0 - beta2_);
-      const double bias_correction1 = 1.0 - std::pow(beta1_, step);
-      const double bias_correction2 = 1.0 - std::pow(beta2_, step);
-      at::Tensor denominator = (exp_avg_sq_[i].sqrt() / std::sqrt(bias_correction2)).add_(eps_);
-      param.addcdiv_(exp_avg_[i], denominator, -lr / bias_correction1);
+      const at::Tensor& param = parameters_[i].tensor;
+      if (!param.grad().defined()) continue;
+      const bool fusable = param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble;
+      if (!fusable || param.grad().scalar_type() != param.scalar_type()) {
+        step_one(i, lr);
+        continue;
+      }
+      groups[{parameters_[i].weight_decay && weight_decay_ != 0, static_cast<int>(param.scalar_type()), param.device().str()}].push_back(i);
+    }
+    for (const auto& [key, members] : groups) {
+      std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs, steps;
+      for (size_t i : members) {
+        steps_[i] += 1;
+        params.push_back(parameters_[i].tensor), grads.push_back(parameters_[i].tensor.grad());
+        exp_avgs.push_back(exp_avg_[i]), exp_avg_sqs.push_back(exp_avg_sq_[i]);
+        steps.push_back(steps_[i].to(at::TensorOptions().dtype(at::kFloat).device(parameters_[i].tensor.device())));
+      }
+      at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, {}, steps, lr, beta1_, beta2_, std::get<0>(key) ? weight_decay_ : 0.0,
+                        eps_, /*amsgrad=*/false, /*maximize=*/false);
     }
   }
 
@@ -53,6 +66,21 @@ class AdamW final : public Optimizer {
   }
 
  private:
+  // The update of one parameter, element-wise ops (dtypes the fused kernel does not take).
+  void step_one(size_t i, double lr) {
+    at::Tensor param = parameters_[i].tensor;
+    const at::Tensor& grad = param.grad();
+    steps_[i] += 1;
+    const double step = static_cast<double>(steps_[i].item<int64_t>());
+    if (parameters_[i].weight_decay && weight_decay_ != 0) param.mul_(1.0 - lr * weight_decay_);
+    exp_avg_[i].mul_(beta1_).add_(grad, 1.0 - beta1_);
+    exp_avg_sq_[i].mul_(beta2_).addcmul_(grad, grad, 1.0 - beta2_);
+    const double bias_correction1 = 1.0 - std::pow(beta1_, step);
+    const double bias_correction2 = 1.0 - std::pow(beta2_, step);
+    at::Tensor denominator = (exp_avg_sq_[i].sqrt() / std::sqrt(bias_correction2)).add_(eps_);
+    param.addcdiv_(exp_avg_[i], denominator, -lr / bias_correction1);
+  }
+
   std::vector<Parameter> parameters_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_, steps_;
   double beta1_ = 0.9, beta2_ = 0.95, eps_ = 1e-8, weight_decay_ = 0.1;

@@ -4,8 +4,9 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
-#include "pithtrain/nn.h"
 #include "pithtrain/distributed.h"
+#include "pithtrain/kernels.h"
+#include "pithtrain/nn.h"
 #include "pithtrain/router.h"
 
 namespace pithtrain {
@@ -42,21 +43,28 @@ class AuxFreeRouter final : public Router {
   Routing route(const at::Tensor& hidden) override {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor logits = pithtrain::linear(hidden, gate_).to(compute_dtype);  // [T, E]
-    at::Tensor scores = at::sigmoid(logits);                           // [T, E]
-    // The bias steers only which experts are chosen; the gate weights come from the unbiased scores.
-    at::Tensor for_choice = scores.detach() + bias_;                                          // [T, E]
-    if (topk_groups_ < num_groups_) {
-      // Node-limited routing (DeepSeek-V3): keep the topk_groups groups whose two best biased scores sum highest.
-      at::Tensor grouped = for_choice.view({for_choice.size(0), num_groups_, -1});            // [T, G, E / G]
-      at::Tensor group_scores = std::get<0>(at::topk(grouped, 2, -1)).sum(-1);               // [T, G]
-      at::Tensor groups = std::get<1>(at::topk(group_scores, topk_groups_, -1));             // [T, topk_groups]
-      at::Tensor keep = at::zeros_like(group_scores, at::kBool).scatter(1, groups, true);
-      for_choice = grouped.masked_fill(~keep.unsqueeze(-1), -INFINITY).view_as(for_choice);
+    at::Tensor scores, expert_ids, weights;
+    if (hidden.is_cuda() && topk_groups_ == num_groups_ && compute_dtype == at::kFloat) {
+      // One fused kernel for scores, biased choice, renormalisation and scaling (pithtrain/kernels.h).
+      kernels::TopK top = kernels::route_topk(logits, bias_, dims_.top_k, /*sigmoid=*/true, renormalize_, scaling_factor_);
+      scores = top.scores, expert_ids = top.expert_ids, weights = top.weights;
+    } else {
+      scores = at::sigmoid(logits);                           // [T, E]
+      // The bias steers only which experts are chosen; the gate weights come from the unbiased scores.
+      at::Tensor for_choice = scores.detach() + bias_;                                          // [T, E]
+      if (topk_groups_ < num_groups_) {
+        // Node-limited routing (DeepSeek-V3): keep the topk_groups groups whose two best biased scores sum highest.
+        at::Tensor grouped = for_choice.view({for_choice.size(0), num_groups_, -1});            // [T, G, E / G]
+        at::Tensor group_scores = std::get<0>(at::topk(grouped, 2, -1)).sum(-1);               // [T, G]
+        at::Tensor groups = std::get<1>(at::topk(group_scores, topk_groups_, -1));             // [T, topk_groups]
+        at::Tensor keep = at::zeros_like(group_scores, at::kBool).scatter(1, groups, true);
+        for_choice = grouped.masked_fill(~keep.unsqueeze(-1), -INFINITY).view_as(for_choice);
+      }
+      expert_ids = std::get<1>(at::topk(for_choice, dims_.top_k, -1));              // [T, k]
+      weights = scores.gather(1, expert_ids);                                        // [T, k]
+      if (renormalize_) weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
+      weights = weights * scaling_factor_;
     }
-    at::Tensor expert_ids = std::get<1>(at::topk(for_choice, dims_.top_k, -1));              // [T, k]
-    at::Tensor weights = scores.gather(1, expert_ids);                                        // [T, k]
-    if (renormalize_) weights = weights / (weights.sum(-1, /*keepdim=*/true) + 1e-20);
-    weights = weights * scaling_factor_;
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());

@@ -3,6 +3,7 @@
 
 #include <functional>
 
+#include "pithtrain/kernels.h"
 #include "pithtrain/nn.h"
 #include "pithtrain/router.h"
 
@@ -37,18 +38,25 @@ class TopKSoftmaxRouter final : public Router {
   Routing route(const at::Tensor& hidden) override {
     const auto compute_dtype = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     at::Tensor logits = pithtrain::linear(hidden, gate_, gate_bias_).to(compute_dtype);  // [T, E]
-    at::Tensor probs = at::softmax(logits, -1);                                    // [T, E]
-    at::Tensor choosable = probs;
-    if (topk_groups_ < num_groups_) {
-      // Group-limited routing (DeepSeek-V2): keep the topk_groups groups with the highest best expert.
-      at::Tensor grouped = probs.view({probs.size(0), num_groups_, -1});                       // [T, G, E / G]
-      at::Tensor groups = std::get<1>(at::topk(std::get<0>(grouped.max(-1)), topk_groups_, -1));  // [T, topk_groups]
-      at::Tensor keep = at::zeros({probs.size(0), num_groups_}, probs.options()).scatter(1, groups, 1.0);
-      choosable = (grouped * keep.unsqueeze(-1)).view_as(probs);
+    at::Tensor probs, weights, expert_ids;
+    if (hidden.is_cuda() && topk_groups_ == num_groups_ && compute_dtype == at::kFloat) {
+      // One fused kernel for softmax, top-k, renormalisation and scaling (pithtrain/kernels.h).
+      kernels::TopK top = kernels::route_topk(logits, at::Tensor(), dims_.top_k, /*sigmoid=*/false, renormalize_, scaling_factor_);
+      probs = top.scores, expert_ids = top.expert_ids, weights = top.weights;
+    } else {
+      probs = at::softmax(logits, -1);  // [T, E]
+      at::Tensor choosable = probs;
+      if (topk_groups_ < num_groups_) {
+        // Group-limited routing (DeepSeek-V2): keep the topk_groups groups with the highest best expert.
+        at::Tensor grouped = probs.view({probs.size(0), num_groups_, -1});                       // [T, G, E / G]
+        at::Tensor groups = std::get<1>(at::topk(std::get<0>(grouped.max(-1)), topk_groups_, -1));  // [T, topk_groups]
+        at::Tensor keep = at::zeros({probs.size(0), num_groups_}, probs.options()).scatter(1, groups, 1.0);
+        choosable = (grouped * keep.unsqueeze(-1)).view_as(probs);
+      }
+      std::tie(weights, expert_ids) = at::topk(choosable, dims_.top_k, -1);  // [T, k]
+      if (renormalize_) weights = weights / weights.sum(-1, /*keepdim=*/true);
+      weights = weights * scaling_factor_;
     }
-    auto [weights, expert_ids] = at::topk(choosable, dims_.top_k, -1);                 // [T, k]
-    if (renormalize_) weights = weights / weights.sum(-1, /*keepdim=*/true);
-    weights = weights * scaling_factor_;
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
