@@ -358,7 +358,6 @@ Checks schedule_checks(const PluginDescriptor& descriptor) {
          };
          step.units = 2;
          step.tokens_per_micro_batch = 5;
-         step.stage_end_unit = 2;
          // A V-shaped pipeline schedule (dualpipev) runs the two units as its two chunks.
          step.stage_chunks = schedule->chunks_per_stage() == 2 ? std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {1, 2}}
                                                                : std::vector<std::pair<int64_t, int64_t>>{{0, 2}};

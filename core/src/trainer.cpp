@@ -482,9 +482,8 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
       for (int64_t unit = 1; unit + 1 < units; ++unit) cost[unit] += static_cast<double>(config_.seq_len * dims.num_heads * dims.head_dim);
       units_per_piece = balanced_split(cost, pieces);
     }
-    std::vector<std::pair<int64_t, int64_t>> piece_units;  // [first, end) of each piece in chain order
     for (int64_t index = 0, first = 0; index < pieces; first += units_per_piece[index], ++index)
-      piece_units.emplace_back(first, first + units_per_piece[index]);
+      piece_units_.emplace_back(first, first + units_per_piece[index]);
     const int64_t stage = pipeline_group_ ? pipeline_group_->rank() : 0;
     const int64_t stage_ranks = config_.data_parallel * config_.context_parallel;
     std::string plan;
@@ -492,17 +491,15 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
     for (int64_t index = 0; index < stages; ++index) {
       std::string named;
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const auto [first, end] = piece_units[chunk == 0 ? index : pieces - 1 - index];
+        const auto [first, end] = piece_units_[chunk == 0 ? index : pieces - 1 - index];
         if (index == stage) stage_chunks_.emplace_back(first, end);
         named += (chunk ? " | " : "") + units_named(first, end, units);
       }
       plan += fmt::format("{}stage {} (ranks {}-{}): {}", index ? "; " : "", index, index * stage_ranks, (index + 1) * stage_ranks - 1, named);
     }
-    for (int64_t index = 0; index < pieces; ++index) piece_owner_.push_back(index < stages ? index : pieces - 1 - index);
     if (!settings_.quiet) logger().info("pipeline: {}", plan);
     for (const auto& parameter : parameters_)
       if (owns_unit(model_->unit_of(parameter.name))) owned_.insert(parameter.name);
-    piece_units_ = piece_units;
   }
   for (const auto& parameter : parameters_) {
     auto& [trainable_count, total] = parameter_groups_[parameter_group(parameter.name)];
@@ -614,17 +611,19 @@ double Trainer::evaluate() {
       const int64_t stage = pipeline_group_->rank();
       const int64_t tag = 1000000 + static_cast<int64_t>(batch * micro_batches + micro_batch);
       const std::vector<int64_t> shape = {config_.batch_size, config_.seq_len / config_.context_parallel, model_->dims().hidden_size};
-      const int64_t pieces = static_cast<int64_t>(piece_units_.size());
+      const int64_t pieces = static_cast<int64_t>(piece_units_.size()), stages = pipeline_group_->size();
+      // Piece p runs on stage p going down and on stage 2P - 1 - p coming back up (one piece per stage: p).
+      auto owner = [&](int64_t piece) { return piece < stages ? piece : pieces - 1 - piece; };
       at::Tensor x;
       ModelOutput scratch;
       for (int64_t piece = 0; piece < pieces; ++piece) {
-        if (piece_owner_[piece] != stage) continue;
-        if (piece > 0 && piece_owner_[piece - 1] != stage)
-          x = pipeline_group_->receive(shape, config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat, piece_owner_[piece - 1], tag);
+        if (owner(piece) != stage) continue;
+        if (piece > 0 && owner(piece - 1) != stage)
+          x = pipeline_group_->receive(shape, config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat, owner(piece - 1), tag);
         for (int64_t unit = piece_units_[piece].first; unit < piece_units_[piece].second; ++unit)
           x = model_->forward_unit(unit, x, tokens, scratch).output;
         if (piece + 1 == pieces) total += x.item<double>();
-        else if (piece_owner_[piece + 1] != stage) pipeline_group_->start_send(x.contiguous(), piece_owner_[piece + 1], tag)->wait();
+        else if (owner(piece + 1) != stage) pipeline_group_->start_send(x.contiguous(), owner(piece + 1), tag)->wait();
       }
     }
   total /= static_cast<double>(config_.eval_batches * micro_batches);
@@ -933,8 +932,6 @@ TrainSummary Trainer::run() {
                           config_.batch_size * config_.seq_len};
   };
   step_functions.units = model_->num_units();
-  step_functions.stage_first_unit = stage_chunks_.front().first;
-  step_functions.stage_end_unit = stage_chunks_.front().second;
   step_functions.stage_chunks = stage_chunks_;
   step_functions.activation_shape = {config_.batch_size, config_.seq_len / config_.context_parallel, model_->dims().hidden_size};
   step_functions.activation_dtype = config_.dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;

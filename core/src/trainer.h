@@ -112,9 +112,8 @@ class Trainer {
   std::shared_ptr<Communicator> context_group_;   // the ranks splitting this rank's sequences; null without context
   // This rank's chunks [first, end) of the model chain's units (one without pipeline parallelism).
   std::vector<std::pair<int64_t, int64_t>> stage_chunks_;
-  // Pipeline: the pieces the chain is cut into, in chain order, and the stage running each.
+  // Pipeline: the pieces [first, end) the chain is cut into, in chain order.
   std::vector<std::pair<int64_t, int64_t>> piece_units_;
-  std::vector<int64_t> piece_owner_;
   std::set<std::string> owned_;  // pipeline: names of the parameters of this rank's stage (others are not trained here)
   // Pipeline: checkpoint entries ("model/...", "optimizer/...") another stage keeps, emptied here, with
   // their shapes.

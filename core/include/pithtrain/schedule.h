@@ -48,11 +48,10 @@ struct StepFunctions {
   // counts the unit's routing statistics; with it off it only computes.
   std::function<UnitOutput(int64_t unit, int64_t micro_batch, const at::Tensor& input)> forward_unit;
   int64_t tokens_per_micro_batch = 0;  // target tokens of one micro-batch on this rank
-  // Pipeline parallelism: this rank's stage runs units [stage_first_unit, stage_end_unit) (every unit
-  // when parallel.pipeline = 1); a unit's output between stages has activation_shape and activation_dtype.
-  int64_t stage_first_unit = 0, stage_end_unit = 0;
-  // The stage's chunks [first, end) of units in chain order, Schedule::chunks_per_stage() of them: with
-  // one, {stage_first_unit, stage_end_unit}; with two (V shape), chunk s and chunk 2P - 1 - s of the 2P.
+  // Pipeline parallelism: the units this rank's stage runs, as chunks [first, end) in chain order,
+  // Schedule::chunks_per_stage() of them: with one, the stage's consecutive units (every unit when
+  // parallel.pipeline = 1); with two (V shape), chunk s and chunk 2P - 1 - s of the 2P. A unit's output
+  // between stages has activation_shape and activation_dtype.
   std::vector<std::pair<int64_t, int64_t>> stage_chunks;
   std::vector<int64_t> activation_shape;  // [B, S, H]
   c10::ScalarType activation_dtype = c10::kFloat;
@@ -77,7 +76,7 @@ class Schedule {
   // expert_sharded over PluginContext::communicator before calling clip_gradients (e.g. overlapped
   // with the backward), and the core does not. False: the core does it inside clip_gradients.
   virtual bool reduces_gradients() const { return false; }
-  // True: run_step runs only this rank's pipeline stage (StepFunctions::stage_first_unit..stage_end_unit)
+  // True: run_step runs only this rank's pipeline stage (StepFunctions::stage_chunks)
   // and exchanges activations over PluginContext::pipeline_group; needed when parallel.pipeline > 1.
   virtual bool runs_pipeline_stages() const { return false; }
   // Pipeline schedules: the chunks of the model chain each stage runs. 1: the chain is cut into P

@@ -29,17 +29,12 @@ class AdamW final : public Optimizer {
 
   void step(double lr) override {
     at::NoGradGuard no_grad;
-    // LibTorch's fused AdamW (one kernel over a list of tensors, the same update as below) for each group
-    // of parameters with gradients that shares weight decay, dtype and device.
+    // LibTorch's fused AdamW (one kernel over a list of tensors) for each group of parameters with
+    // gradients sharing weight decay, dtype and device; the optimizer's tensors are float32 master copies.
     std::map<std::tuple<bool, int, std::string>, std::vector<size_t>> groups;
     for (size_t i = 0; i < parameters_.size(); ++i) {
       const at::Tensor& param = parameters_[i].tensor;
       if (!param.grad().defined()) continue;
-      const bool fusable = param.scalar_type() == at::kFloat || param.scalar_type() == at::kDouble;
-      if (!fusable || param.grad().scalar_type() != param.scalar_type()) {
-        step_one(i, lr);
-        continue;
-      }
       groups[{parameters_[i].weight_decay && weight_decay_ != 0, static_cast<int>(param.scalar_type()), param.device().str()}].push_back(i);
     }
     for (const auto& [key, members] : groups) {
@@ -66,21 +61,6 @@ class AdamW final : public Optimizer {
   }
 
  private:
-  // The update of one parameter, element-wise ops (dtypes the fused kernel does not take).
-  void step_one(size_t i, double lr) {
-    at::Tensor param = parameters_[i].tensor;
-    const at::Tensor& grad = param.grad();
-    steps_[i] += 1;
-    const double step = static_cast<double>(steps_[i].item<int64_t>());
-    if (parameters_[i].weight_decay && weight_decay_ != 0) param.mul_(1.0 - lr * weight_decay_);
-    exp_avg_[i].mul_(beta1_).add_(grad, 1.0 - beta1_);
-    exp_avg_sq_[i].mul_(beta2_).addcmul_(grad, grad, 1.0 - beta2_);
-    const double bias_correction1 = 1.0 - std::pow(beta1_, step);
-    const double bias_correction2 = 1.0 - std::pow(beta2_, step);
-    at::Tensor denominator = (exp_avg_sq_[i].sqrt() / std::sqrt(bias_correction2)).add_(eps_);
-    param.addcdiv_(exp_avg_[i], denominator, -lr / bias_correction1);
-  }
-
   std::vector<Parameter> parameters_;
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_, steps_;
   double beta1_ = 0.9, beta2_ = 0.95, eps_ = 1e-8, weight_decay_ = 0.1;

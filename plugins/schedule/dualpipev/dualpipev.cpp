@@ -207,8 +207,7 @@ class DualPipeVSchedule final : public Schedule {
     else
       torch::autograd::backward(roots, grads);
     record('B', chunk, micro_batch, defer_weights, pair, start);
-    if (pair < 0) durations_.add(defer_weights ? durations_.input_backward : durations_.backward, Clock::now() - start);
-    else durations_.add(durations_.backward, Clock::now() - start);
+    if (!defer_weights) durations_.add(durations_.backward, Clock::now() - start);  // B of the formula: a whole backward
     if (entry.input.defined()) {
       at::Tensor input_grad = entry.input.grad().defined() ? entry.input.grad() : at::zeros_like(entry.input);
       if (chunk == 1 && last_stage())
@@ -250,7 +249,7 @@ class DualPipeVSchedule final : public Schedule {
 
   // Sums and counts of this step's durations in seconds.
   struct Durations {
-    std::pair<double, int64_t> forward, backward, input_backward, weights, pair;
+    std::pair<double, int64_t> forward, backward, weights, pair;
     void add(std::pair<double, int64_t>& figure, Clock::duration elapsed) {
       figure.first += std::chrono::duration<double>(elapsed).count();
       ++figure.second;

@@ -38,8 +38,9 @@ class PipelineSchedule final : public Schedule {
   bool runs_pipeline_stages() const override { return true; }
 
   StepResult run_step(const StepFunctions& step) override {
-    if (step.units < 1 || !step.forward_unit)
-      throw Error("schedule 'pipeline_1f1b' needs the model as a chain of units (StepFunctions::forward_unit)");
+    if (step.units < 1 || !step.forward_unit || step.stage_chunks.size() != 1)
+      throw Error("schedule 'pipeline_1f1b' needs the model as a chain of units with one chunk on this stage "
+                  "(StepFunctions::forward_unit, stage_chunks)");
     const auto step_start = Clock::now();
     trace_.start_step(stage_);
     StepResult result;
@@ -82,7 +83,8 @@ class PipelineSchedule final : public Schedule {
     }
     const auto start = Clock::now();
     at::Tensor x = entry.input;
-    for (int64_t unit = step.stage_first_unit; unit < step.stage_end_unit; ++unit) {
+    const auto [first_unit, end_unit] = step.stage_chunks.front();
+    for (int64_t unit = first_unit; unit < end_unit; ++unit) {
       UnitOutput output = step.forward_unit(unit, micro_batch, x);
       x = output.output;
       if (output.aux_loss.defined()) entry.aux_loss = entry.aux_loss.defined() ? entry.aux_loss + output.aux_loss : output.aux_loss;

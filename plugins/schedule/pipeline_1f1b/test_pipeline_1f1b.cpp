@@ -29,7 +29,7 @@ TEST(PipelineSchedule, OneStageGivesTheMeanLossGradientAndTracesTheStep) {
   StepFunctions step;
   step.micro_batches = 3;
   step.units = 2;
-  step.stage_end_unit = 2;
+  step.stage_chunks = {{0, 2}};
   step.tokens_per_micro_batch = 4;
   std::vector<std::pair<int64_t, int64_t>> calls;  // (unit, micro-batch)
   // Unit 0: [3] from the weight; unit 1: a scalar "cross-entropy"; unit 0 also has an aux loss.
