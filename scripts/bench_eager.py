@@ -10,7 +10,9 @@ cross-entropy; AdamW (weight decay on matrices), gradient clipping at 1.0. Rando
 does not depend on them.
 On a GPU (--device cuda) the same loop runs in float32 parameters under bfloat16 autocast
 (--dtype bfloat16), optionally under torch.compile (--compile), and also prints the peak memory.
-Prints one line per step: "step N seconds S tokens T loss L". Usage: see --help.
+Prints one line per step: "step N seconds S tokens T loss L", on the CPU followed by "start_mb A peak_mb B":
+the resident memory when the step began and its highest during the step (VmHWM, restarted each step
+as PithTrain's metrics step_peak_memory_mb is). Usage: see --help.
 """
 import argparse, time
 
@@ -29,6 +31,7 @@ parser.add_argument("--qk-norm", action="store_true", help="RMSNorm over each he
 parser.add_argument("--device", default="cpu")
 parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast over float32 parameters")
 parser.add_argument("--compile", action="store_true", help="run the model under torch.compile")
+parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) instead of the default implementation")
 args = parser.parse_args()
 if args.threads > 0:
     torch.set_num_threads(args.threads)
@@ -147,15 +150,36 @@ model = Model().to(device)
 forward = torch.compile(model) if args.compile else model
 decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
 no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                              fused=True if args.fused_adamw else None)
+
+
 def synchronize():
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
+def resident_mb(field):  # "VmRSS" (now) or "VmHWM" (highest since the last reset), in MiB
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def reset_peak_resident():  # Linux 4.0+: VmHWM back to the current resident memory
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 for step in range(1, args.steps + 1):
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=device)
     synchronize()
+    measure_memory = device.type == "cpu" and reset_peak_resident()
+    start_mb = resident_mb("VmRSS")
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
@@ -170,6 +194,7 @@ for step in range(1, args.steps + 1):
                 layer.bias += 1e-3 * torch.sign(load.mean() - load)
     synchronize()
     seconds = time.perf_counter() - start
-    print(f"step {step} seconds {seconds:.6f} tokens {args.batch * args.seq} loss {loss.item():.4f}", flush=True)
+    memory = f" start_mb {start_mb:.1f} peak_mb {resident_mb('VmHWM'):.1f}" if measure_memory else ""
+    print(f"step {step} seconds {seconds:.6f} tokens {args.batch * args.seq} loss {loss.item():.4f}{memory}", flush=True)
 if device.type == "cuda":
     print(f"peak_memory_mb {torch.cuda.max_memory_allocated() / 2**20:.0f}", flush=True)

@@ -388,6 +388,34 @@ TEST(Training, PeriodicValidationIsLogged) {
   EXPECT_EQ(with_validation, 2);  // steps 3 and 6
 }
 
+TEST(Training, StepPeakMemoryIsTheStepsOwnAndThePeakIsTheProcesss) {
+  // Touch 256 MiB and free it before training: the process's peak keeps it, a step's own peak must not.
+  {
+    std::vector<char> buffer(size_t{256} << 20, 1);
+    volatile char sink = buffer[buffer.size() / 2];
+    (void)sink;
+  }
+  RunSettings settings = quiet_run("step_memory");
+  fs::remove_all(settings.out_dir);
+  Trainer(tiny_config(with(kSmall, {"train.steps=3", "train.log_every=1"})), settings).run();
+  std::ifstream metrics(fs::path(settings.out_dir) / "metrics.jsonl");
+  auto number = [](const std::string& line, const std::string& key) {
+    size_t at = line.find("\"" + key + "\":");
+    return at == std::string::npos ? -1.0 : std::strtod(line.c_str() + at + key.size() + 3, nullptr);
+  };
+  std::string line;
+  int rows = 0;
+  while (std::getline(metrics, line)) {
+    ++rows;
+    const double step_peak = number(line, "step_peak_memory_mb"), peak = number(line, "peak_memory_mb");
+    if (step_peak < 0) GTEST_SKIP() << "this kernel does not let /proc/self/clear_refs reset the peak resident memory";
+    EXPECT_GE(peak, 256.0) << line;
+    EXPECT_GT(step_peak, 0.0) << line;
+    EXPECT_LT(step_peak, peak - 200.0) << line;  // the 256 MiB buffer was freed before the first step
+  }
+  EXPECT_EQ(rows, 3);
+}
+
 TEST(Data, JsonlTextFieldsAreDocuments) {
   fs::path jsonl = scratch() / "docs.jsonl";
   std::ofstream(jsonl) << "{\"id\": 1, \"text\": \"a\\\"b\\n\\u00e9\"}\n\n{\"text\": \"c\"}\n";

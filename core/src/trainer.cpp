@@ -77,13 +77,23 @@ double resident_memory_mb() {
   return static_cast<double>(pages_resident) * static_cast<double>(::sysconf(_SC_PAGESIZE)) / (1024.0 * 1024.0);
 }
 
-// The most resident memory this process has had (VmHWM), in MiB.
+// The most resident memory this process has had since it started or since the last
+// reset_peak_resident_memory() (VmHWM), in MiB.
 double peak_resident_memory_mb() {
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line))
     if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;  // the line says kB
   return std::nan("");
+}
+
+// Sets VmHWM back to the current resident memory (Linux 4.0+, "5" to /proc/self/clear_refs), so the next
+// reading is the peak of what ran since. False where the kernel does not allow it.
+bool reset_peak_resident_memory() {
+  std::ofstream clear_refs("/proc/self/clear_refs");
+  clear_refs << "5";
+  clear_refs.flush();
+  return clear_refs.good();
 }
 
 // Peak bytes the device's caching allocator has handed out, in MiB (CUDA runs only).
@@ -1033,6 +1043,7 @@ TrainSummary Trainer::run() {
   step_functions.after_optimizer_step = [&] { model_->after_optimizer_step(); };
 
   StopSignals stop_signals;
+  double lifetime_peak_memory_mb = 0;  // VmHWM restarts each step, so the process's peak is kept here
   int64_t step = start_step;
   int64_t last_saved = start_step;
   auto save = [&](int64_t at_step) {
@@ -1042,6 +1053,8 @@ TrainSummary Trainer::run() {
     fs::path path = checkpoints.save(at_step, tensors, checkpoint_metadata(at_step, smoothed));
     if (!settings_.quiet) log.info("saved checkpoint {}", path.string());
   };
+  if (!settings_.quiet && step < config_.steps)
+    log.info("resident memory before the first step: {:.0f} MiB (LibTorch, the model, the data's index)", resident_memory_mb());
   while (step < config_.steps) {
     ++step;
     lr = learning_rate(config_, step);
@@ -1049,6 +1062,9 @@ TrainSummary Trainer::run() {
     step_loss_terms.clear();
     step_dropped.clear();
     if (profiler) profiler->before_step(step);
+    // The step's own peak resident memory: the high-water mark restarts here, the lifetime one is kept.
+    lifetime_peak_memory_mb = std::max(lifetime_peak_memory_mb, peak_resident_memory_mb());
+    const bool step_peak_known = reset_peak_resident_memory();
     auto step_start = std::chrono::steady_clock::now();
     step_batches.clear();
     for (int64_t micro_batch = 0; micro_batch < config_.micro_batches; ++micro_batch) step_batches.push_back(next_micro_batch());
@@ -1056,6 +1072,7 @@ TrainSummary Trainer::run() {
     StepResult result = schedule_->run_step(step_functions);
     if (count_step_routing) model_->set_step_counts({});
     double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
+    const double step_peak_memory_mb = peak_resident_memory_mb();  // before evaluation can raise it
     if (profiler) profiler->after_step(step, settings_.quiet);
     bool stop = g_stop_signal != 0;
     if (world_) {
@@ -1149,8 +1166,10 @@ TrainSummary Trainer::run() {
       for (auto it = step_grad_norms.begin(); it != step_grad_norms.end(); ++it)
         metrics << (it == step_grad_norms.begin() ? "" : ",") << json_quote(it->first) << ":" << it->second;
       metrics << "},\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
-              << ",\"memory_mb\":" << resident_memory_mb() << ",\"peak_memory_mb\":" << peak_resident_memory_mb()
-              << ",\"state_mb\":" << state_mb();
+              << ",\"memory_mb\":" << resident_memory_mb() << ",\"peak_memory_mb\":"
+              << (lifetime_peak_memory_mb = std::max(lifetime_peak_memory_mb, peak_resident_memory_mb()));
+      if (step_peak_known) metrics << ",\"step_peak_memory_mb\":" << step_peak_memory_mb;
+      metrics << ",\"state_mb\":" << state_mb();
       if (c10::Device(config_.device).is_cuda())
         metrics << ",\"device_memory_peak_mb\":" << device_memory_peak_mb(c10::Device(config_.device));
       if (evaluate_now) metrics << ",\"val_loss\":" << validation_loss;
@@ -1194,13 +1213,16 @@ TrainSummary Trainer::run() {
   for (const auto& item : buffers()) weights.push_back(item);
   if (writes_checkpoints) save_safetensors(run_dir_ + "/model.safetensors", weights, {{"step", std::to_string(step)}});
   if (!settings_.quiet) {
+    const std::string validation = std::isnan(summary.validation_loss)
+                                       ? std::string("no validation (eval.batches = 0)")
+                                       : fmt::format("validation loss {:.4f}", summary.validation_loss);
     if (summary.losses.empty())
-      log.info("done: nothing to train (already at step {}); validation loss {:.4f}", summary.steps, summary.validation_loss);
+      log.info("done: nothing to train (already at step {}); {}", summary.steps, validation);
     else
       log.info("done: step {} ({} this run, {:.1f} s, {:.0f} tok/s); loss {:.4f} at the first step -> {:.4f} smoothed at "
-               "the end; validation loss {:.4f}",
+               "the end; {}; peak resident memory {:.0f} MiB",
                summary.steps, summary.losses.size(), summary.seconds, summary.tokens_per_second, summary.first_loss,
-               summary.final_smoothed_loss, summary.validation_loss);
+               summary.final_smoothed_loss, validation, std::max(lifetime_peak_memory_mb, peak_resident_memory_mb()));
     log.info("outputs: {0}/config.toml, {0}/metrics.jsonl, {0}/model.safetensors, {0}/checkpoints/", run_dir_);
   }
   return summary;
