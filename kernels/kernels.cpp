@@ -291,19 +291,21 @@ at::Tensor grouped_mm_reference(const at::Tensor& x, const at::Tensor& weights, 
   return at::cat(parts, 0);
 }
 
-at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weights, const std::vector<int64_t>& counts) {
-  if (static_cast<int64_t>(counts.size()) != weights.size(0))
-    throw Error("grouped_mm: " + std::to_string(counts.size()) + " counts for " + std::to_string(weights.size(0)) + " weight groups");
-  // LibTorch's grouped GEMM wants bfloat16 and 16-byte aligned rows (H, F multiples of 8) on a CUDA device.
+at::Tensor grouped_mm_native(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& counts) {
+  const at::Tensor ends = counts.to(x.device()).cumsum(0).to(at::kInt);  // [G], int32: what the GEMM takes
+  return at::_grouped_mm(x, weights.transpose(1, 2), ends);              // [N, F]
+}
+
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& counts) {
+  if (counts.dim() != 1 || counts.numel() != weights.size(0))
+    throw Error("grouped_mm: " + std::to_string(counts.numel()) + " counts for " + std::to_string(weights.size(0)) + " weight groups");
+  // LibTorch's grouped GEMM wants 16-byte aligned rows (H, F multiples of 8 in bfloat16); on CUDA it is
+  // Hopper's, and float32 there would go to a slower path than one cuBLAS multiply per group.
   if (x.is_cuda() && x.scalar_type() == at::kBFloat16 && weights.scalar_type() == at::kBFloat16 && x.size(1) % 8 == 0 &&
-      weights.size(1) % 8 == 0) {
-    std::vector<int32_t> ends;
-    int64_t end = 0;
-    for (int64_t count : counts) ends.push_back(static_cast<int32_t>(end += count));
-    const at::Tensor offsets = at::tensor(ends, at::kInt).to(x.device());
-    return at::_grouped_mm(x, weights.transpose(1, 2), offsets);
-  }
-  return grouped_mm_reference(x, weights, counts);
+      weights.size(1) % 8 == 0)
+    return grouped_mm_native(x, weights, counts);
+  const at::Tensor on_host = counts.to(at::kCPU, at::kLong).contiguous();
+  return grouped_mm_reference(x, weights, std::vector<int64_t>(on_host.data_ptr<int64_t>(), on_host.data_ptr<int64_t>() + on_host.numel()));
 }
 
 at::Tensor chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& head, const at::Tensor& targets, int64_t chunk_rows) {

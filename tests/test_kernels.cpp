@@ -154,14 +154,32 @@ TEST(Kernels, GroupedMatmulEqualsOneMatmulPerGroupIncludingEmptyGroups) {
   const std::vector<int64_t> counts = {3, 0, 5, 1};
   at::Tensor x = at::randn({9, 6}, at::kDouble).requires_grad_(true);
   at::Tensor weights = at::randn({4, 7, 6}, at::kDouble).requires_grad_(true);
-  at::Tensor out = kernels::grouped_mm(x, weights, counts);
+  at::Tensor out = kernels::grouped_mm(x, weights, at::tensor(counts));
   ASSERT_EQ(out.sizes(), (std::vector<int64_t>{9, 7}));
   int64_t row = 0;
   for (int64_t group = 0; group < 4; ++group)
     for (int64_t i = 0; i < counts[group]; ++i, ++row) EXPECT_LT(max_difference(out[row], at::mv(weights[group], x[row])), 1e-12);
   out.sum().backward();
   EXPECT_EQ(weights.grad()[1].abs().max().item<double>(), 0.0);  // the empty group gets no gradient
-  EXPECT_THROW(kernels::grouped_mm(x, weights, {9}), Error);
+  EXPECT_THROW(kernels::grouped_mm(x, weights, at::tensor(std::vector<int64_t>{9})), Error);
+}
+
+// The call grouped_mm makes on CUDA (LibTorch's grouped GEMM over device-side group ends), run by
+// LibTorch's CPU implementation: outputs and both gradients against one matrix multiply per group.
+TEST(Kernels, NativeGroupedMatmulCallEqualsTheReferenceOnTheCpu) {
+  at::manual_seed(5);
+  const std::vector<int64_t> counts = {5, 0, 9, 2, 0, 16};  // empty groups inside and at the end
+  const at::Tensor x = at::randn({32, 16}), weights = at::randn({6, 24, 16}) * 0.2, grad = at::randn({32, 24});
+  const at::Tensor x1 = x.clone().requires_grad_(true), w1 = weights.clone().requires_grad_(true);
+  const at::Tensor x2 = x.clone().requires_grad_(true), w2 = weights.clone().requires_grad_(true);
+  at::Tensor native = kernels::grouped_mm_native(x1, w1, at::tensor(counts));
+  at::Tensor reference = kernels::grouped_mm_reference(x2, w2, counts);
+  ASSERT_EQ(native.sizes(), reference.sizes());
+  EXPECT_LT(max_difference(native, reference), 1e-5);
+  native.backward(grad), reference.backward(grad);
+  EXPECT_LT(max_difference(x1.grad(), x2.grad()), 1e-5);
+  EXPECT_LT(max_difference(w1.grad(), w2.grad()), 1e-5);
+  EXPECT_EQ(w1.grad()[1].abs().max().item<double>(), 0.0);  // an empty group gets no gradient
 }
 
 TEST(Kernels, ChunkedCrossEntropyEqualsTheFullOneForEveryChunkSize) {
@@ -287,11 +305,18 @@ TEST(KernelsOnGpu, GroupedMatmulEqualsTheCpuReference) {
   if (skip_without_gpu(why)) GTEST_SKIP() << why;
   at::manual_seed(8);
   const std::vector<int64_t> counts = {40, 0, 17, 71};
-  at::Tensor x = at::randn({128, 64}), weights = at::randn({4, 32, 64}) * 0.1;
+  at::Tensor x = at::randn({128, 64}), weights = at::randn({4, 32, 64}) * 0.1, grad = at::randn({128, 32});
   for (auto dtype : {at::kFloat, at::kBFloat16}) {
-    at::Tensor gpu = kernels::grouped_mm(x.to(dtype).cuda(), weights.to(dtype).cuda(), counts);
-    at::Tensor cpu = kernels::grouped_mm_reference(x.to(dtype).to(at::kFloat), weights.to(dtype).to(at::kFloat), counts);
-    EXPECT_LT(max_difference(gpu, cpu), dtype == at::kFloat ? 1e-3 : 5e-2);
+    // Both sides start from the same (rounded) values; the CPU side computes in float32.
+    at::Tensor x_gpu = x.to(dtype).cuda().requires_grad_(true), w_gpu = weights.to(dtype).cuda().requires_grad_(true);
+    at::Tensor x_cpu = x.to(dtype).to(at::kFloat).requires_grad_(true), w_cpu = weights.to(dtype).to(at::kFloat).requires_grad_(true);
+    at::Tensor gpu = kernels::grouped_mm(x_gpu, w_gpu, at::tensor(counts).cuda());
+    at::Tensor cpu = kernels::grouped_mm_reference(x_cpu, w_cpu, counts);
+    const double tolerance = dtype == at::kFloat ? 1e-3 : 5e-2;
+    EXPECT_LT(max_difference(gpu, cpu), tolerance) << dtype;
+    gpu.backward(grad.to(dtype).cuda()), cpu.backward(grad.to(dtype).to(at::kFloat));
+    EXPECT_LT(max_difference(x_gpu.grad(), x_cpu.grad()), tolerance) << dtype;
+    EXPECT_LT(max_difference(w_gpu.grad(), w_cpu.grad()), 4 * tolerance) << dtype;  // sums over up to 71 rows
   }
 }
 

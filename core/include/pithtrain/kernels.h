@@ -53,12 +53,16 @@ struct TopK {
 TopK route_topk(const at::Tensor& logits, const at::Tensor& bias, int64_t k, bool sigmoid, bool renormalize, double scale);
 TopK route_topk_reference(const at::Tensor& logits, const at::Tensor& bias, int64_t k, bool sigmoid, bool renormalize, double scale);
 
-// Grouped matrix multiply for the experts: x [N, H] holds counts[g] consecutive rows of group g;
-// weights [G, F, H]; returns [N, F], rows of group g times weights[g] transposed. CUDA bfloat16 with
-// H and F multiples of 8 use LibTorch's grouped GEMM (at::_grouped_mm, Hopper), everything else one
-// matrix multiply per group (cuBLAS on CUDA).
-at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weights, const std::vector<int64_t>& counts);
+// Grouped matrix multiply for the experts: x [N, H] holds counts[g] consecutive rows of group g
+// (counts: int64 [G] on any device); weights [G, F, H]; returns [N, F], rows of group g times
+// weights[g] transposed. CUDA bfloat16 with H and F multiples of 8 goes to grouped_mm_native, which
+// reads no count on the host; everything else is one matrix multiply per group (cuBLAS on CUDA).
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& counts);
 at::Tensor grouped_mm_reference(const at::Tensor& x, const at::Tensor& weights, const std::vector<int64_t>& counts);
+// LibTorch's grouped GEMM (at::_grouped_mm) with the groups' end rows computed on counts' device:
+// float32 or bfloat16, H and F multiples of 8. grouped_mm uses it on CUDA (Hopper); LibTorch also
+// runs it on the CPU, where its call is tested against the reference, backward included.
+at::Tensor grouped_mm_native(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& counts);
 
 // Mean cross-entropy of the logits hidden [N, H] x head [V, H] transposed against targets [N] (int64),
 // computed chunk_rows rows at a time in float32 and recomputed the same way in the backward, so the
