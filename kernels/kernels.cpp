@@ -193,12 +193,18 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return rope_reference(x, cos, sin);
 }
 
+at::Tensor count_per_expert(const at::Tensor& ids, int64_t experts) {
+  const at::Tensor flat = ids.reshape(-1);                                            // [N]
+  if (!flat.is_cuda()) return at::bincount(flat, {}, experts);
+  return (flat.unsqueeze(1) == at::arange(experts, flat.options())).sum(0);  // [E], int64 (a sum of bools)
+}
+
 at::Tensor slots_by_expert(const at::Tensor& expert_ids, int64_t experts, at::Tensor& tokens_per_expert) {
   const at::Tensor flat = expert_ids.reshape(-1);                                          // [T * k]
   const at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));  // sorted position -> choice
   at::Tensor slots = at::empty_like(order);
   slots.index_put_({order}, at::arange(order.numel(), order.options()));                  // choice -> sorted position
-  tokens_per_expert = at::bincount(flat, {}, experts);
+  tokens_per_expert = count_per_expert(flat, experts);
   return slots.view(expert_ids.sizes());
 }
 

@@ -300,6 +300,16 @@ TEST(KernelsOnGpu, RouteTopKEqualsTheCpuReference) {
   }
 }
 
+TEST(KernelsOnGpu, CountPerExpertEqualsBincount) {
+  std::string why;
+  if (skip_without_gpu(why)) GTEST_SKIP() << why;
+  at::manual_seed(10);
+  const at::Tensor ids = at::randint(0, 100, {4096, 8}, at::kLong).clamp_max(59);  // experts 60..127 get none, 59 many
+  const at::Tensor gpu = kernels::count_per_expert(ids.cuda(), 128);
+  EXPECT_EQ(gpu.scalar_type(), at::kLong);
+  EXPECT_TRUE(at::equal(gpu.cpu(), at::bincount(ids.reshape(-1), {}, 128)));
+}
+
 TEST(KernelsOnGpu, GroupedMatmulEqualsTheCpuReference) {
   std::string why;
   if (skip_without_gpu(why)) GTEST_SKIP() << why;

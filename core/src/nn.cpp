@@ -95,7 +95,7 @@ std::vector<Parameter> ExpertWeights::parameters() const {
 
 at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids, Communicator* ranks) {
   const int64_t experts = probs.size(1);
-  at::Tensor counts = at::bincount(expert_ids.reshape(-1), {}, experts).to(at::kDouble);  // [E]
+  at::Tensor counts = kernels::count_per_expert(expert_ids, experts).to(at::kDouble);  // [E]
   if (ranks != nullptr) {
     std::vector<at::Tensor> shared = {counts};
     ranks->all_reduce_sum(shared);
@@ -135,7 +135,7 @@ void apply_expert_capacity(Routing& routing, double capacity_factor, int64_t num
   // Pairs grouped by expert, heaviest first within each: sort by weight, then stably by expert.
   at::Tensor by_weight = std::get<1>(at::sort(routing.weights.detach().reshape(-1), /*stable=*/true, 0, /*descending=*/true));
   at::Tensor order = by_weight.index_select(0, std::get<1>(at::sort(ids.index_select(0, by_weight), /*stable=*/true, 0, false)));
-  at::Tensor counts = at::bincount(ids, {}, num_experts);                                        // [E]
+  at::Tensor counts = kernels::count_per_expert(ids, num_experts);                               // [E]
   at::Tensor starts = counts.cumsum(0) - counts;                                                 // [E]
   at::Tensor rank = at::arange(pairs, ids.options()) - starts.index_select(0, ids.index_select(0, order));  // within its expert
   at::Tensor keep = at::zeros({pairs}, ids.options().dtype(at::kBool)).index_put_({order}, rank < capacity);

@@ -28,6 +28,11 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
+// How many of ids (int64, any shape, each in [0, experts)) name each expert: int64 [experts], as
+// at::bincount with that minimum length. On CUDA it compares every id with every expert instead, since
+// at::bincount reads the largest id back to the host (a wait for the device in every MoE layer).
+at::Tensor count_per_expert(const at::Tensor& ids, int64_t experts);
+
 // slot_of [T, k] (int64) from expert_ids [T, k]: the position of token t's j-th choice when the T * k
 // choices are sorted by expert (stably, so token order within an expert); tokens_per_expert [E] gets
 // the counts. Not differentiable (indices).

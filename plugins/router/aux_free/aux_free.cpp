@@ -68,7 +68,7 @@ class AuxFreeRouter final : public Router {
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
-    routing.tokens_per_expert = at::bincount(expert_ids.reshape(-1), {}, dims_.num_experts);  // [E]
+    routing.tokens_per_expert = kernels::count_per_expert(expert_ids, dims_.num_experts);  // [E]
     // No balancing loss is needed; DeepSeek-V3 still adds a tiny sequence-wise one (alpha = 1e-4).
     routing.aux_loss = at::zeros({}, at::TensorOptions().dtype(compute_dtype).device(hidden.device()));
     if (seq_aux_loss_coeff_ > 0)
@@ -88,7 +88,8 @@ class AuxFreeRouter final : public Router {
       std::vector<at::Tensor> shared = {load};
       context_communicator_->all_reduce_sum(shared);
     }
-    if (!freeze_bias_ && load.sum().item<double>() > 0) bias_ += update_rate_ * at::sign(load.mean() - load);
+    // A step without load (every count 0) changes nothing: sign(0 - 0) is 0, and no host read is needed.
+    if (!freeze_bias_) bias_ += update_rate_ * at::sign(load.mean() - load);
     load_.zero_();
   }
 
