@@ -1,4 +1,5 @@
-// PipelineTrace: the reporting keys, busy time and step trace the pipeline schedules share.
+// What the pipeline schedules share: running a chunk and its figures; PipelineTrace, the reporting
+// keys, busy time and step trace.
 #include "pithtrain/pipeline_trace.h"
 
 #include <filesystem>
@@ -10,6 +11,25 @@
 #include "pithtrain/error.h"
 
 namespace pithtrain {
+
+void run_pipeline_chunk(const StepFunctions& step, std::pair<int64_t, int64_t> units, MicroBatchInFlight& entry) {
+  at::Tensor x = entry.input;
+  for (int64_t unit = units.first; unit < units.second; ++unit) {
+    UnitOutput output = step.forward_unit(unit, entry.micro_batch, x);
+    x = output.output;
+    if (output.aux_loss.defined()) entry.aux_loss = entry.aux_loss.defined() ? entry.aux_loss + output.aux_loss : output.aux_loss;
+  }
+  entry.output = x;
+}
+
+void add_pipeline_figures(const StepFunctions& step, const MicroBatchInFlight& entry, bool head, double scale, StepResult& result) {
+  const double cross_entropy = head ? entry.output.item<double>() : 0.0;
+  const double aux_loss = entry.aux_loss.defined() ? entry.aux_loss.item<double>() : 0.0;
+  result.loss += (cross_entropy + aux_loss) * scale;
+  result.cross_entropy += cross_entropy * scale;
+  result.aux_loss += aux_loss * scale;
+  if (head) result.tokens += step.tokens_per_micro_batch;
+}
 
 PipelineTrace::PipelineTrace(Options& options, const PluginContext& context, std::string schedule)
     : schedule_(std::move(schedule)), log_(context.logger) {

@@ -1,15 +1,34 @@
-// What the pipeline schedules (pipeline_1f1b, dualpipev) share: their reporting keys, the busy time of
-// a step, and its recorded trace for scripts/pipeline_timeline.py and scripts/pipeline_bubble.py.
+// What the pipeline schedules (pipeline_1f1b, dualpipev) share: a micro-batch in flight, running a
+// chunk of units and counting its figures; their reporting keys, the busy time of a step, and its
+// recorded trace for scripts/pipeline_timeline.py and scripts/pipeline_bubble.py.
 #pragma once
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pithtrain/options.h"
 #include "pithtrain/plugin.h"
+#include "pithtrain/schedule.h"
 
 namespace pithtrain {
+
+// One micro-batch of one chunk of units between its forward and its backward.
+struct MicroBatchInFlight {
+  int64_t micro_batch = 0;
+  at::Tensor input;     // [B, S, H] received from a neighbour (requires grad); undefined for the embedding's chunk
+  at::Tensor output;    // [B, S, H] sent on, or the cross-entropy [] of the chunk ending in the head
+  at::Tensor aux_loss;  // [] the chunk's router losses; undefined when it has none
+};
+
+// Runs units [first, end) on entry.input for entry.micro_batch: sets entry.output and entry.aux_loss.
+void run_pipeline_chunk(const StepFunctions& step, std::pair<int64_t, int64_t> units, MicroBatchInFlight& entry);
+
+// Adds this stage's share of the step's figures for one forward (the core sums them over the stages):
+// its router losses and, for the chunk ending in the head (`head`), the cross-entropy and the tokens.
+// scale: 1 / micro-batches.
+void add_pipeline_figures(const StepFunctions& step, const MicroBatchInFlight& entry, bool head, double scale, StepResult& result);
 
 class PipelineTrace {
  public:

@@ -5,6 +5,7 @@
 
 #include "pithtrain/distributed.h"
 #include "pithtrain/experts.h"
+#include "pithtrain/kernels.h"
 #include "pithtrain/nn.h"
 
 namespace pithtrain {
@@ -35,7 +36,7 @@ class ExpertParallelExperts final : public Experts {
     at::Tensor source_token = at::floor_divide(order, k);                                  // [T * k]
     at::Tensor permuted = hidden.index_select(0, source_token);                           // [T * k, H], by expert
     at::Tensor permuted_weights = routing.weights.reshape(-1).index_select(0, order);     // [T * k]
-    at::Tensor counts = at::bincount(flat_ids, {}, dims_.num_experts).to(at::kCPU);       // [E]
+    at::Tensor counts = kernels::count_per_expert(flat_ids, dims_.num_experts).to(at::kCPU);  // [E]
 
     // received_counts[s * local + e]: rows rank s sends for this rank's local expert e.
     std::vector<int64_t> per_rank(ranks_, local_experts_);

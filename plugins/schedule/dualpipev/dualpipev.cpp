@@ -62,14 +62,6 @@ std::vector<Operation> dualpipev_order(int64_t stages, int64_t stage, int64_t mi
   return order;
 }
 
-// One micro-batch of one chunk between its forward and its backward.
-struct InFlight {
-  int64_t micro_batch = 0;
-  at::Tensor input;     // [B, S, H] (requires grad); undefined for the embedding's chunk
-  at::Tensor output;    // [B, S, H], or the cross-entropy [] of the head's chunk
-  at::Tensor aux_loss;  // [] the chunk's router losses; undefined when it has none
-};
-
 class DualPipeVSchedule final : public Schedule {
  public:
   DualPipeVSchedule(Options& options, const PluginContext& context)
@@ -146,7 +138,7 @@ class DualPipeVSchedule final : public Schedule {
   // Chunk 0 receives from the previous stage and sends to the next; chunk 1 the other way round. On
   // the last stage chunk 0's output is chunk 1's input, handed over in place.
   void forward(const StepFunctions& step, int chunk, StepResult& result, int64_t pair) {
-    InFlight entry;
+    MicroBatchInFlight entry;
     const int64_t micro_batch = entry.micro_batch = next_forward_[chunk]++;
     if (chunk == 0 && !first_stage()) {
       entry.input = group_->receive(step.activation_shape, step.activation_dtype, stage_ - 1, tag(micro_batch, 0, false));
@@ -158,14 +150,8 @@ class DualPipeVSchedule final : public Schedule {
     }
     if (entry.input.defined()) entry.input.requires_grad_(true);
     const auto start = Clock::now();
-    at::Tensor x = entry.input;
-    const auto [first_unit, end_unit] = step.stage_chunks[chunk];
-    for (int64_t unit = first_unit; unit < end_unit; ++unit) {
-      UnitOutput output = step.forward_unit(unit, micro_batch, x);
-      x = output.output;
-      if (output.aux_loss.defined()) entry.aux_loss = entry.aux_loss.defined() ? entry.aux_loss + output.aux_loss : output.aux_loss;
-    }
-    entry.output = x;
+    run_pipeline_chunk(step, step.stage_chunks[chunk], entry);
+    const at::Tensor& x = entry.output;
     record('F', chunk, micro_batch, false, pair, start);
     if (pair < 0) durations_.add(durations_.forward, Clock::now() - start);
     const bool head = chunk == 1 && first_stage();
@@ -175,18 +161,12 @@ class DualPipeVSchedule final : public Schedule {
       sends_.push_back(group_->start_send(x.detach().contiguous(), stage_ + 1, tag(micro_batch, 0, false)));
     else if (!head)
       sends_.push_back(group_->start_send(x.detach().contiguous(), stage_ - 1, tag(micro_batch, 1, false)));
-    const double cross_entropy = head ? x.item<double>() : 0.0;
-    const double aux_loss = entry.aux_loss.defined() ? entry.aux_loss.item<double>() : 0.0;
-    // This stage's share of the step's figures; the core sums them over the stages.
-    result.loss += (cross_entropy + aux_loss) * scale_;
-    result.cross_entropy += cross_entropy * scale_;
-    result.aux_loss += aux_loss * scale_;
-    if (head) result.tokens += step.tokens_per_micro_batch;
+    add_pipeline_figures(step, entry, head, scale_, result);
     pending_[chunk].push_back(std::move(entry));
   }
 
   void backward(const StepFunctions& step, int chunk, bool defer_weights, int64_t pair) {
-    InFlight entry = std::move(pending_[chunk].front());
+    MicroBatchInFlight entry = std::move(pending_[chunk].front());
     pending_[chunk].pop_front();
     const int64_t micro_batch = entry.micro_batch;
     std::vector<at::Tensor> roots = {entry.output}, grads;
@@ -262,7 +242,7 @@ class DualPipeVSchedule final : public Schedule {
   double scale_ = 1;
   Durations durations_;
   int64_t next_forward_[2] = {0, 0};
-  std::deque<InFlight> pending_[2];
+  std::deque<MicroBatchInFlight> pending_[2];
   std::map<int64_t, at::Tensor> handed_activations_, handed_gradients_;  // last stage: chunk 0 <-> chunk 1
   WeightGradientQueue weights_;
   std::vector<std::unique_ptr<PendingCollective>> sends_;

@@ -19,14 +19,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// One micro-batch between its forward and its backward on this stage.
-struct InFlight {
-  int64_t micro_batch = 0;
-  at::Tensor input;     // [B, S, H] received from the previous stage (requires grad); undefined on stage 0
-  at::Tensor output;    // [B, S, H] sent to the next stage, or the cross-entropy [] on the last stage
-  at::Tensor aux_loss;  // [] the stage's router losses; undefined when it has none
-};
-
 class PipelineSchedule final : public Schedule {
  public:
   PipelineSchedule(Options& options, const PluginContext& context)
@@ -46,7 +38,7 @@ class PipelineSchedule final : public Schedule {
     StepResult result;
     step.zero_grad();
     scale_ = 1.0 / static_cast<double>(step.micro_batches);
-    std::deque<InFlight> in_flight;
+    std::deque<MicroBatchInFlight> in_flight;
     const int64_t warmup = std::min<int64_t>(stages_ - stage_ - 1, step.micro_batches);
     int64_t forwarded = 0, backwarded = 0;
     for (; forwarded < warmup; ++forwarded) in_flight.push_back(forward(step, forwarded, result));
@@ -74,35 +66,22 @@ class PipelineSchedule final : public Schedule {
   bool first_stage() const { return stage_ == 0; }
   bool last_stage() const { return stage_ == stages_ - 1; }
 
-  InFlight forward(const StepFunctions& step, int64_t micro_batch, StepResult& result) {
-    InFlight entry;
+  MicroBatchInFlight forward(const StepFunctions& step, int64_t micro_batch, StepResult& result) {
+    MicroBatchInFlight entry;
     entry.micro_batch = micro_batch;
     if (!first_stage()) {
       entry.input = group_->receive(step.activation_shape, step.activation_dtype, stage_ - 1, 2 * micro_batch);
       entry.input.requires_grad_(true);
     }
     const auto start = Clock::now();
-    at::Tensor x = entry.input;
-    const auto [first_unit, end_unit] = step.stage_chunks.front();
-    for (int64_t unit = first_unit; unit < end_unit; ++unit) {
-      UnitOutput output = step.forward_unit(unit, micro_batch, x);
-      x = output.output;
-      if (output.aux_loss.defined()) entry.aux_loss = entry.aux_loss.defined() ? entry.aux_loss + output.aux_loss : output.aux_loss;
-    }
-    entry.output = x;
+    run_pipeline_chunk(step, step.stage_chunks.front(), entry);
     record('F', micro_batch, start);
-    if (!last_stage()) sends_.push_back(group_->start_send(x.detach().contiguous(), stage_ + 1, 2 * micro_batch));
-    const double cross_entropy = last_stage() ? x.item<double>() : 0.0;
-    const double aux_loss = entry.aux_loss.defined() ? entry.aux_loss.item<double>() : 0.0;
-    // This stage's share of the step's figures; the core sums them over the stages.
-    result.loss += (cross_entropy + aux_loss) * scale_;
-    result.cross_entropy += cross_entropy * scale_;
-    result.aux_loss += aux_loss * scale_;
-    if (last_stage()) result.tokens += step.tokens_per_micro_batch;
+    if (!last_stage()) sends_.push_back(group_->start_send(entry.output.detach().contiguous(), stage_ + 1, 2 * micro_batch));
+    add_pipeline_figures(step, entry, last_stage(), scale_, result);
     return entry;
   }
 
-  void backward(const StepFunctions& step, InFlight& entry) {
+  void backward(const StepFunctions& step, MicroBatchInFlight& entry) {
     std::vector<at::Tensor> roots, grads;
     if (last_stage()) {
       roots.push_back(entry.output), grads.push_back(at::full_like(entry.output, scale_));
@@ -119,7 +98,7 @@ class PipelineSchedule final : public Schedule {
       at::Tensor input_grad = entry.input.grad().defined() ? entry.input.grad() : at::zeros_like(entry.input);
       sends_.push_back(group_->start_send(input_grad.contiguous(), stage_ - 1, 2 * entry.micro_batch + 1));
     }
-    entry = InFlight();  // the graph and activations go now
+    entry = MicroBatchInFlight();  // the graph and activations go now
   }
 
   void record(char kind, int64_t micro_batch, Clock::time_point start) {
