@@ -1,11 +1,15 @@
 // Options: the typed TOML reader every config and plugin table goes through.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <limits>
+
 #include "pithtrain/error.h"
 #include "pithtrain/options.h"
 
 using pithtrain::Error;
 using pithtrain::Options;
+using pithtrain::Range;
 
 namespace {
 
@@ -132,4 +136,109 @@ TEST(Options, TextList) {
   Options options = Options::from_string("[plugins]\npaths = [\"/a\", \"/b\"]\nbad = [1]\n", "test.toml");
   EXPECT_EQ(options.table("plugins").text_list("paths", {}), (std::vector<std::string>{"/a", "/b"}));
   EXPECT_THROW(options.table("plugins").text_list("bad", {}), Error);
+}
+
+TEST(Range, EachKindHoldsItsBoundsAndNothingPast) {
+  const double below_zero = std::nextafter(0.0, -1.0), above_zero = std::nextafter(0.0, 1.0);
+  const double below_one = std::nextafter(1.0, 0.0), above_one = std::nextafter(1.0, 2.0);
+  struct Case {
+    Range range;
+    std::string text;
+    std::vector<double> inside, outside;
+  };
+  const double inf = std::numeric_limits<double>::infinity();
+  const std::vector<Case> cases = {
+      {Range::at_least(0), ">= 0", {0.0, 1e300}, {below_zero, -inf}},
+      {Range::above(0), "> 0", {above_zero, 1e300}, {0.0, below_zero}},
+      {Range::at_most(1), "<= 1", {1.0, -1e300}, {above_one, inf}},
+      {Range::below(1), "< 1", {below_one, -1e300}, {1.0, above_one}},
+      {Range::closed(0, 1), "in [0, 1]", {0.0, 1.0, 0.5}, {below_zero, above_one}},
+      {Range::half_open(0, 1), "in [0, 1)", {0.0, below_one}, {below_zero, 1.0}},
+      {Range::open(0, 1), "in (0, 1)", {above_zero, below_one}, {0.0, 1.0}},
+      {Range::left_open(0, 1), "in (0, 1]", {above_zero, 1.0}, {0.0, above_one}},
+  };
+  for (const auto& c : cases) {
+    EXPECT_EQ(c.range.text(), c.text);
+    for (double value : c.inside) EXPECT_TRUE(c.range.contains(value)) << c.text << " should hold " << value;
+    for (double value : c.outside) EXPECT_FALSE(c.range.contains(value)) << c.text << " should not hold " << value;
+    EXPECT_FALSE(c.range.contains(std::nan(""))) << c.text;
+  }
+  EXPECT_EQ(Range::above(1e-8).text(), "> 1e-08");
+  EXPECT_EQ(Range::closed(1, 8).text(), "in [1, 8]");
+  EXPECT_EQ(Range().text(), "any number");
+  EXPECT_TRUE(Range().contains(-1e300));
+}
+
+TEST(Options, OutOfRangeNamesFileLineKeyValueAndRange) {
+  Options options = Options::from_string("[optimizer]\nplugin = \"adamw\"\nbeta1 = 1.0\nbeta2 = 0.999\n", "run.toml");
+  Options optimizer = options.table("optimizer");
+  EXPECT_DOUBLE_EQ(optimizer.number("beta2", 0.95, Range::half_open(0, 1)), 0.999);
+  std::string message = message_of([&] { optimizer.number("beta1", 0.9, Range::half_open(0, 1)); });
+  EXPECT_EQ(message, "run.toml:3: optimizer.beta1 = 1 is out of range: it must be in [0, 1)");
+
+  Options train = Options::from_string("[train]\nsteps = 0\nlr = 0.003\n", "t.toml").table("train");
+  EXPECT_EQ(message_of([&] { train.integer("steps", 300, Range::at_least(1)); }),
+            "t.toml:2: train.steps = 0 is out of range: it must be >= 1");
+  EXPECT_EQ(message_of([&] { train.required_number("lr", Range::above(0.01)); }),
+            "t.toml:3: train.lr = 0.003 is out of range: it must be > 0.01");
+  EXPECT_EQ(message_of([&] { train.required_integer("steps", Range::open(0, 10)); }),
+            "t.toml:2: train.steps = 0 is out of range: it must be in (0, 10)");
+  EXPECT_EQ(train.required_integer("steps", Range::closed(0, 0)), 0);
+}
+
+TEST(Options, OutOfRangeFromSetAndFromTheFallback) {
+  Options options = Options::from_string("[train]\nsteps = 5\n", "t.toml");
+  options.set_override("train.steps=-3");
+  Options train = options.table("train");
+  EXPECT_EQ(message_of([&] { train.integer("steps", 300, Range::at_least(1)); }),
+            "--set train.steps=-3: train.steps = -3 is out of range: it must be >= 1");
+  // A fallback computed from other keys is checked too (here it is absent from the file, so no line).
+  EXPECT_EQ(message_of([&] { train.number("grad_clip", -1.0, Range::at_least(0)); }),
+            "t.toml: train.grad_clip = -1 is out of range: it must be >= 0");
+  EXPECT_EQ(train.integer("log_every", 10, Range::at_least(1)), 10);
+}
+
+TEST(Options, NanAndInfinityAreNeverNumbers) {
+  Options options = Options::from_string("a = nan\nb = inf\nc = -inf\nd = +inf\ne = 1.5\n", "f.toml");
+  // With or without a range, and for required reads.
+  EXPECT_EQ(message_of([&] { options.number("a", 0); }), "f.toml:1: a = nan is not a finite number");
+  EXPECT_EQ(message_of([&] { options.number("b", 0, Range()); }), "f.toml:2: b = inf is not a finite number");
+  EXPECT_EQ(message_of([&] { options.required_number("c"); }), "f.toml:3: c = -inf is not a finite number");
+  EXPECT_EQ(message_of([&] { options.required_number("d", Range::at_least(0)); }),
+            "f.toml:4: d = inf is not a finite number");
+  EXPECT_DOUBLE_EQ(options.number("e", 0), 1.5);
+  options.set_override("e=nan");
+  EXPECT_EQ(message_of([&] { options.number("e", 0); }), "--set e=nan: e = nan is not a finite number");
+}
+
+TEST(Options, RequireStatesARuleBetweenKeys) {
+  Options options = Options::from_string("[train]\nlr = 0.001\nmin_lr = 0.01\n", "t.toml");
+  Options train = options.table("train");
+  const double lr = train.number("lr", 3e-3, Range::above(0));
+  const double min_lr = train.number("min_lr", lr / 10, Range::at_least(0));
+  EXPECT_NO_THROW(train.require("lr", lr > 0, "> 0"));
+  EXPECT_EQ(message_of([&] { train.require("min_lr", min_lr <= lr, "in [0, lr] (lr = 0.001)"); }),
+            "t.toml:3: train.min_lr = 0.01 is out of range: it must be in [0, lr] (lr = 0.001)");
+  // A defaulted key is named with its resolved value.
+  train.integer("warmup_steps", 7);
+  EXPECT_EQ(message_of([&] { train.require("warmup_steps", false, "<= steps"); }),
+            "t.toml: train.warmup_steps = 7 is out of range: it must be <= steps");
+  train.text("schedule", "cosine");
+  EXPECT_EQ(message_of([&] { train.require("schedule", false, "\"wsd\" with decay_fraction"); }),
+            "t.toml: train.schedule = \"cosine\" is out of range: it must be \"wsd\" with decay_fraction");
+}
+
+TEST(Options, MisspelledRequiredKeyIsReportedAsUnknownNotMissing) {
+  Options options = Options::from_string("[model]\nhidden_size = 8\nnum_layers = 2\n\nvocab_sizee = 64\n", "configs/x.toml");
+  Options model = options.table("model");
+  model.required_integer("hidden_size");
+  EXPECT_EQ(message_of([&] { model.required_integer("vocab_size", Range::at_least(1)); }),
+            "configs/x.toml:5: unknown key 'model.vocab_sizee' (not read by pithtrain); did you mean 'model.vocab_size'?");
+  // A key already read, or one spelled far from the missing key, leaves the missing-key message.
+  Options other = Options::from_string("[model]\nhidden_size = 8\nnum_layers = 2\n", "y.toml");
+  other.table("model").integer("num_layers", 1);
+  std::string message = message_of([&] { other.table("model").required_integer("num_heads"); });
+  EXPECT_NE(message.find("missing required key 'model.num_heads'"), std::string::npos) << message;
+  message = message_of([&] { other.table("model").required_integer("num_layer"); });
+  EXPECT_NE(message.find("missing required key 'model.num_layer'"), std::string::npos) << message;
 }

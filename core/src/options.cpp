@@ -2,6 +2,9 @@
 #include "pithtrain/options.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -51,6 +54,18 @@ size_t edit_distance(const std::string& a, const std::string& b) {
   return row[b.size()];
 }
 
+// The shortest text that reads back as `value` (0.003, not 0.0030000000000000001); "nan", "inf", "-inf".
+std::string number_text(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  char buffer[32];
+  for (int digits = 15; digits <= 17; ++digits) {
+    std::snprintf(buffer, sizeof(buffer), "%.*g", digits, value);
+    if (std::strtod(buffer, nullptr) == value) break;
+  }
+  return buffer;
+}
+
 const char* type_name(const toml::node& node) {
   switch (node.type()) {
     case toml::node_type::string: return "a string";
@@ -80,6 +95,32 @@ void insert_at(toml::table& table, const std::string& path, toml::node&& value) 
 }
 
 }  // namespace
+
+Range Range::at_least(double lower) { return {Bound::closed, Bound::absent, lower, 0}; }
+Range Range::above(double lower) { return {Bound::open, Bound::absent, lower, 0}; }
+Range Range::at_most(double upper) { return {Bound::absent, Bound::closed, 0, upper}; }
+Range Range::below(double upper) { return {Bound::absent, Bound::open, 0, upper}; }
+Range Range::closed(double lower, double upper) { return {Bound::closed, Bound::closed, lower, upper}; }
+Range Range::half_open(double lower, double upper) { return {Bound::closed, Bound::open, lower, upper}; }
+Range Range::open(double lower, double upper) { return {Bound::open, Bound::open, lower, upper}; }
+Range Range::left_open(double lower, double upper) { return {Bound::open, Bound::closed, lower, upper}; }
+
+bool Range::contains(double value) const {
+  if (std::isnan(value)) return false;
+  if (lower_bound == Bound::closed && !(value >= lower)) return false;
+  if (lower_bound == Bound::open && !(value > lower)) return false;
+  if (upper_bound == Bound::closed && !(value <= upper)) return false;
+  if (upper_bound == Bound::open && !(value < upper)) return false;
+  return true;
+}
+
+std::string Range::text() const {
+  if (lower_bound == Bound::absent && upper_bound == Bound::absent) return "any number";
+  if (upper_bound == Bound::absent) return (lower_bound == Bound::closed ? ">= " : "> ") + number_text(lower);
+  if (lower_bound == Bound::absent) return (upper_bound == Bound::closed ? "<= " : "< ") + number_text(upper);
+  return std::string("in ") + (lower_bound == Bound::closed ? "[" : "(") + number_text(lower) + ", " +
+         number_text(upper) + (upper_bound == Bound::closed ? "]" : ")");
+}
 
 Options::Options(std::shared_ptr<State> state, std::string path)
     : state_(std::move(state)), path_(std::move(path)) {}
@@ -158,6 +199,79 @@ Options Options::table(const std::string& key) const {
 
 namespace {
 
+bool has_read_key_below(const std::set<std::string>& read_keys, const std::string& full_key) {
+  auto lower = read_keys.lower_bound(full_key + ".");
+  return lower != read_keys.end() && lower->rfind(full_key + ".", 0) == 0;
+}
+
+// Whether `distance` edits make `name` a likely misspelling: the rule behind every "did you mean".
+bool spelled_close(const std::string& name, size_t distance) {
+  return distance <= std::max<size_t>(2, name.size() / 3);
+}
+
+// The names valid in the table `parent` so far: every key read there and every sub-table holding read keys.
+std::vector<std::string> valid_names(const std::set<std::string>& read_keys, const std::string& parent) {
+  std::vector<std::string> names;
+  for (const auto& key : read_keys) {
+    auto key_dot = key.rfind('.');
+    std::string key_parent = key_dot == std::string::npos ? "" : key.substr(0, key_dot);
+    if (key_parent == parent) names.push_back(key.substr(key_dot == std::string::npos ? 0 : key_dot + 1));
+    if (key.rfind(join(parent, ""), 0) == 0 || parent.empty()) {
+      std::string rest = parent.empty() ? key : key.substr(parent.size() + 1);
+      auto rest_dot = rest.find('.');
+      if (rest_dot != std::string::npos) names.push_back(rest.substr(0, rest_dot));
+    }
+  }
+  std::sort(names.begin(), names.end());
+  names.erase(std::unique(names.begin(), names.end()), names.end());
+  return names;
+}
+
+// "<location>: unknown key '<unknown>' (not read by <owner>); did you mean '<parent>.<suggestion>'?", the
+// suggestion being the nearest valid name when `suggestion` is empty (and only if spelled close); with
+// `list_valid`, followed by the valid names of that table.
+std::string unknown_key_message(const std::set<std::string>& read_keys, const std::string& unknown,
+                                const std::string& location, const std::string& owner, std::string suggestion,
+                                bool list_valid) {
+  auto dot = unknown.rfind('.');
+  std::string parent = dot == std::string::npos ? "" : unknown.substr(0, dot);
+  std::string leaf = dot == std::string::npos ? unknown : unknown.substr(dot + 1);
+  std::vector<std::string> siblings = valid_names(read_keys, parent);
+  if (suggestion.empty()) {
+    size_t best = std::string::npos;
+    for (const auto& sibling : siblings) {
+      size_t distance = edit_distance(leaf, sibling);
+      if (distance < best && spelled_close(leaf, distance)) best = distance, suggestion = sibling;
+    }
+  }
+  std::ostringstream message;
+  message << location << ": unknown key '" << unknown << "' (not read by " << owner << ")";
+  if (!suggestion.empty()) message << "; did you mean '" << join(parent, suggestion) << "'?";
+  if (list_valid && !siblings.empty()) {
+    message << " Valid keys in " << (parent.empty() ? "the top level" : "[" + parent + "]") << ":";
+    for (const auto& sibling : siblings) message << " " << sibling;
+  }
+  return message.str();
+}
+
+// The key nobody read, in the table of the missing `full_key`, spelled closest to it ("" if none is close).
+std::string misspelling_of(const toml::table& root, const std::set<std::string>& read_keys, const std::string& full_key) {
+  auto dot = full_key.rfind('.');
+  std::string parent = dot == std::string::npos ? "" : full_key.substr(0, dot);
+  std::string leaf = dot == std::string::npos ? full_key : full_key.substr(dot + 1);
+  const toml::node* table = parent.empty() ? &root : find_node(root, parent);
+  if (table == nullptr || !table->is_table()) return "";
+  std::string closest;
+  size_t best = std::string::npos;
+  for (const auto& [name, node] : *table->as_table()) {
+    std::string candidate = join(parent, std::string(name.str()));
+    if (read_keys.count(candidate) || has_read_key_below(read_keys, candidate)) continue;
+    size_t distance = edit_distance(std::string(name.str()), leaf);
+    if (distance < best && spelled_close(std::string(name.str()), distance)) best = distance, closest = candidate;
+  }
+  return closest;
+}
+
 // Reads the node at `key` as T, records it (or the fallback) in the resolved table.
 template <typename T>
 T read_value(Options& options, toml::table& root, toml::table& resolved, std::set<std::string>& read_keys,
@@ -168,6 +282,15 @@ T read_value(Options& options, toml::table& root, toml::table& resolved, std::se
   T result = fallback;
   if (node == nullptr) {
     if (required) {
+      // A misspelling of the key is reported as such, not as the key missing.
+      const std::string misspelled = misspelling_of(root, read_keys, full_key);
+      if (!misspelled.empty()) {
+        auto key_dot = key.rfind('.');
+        std::string written = (key_dot == std::string::npos ? "" : key.substr(0, key_dot + 1)) +
+                              misspelled.substr(misspelled.rfind('.') + 1);
+        std::string leaf = full_key.substr(full_key.rfind('.') + 1);
+        throw Error(unknown_key_message(read_keys, misspelled, options.where(written), "pithtrain", leaf, false));
+      }
       auto dot = full_key.rfind('.');
       std::string table_name = dot == std::string::npos ? "the top level" : "[" + full_key.substr(0, dot) + "]";
       throw Error(options.where(key) + ": missing required key '" + full_key + "' (" + wanted +
@@ -189,15 +312,40 @@ T read_value(Options& options, toml::table& root, toml::table& resolved, std::se
   return result;
 }
 
+void check_finite(const Options& options, const std::string& key, double value) {
+  if (!std::isfinite(value))
+    throw Error(options.where(key) + ": " + join(options.path(), key) + " = " + number_text(value) +
+                " is not a finite number");
+}
+
+void check_range(const Options& options, const std::string& key, double value, const std::string& value_text,
+                 const Range& range) {
+  if (!range.contains(value))
+    throw Error(options.where(key) + ": " + join(options.path(), key) + " = " + value_text +
+                " is out of range: it must be " + range.text());
+}
+
 }  // namespace
 
 double Options::number(const std::string& key, double fallback) {
-  return read_value<double>(*this, state_->root, state_->resolved, state_->read_keys, join(path_, key), key,
-                            fallback, false, "a number");
+  double value = read_value<double>(*this, state_->root, state_->resolved, state_->read_keys, join(path_, key), key,
+                                    fallback, false, "a number");
+  check_finite(*this, key, value);
+  return value;
+}
+double Options::number(const std::string& key, double fallback, const Range& range) {
+  double value = number(key, fallback);
+  check_range(*this, key, value, number_text(value), range);
+  return value;
 }
 int64_t Options::integer(const std::string& key, int64_t fallback) {
   return read_value<int64_t>(*this, state_->root, state_->resolved, state_->read_keys, join(path_, key), key,
                              fallback, false, "an integer");
+}
+int64_t Options::integer(const std::string& key, int64_t fallback, const Range& range) {
+  int64_t value = integer(key, fallback);
+  check_range(*this, key, static_cast<double>(value), std::to_string(value), range);
+  return value;
 }
 bool Options::boolean(const std::string& key, bool fallback) {
   return read_value<bool>(*this, state_->root, state_->resolved, state_->read_keys, join(path_, key), key,
@@ -208,16 +356,49 @@ std::string Options::text(const std::string& key, const std::string& fallback) {
                                  key, fallback, false, "a string");
 }
 double Options::required_number(const std::string& key) {
-  return read_value<double>(*this, state_->root, state_->resolved, state_->read_keys, join(path_, key), key,
-                            0.0, true, "a number");
+  double value = read_value<double>(*this, state_->root, state_->resolved, state_->read_keys, join(path_, key), key,
+                                    0.0, true, "a number");
+  check_finite(*this, key, value);
+  return value;
+}
+double Options::required_number(const std::string& key, const Range& range) {
+  double value = required_number(key);
+  check_range(*this, key, value, number_text(value), range);
+  return value;
 }
 int64_t Options::required_integer(const std::string& key) {
   return read_value<int64_t>(*this, state_->root, state_->resolved, state_->read_keys, join(path_, key), key,
                              0, true, "an integer");
 }
+int64_t Options::required_integer(const std::string& key, const Range& range) {
+  int64_t value = required_integer(key);
+  check_range(*this, key, static_cast<double>(value), std::to_string(value), range);
+  return value;
+}
 std::string Options::required_text(const std::string& key) {
   return read_value<std::string>(*this, state_->root, state_->resolved, state_->read_keys, join(path_, key),
                                  key, "", true, "a string");
+}
+
+void Options::require(const std::string& key, bool ok, const std::string& allowed) const {
+  if (ok) return;
+  std::string full_key = join(path_, key);
+  // The value as read (defaults included), else as written.
+  const toml::node* node = find_node(state_->resolved, full_key);
+  if (node == nullptr) node = find_node(state_->root, full_key);
+  std::string value_text;
+  if (node != nullptr) {
+    if (const auto* number = node->as_floating_point()) value_text = number_text(number->get());
+    else if (const auto* string = node->as_string()) value_text = "\"" + string->get() + "\"";
+    else if (node->is_table()) value_text = "(a table)";
+    else {
+      std::ostringstream out;
+      node->visit([&](const auto& value) { out << toml::toml_formatter(value); });
+      value_text = out.str();
+    }
+  }
+  throw Error(where(key) + ": " + full_key + (value_text.empty() ? "" : " = " + value_text) +
+              " is out of range: it must be " + allowed);
 }
 
 std::vector<std::string> Options::text_list(const std::string& key, const std::vector<std::string>& fallback) {
@@ -249,10 +430,7 @@ void Options::check_unknown_keys(const std::string& owner) const {
       if (!unknown.empty()) return;
       std::string full_key = join(prefix, std::string(name.str()));
       if (state_->read_keys.count(full_key)) continue;
-      bool has_known_child = false;
-      auto lower = state_->read_keys.lower_bound(full_key + ".");
-      if (lower != state_->read_keys.end() && lower->rfind(full_key + ".", 0) == 0) has_known_child = true;
-      if (has_known_child && node.is_table()) {
+      if (has_read_key_below(state_->read_keys, full_key) && node.is_table()) {
         visit(*node.as_table(), full_key);
       } else {
         unknown = full_key;
@@ -261,40 +439,10 @@ void Options::check_unknown_keys(const std::string& owner) const {
   };
   visit(*start->as_table(), path_);
   if (unknown.empty()) return;
-
   auto dot = unknown.rfind('.');
   std::string parent = dot == std::string::npos ? "" : unknown.substr(0, dot);
   std::string leaf = dot == std::string::npos ? unknown : unknown.substr(dot + 1);
-  std::vector<std::string> siblings;
-  for (const auto& key : state_->read_keys) {
-    auto key_dot = key.rfind('.');
-    std::string key_parent = key_dot == std::string::npos ? "" : key.substr(0, key_dot);
-    if (key_parent == parent) siblings.push_back(key.substr(key_dot == std::string::npos ? 0 : key_dot + 1));
-    // Sub-tables that hold known keys are valid names too.
-    if (key.rfind(join(parent, ""), 0) == 0 || parent.empty()) {
-      std::string rest = parent.empty() ? key : key.substr(parent.size() + 1);
-      auto rest_dot = rest.find('.');
-      if (rest_dot != std::string::npos) siblings.push_back(rest.substr(0, rest_dot));
-    }
-  }
-  std::sort(siblings.begin(), siblings.end());
-  siblings.erase(std::unique(siblings.begin(), siblings.end()), siblings.end());
-  std::string nearest;
-  size_t best = std::string::npos;
-  for (const auto& sibling : siblings) {
-    size_t distance = edit_distance(leaf, sibling);
-    if (distance < best) best = distance, nearest = sibling;
-  }
-  std::string location = Options(state_, parent).where(leaf);
-  std::ostringstream message;
-  message << location << ": unknown key '" << unknown << "' (not read by " << owner << ")";
-  if (!nearest.empty() && best <= std::max<size_t>(2, leaf.size() / 3))
-    message << "; did you mean '" << join(parent, nearest) << "'?";
-  if (!siblings.empty()) {
-    message << " Valid keys in " << (parent.empty() ? "the top level" : "[" + parent + "]") << ":";
-    for (const auto& sibling : siblings) message << " " << sibling;
-  }
-  throw Error(message.str());
+  throw Error(unknown_key_message(state_->read_keys, unknown, Options(state_, parent).where(leaf), owner, "", true));
 }
 
 namespace {
