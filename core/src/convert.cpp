@@ -142,15 +142,17 @@ std::string rope_json(Options& attention, double theta) {
   std::ostringstream json;
   json << "{\"rope_theta\": " << toml_number(theta);
   if (attention.text("rope_scaling", "none") == "yarn") {
-    json << ", \"rope_type\": \"yarn\", \"factor\": " << toml_number(attention.number("rope_factor", 1.0))
-         << ", \"original_max_position_embeddings\": " << attention.integer("rope_original_max_positions", 4096)
-         << ", \"beta_fast\": " << toml_number(attention.number("rope_beta_fast", 32.0))
-         << ", \"beta_slow\": " << toml_number(attention.number("rope_beta_slow", 1.0))
+    // read_rope's defaults and ranges (core/src/nn.cpp).
+    const double factor = attention.number("rope_factor", 1.0, Range::at_least(1));
+    json << ", \"rope_type\": \"yarn\", \"factor\": " << toml_number(factor)
+         << ", \"original_max_position_embeddings\": " << attention.integer("rope_original_max_positions", 4096, Range::at_least(1))
+         << ", \"beta_fast\": " << toml_number(attention.number("rope_beta_fast", 32.0, Range::above(0)))
+         << ", \"beta_slow\": " << toml_number(attention.number("rope_beta_slow", 1.0, Range::above(0)))
          << ", \"truncate\": " << (attention.boolean("rope_truncate", true) ? "true" : "false")
          << ", \"attention_factor\": "
-         << toml_number(attention.number("rope_attention_factor", yarn_mscale(attention.number("rope_factor", 1.0), 1.0)));
+         << toml_number(attention.number("rope_attention_factor", yarn_mscale(factor, 1.0), Range::above(0)));
     if (attention.has("rope_mscale_all_dim"))
-      json << ", \"mscale_all_dim\": " << toml_number(attention.number("rope_mscale_all_dim", 0.0));
+      json << ", \"mscale_all_dim\": " << toml_number(attention.number("rope_mscale_all_dim", 0.0, Range::at_least(0)));
   } else {
     json << ", \"rope_type\": \"default\"";
   }
@@ -383,11 +385,12 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   Options moe = model.table("moe"), attention = model.table("attention"), router = moe.table("router");
   const bool deepseek = arch.attention == "mla";
   Layout layout;
-  layout.layers = model.required_integer("num_layers");
-  layout.experts = moe.integer("num_experts", 8);
-  layout.first_dense = model.integer("first_dense_layers", 0);
-  layout.shared_experts = moe.integer("shared_experts", 0) > 0;
-  layout.q_lora = attention.integer("q_lora_rank", 0) > 0;
+  // The model's and its plugins' defaults and ranges (core/src/model.cpp, plugins/).
+  layout.layers = model.required_integer("num_layers", Range::at_least(1));
+  layout.experts = moe.integer("num_experts", 8, Range::at_least(1));
+  layout.first_dense = model.integer("first_dense_layers", 0, Range::closed(0, static_cast<double>(layout.layers)));
+  layout.shared_experts = moe.integer("shared_experts", 0, Range::at_least(0)) > 0;
+  layout.q_lora = attention.integer("q_lora_rank", 0, Range::at_least(0)) > 0;
   const bool gpt_oss = arch.model_type == "gpt_oss";
   layout.attention_bias = gpt_oss && attention.boolean("bias", false);
   const int64_t layers = layout.layers, experts = layout.experts;
@@ -425,43 +428,50 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   fs::create_directories(out_dir);
   save_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
 
-  const double eps = model.number("norm_eps", 1e-5);
+  const double eps = model.number("norm_eps", 1e-5, Range::above(0));
+  const int64_t hidden_size = model.required_integer("hidden_size", Range::at_least(1));
+  const int64_t num_heads = model.required_integer("num_heads", Range::at_least(1));
   std::ofstream json(fs::path(out_dir) / "config.json");
   json << "{\n  \"architectures\": [\"" << arch.hf_class << "\"],\n  \"model_type\": \"" << arch.model_type << "\",\n"
-       << "  \"vocab_size\": " << model.required_integer("vocab_size") << ",\n  \"hidden_size\": " << model.required_integer("hidden_size")
-       << ",\n  \"num_hidden_layers\": " << layers << ",\n  \"num_attention_heads\": " << model.required_integer("num_heads")
-       << ",\n  \"num_key_value_heads\": " << model.integer("num_kv_heads", model.required_integer("num_heads"))
-       << ",\n  \"head_dim\": " << model.integer("head_dim", 0) << ",\n  \"rms_norm_eps\": " << toml_number(eps)
-       << ",\n  \"rope_parameters\": " << rope_json(attention, model.number("rope_theta", 10000.0));
+       << "  \"vocab_size\": " << model.required_integer("vocab_size", Range::at_least(1)) << ",\n  \"hidden_size\": " << hidden_size
+       << ",\n  \"num_hidden_layers\": " << layers << ",\n  \"num_attention_heads\": " << num_heads
+       << ",\n  \"num_key_value_heads\": " << model.integer("num_kv_heads", num_heads, Range::at_least(1))
+       << ",\n  \"head_dim\": " << model.integer("head_dim", hidden_size / num_heads, Range::at_least(2))
+       << ",\n  \"rms_norm_eps\": " << toml_number(eps)
+       << ",\n  \"rope_parameters\": " << rope_json(attention, model.number("rope_theta", 10000.0, Range::above(0)));
   if (attention.text("rope_scaling", "none") == "yarn")  // the context YaRN extends to, as transformers expects it
     json << ",\n  \"max_position_embeddings\": "
-         << static_cast<int64_t>(attention.integer("rope_original_max_positions", 4096) * attention.number("rope_factor", 1.0));
+         << static_cast<int64_t>(attention.integer("rope_original_max_positions", 4096, Range::at_least(1)) *
+                                 attention.number("rope_factor", 1.0, Range::at_least(1)));
   json << ",\n  \"num_experts\": " << experts << ",\n  \"num_local_experts\": " << experts
-       << ",\n  \"num_experts_per_tok\": " << moe.integer("top_k", 2) << ",\n  \"" << arch.expert_size_key
-       << "\": " << moe.integer("expert_hidden_size", 0) << ",\n  \"norm_topk_prob\": "
+       << ",\n  \"num_experts_per_tok\": " << moe.integer("top_k", 2, Range::closed(1, static_cast<double>(experts)))
+       << ",\n  \"" << arch.expert_size_key
+       << "\": " << moe.integer("expert_hidden_size", hidden_size, Range::at_least(1)) << ",\n  \"norm_topk_prob\": "
        << (router.boolean("renormalize", true) ? "true" : "false") << ",\n  \"router_aux_loss_coef\": "
-       << toml_number(router.number("aux_loss_coeff", 0.01)) << ",\n  \"initializer_range\": "
-       << toml_number(model.number("init_std", 0.02)) << ",\n  \"tie_word_embeddings\": false,\n"
+       << toml_number(router.number("aux_loss_coeff", 0.01, Range::at_least(0))) << ",\n  \"initializer_range\": "
+       << toml_number(model.number("init_std", 0.02, Range::above(0))) << ",\n  \"tie_word_embeddings\": false,\n"
        << "  \"hidden_act\": \"silu\",\n  \"torch_dtype\": \"float32\"";
   if (deepseek) {
     const bool v3 = arch.model_type == "deepseek_v3";
-    const int64_t groups = router.integer("num_groups", 1), topk_groups = router.integer("topk_groups", groups);
-    json << ",\n  \"n_routed_experts\": " << experts << ",\n  \"n_shared_experts\": " << moe.integer("shared_experts", 0)
+    const int64_t groups = router.integer("num_groups", 1, Range::closed(1, static_cast<double>(experts)));
+    const int64_t topk_groups = router.integer("topk_groups", groups, Range::closed(1, static_cast<double>(groups)));
+    json << ",\n  \"n_routed_experts\": " << experts << ",\n  \"n_shared_experts\": " << moe.integer("shared_experts", 0, Range::at_least(0))
          << ",\n  \"first_k_dense_replace\": " << layout.first_dense << ",\n  \"moe_layer_freq\": 1"
-         << ",\n  \"intermediate_size\": " << model.integer("dense_hidden_size", 0)
-         << ",\n  \"q_lora_rank\": " << (layout.q_lora ? std::to_string(attention.integer("q_lora_rank", 0)) : "null")
-         << ",\n  \"kv_lora_rank\": " << attention.integer("kv_lora_rank", 512)
-         << ",\n  \"qk_nope_head_dim\": " << attention.integer("qk_nope_head_dim", 128)
-         << ",\n  \"qk_rope_head_dim\": " << attention.integer("qk_rope_head_dim", 64)
-         << ",\n  \"v_head_dim\": " << attention.integer("v_head_dim", 128)
-         << ",\n  \"routed_scaling_factor\": " << toml_number(router.number(v3 ? "routed_scaling_factor" : "scaling_factor", 1.0))
+         << ",\n  \"intermediate_size\": " << model.integer("dense_hidden_size", 4 * hidden_size, Range::at_least(1))
+         << ",\n  \"q_lora_rank\": " << (layout.q_lora ? std::to_string(attention.integer("q_lora_rank", 0, Range::at_least(0))) : "null")
+         << ",\n  \"kv_lora_rank\": " << attention.integer("kv_lora_rank", 512, Range::at_least(1))
+         << ",\n  \"qk_nope_head_dim\": " << attention.integer("qk_nope_head_dim", 128, Range::at_least(0))
+         << ",\n  \"qk_rope_head_dim\": " << attention.integer("qk_rope_head_dim", 64, Range::at_least(2))
+         << ",\n  \"v_head_dim\": " << attention.integer("v_head_dim", 128, Range::at_least(1))
+         << ",\n  \"routed_scaling_factor\": "
+         << toml_number(router.number(v3 ? "routed_scaling_factor" : "scaling_factor", 1.0, Range::above(0)))
          << ",\n  \"topk_method\": \"" << (v3 ? "noaux_tc" : topk_groups < groups ? "group_limited_greedy" : "greedy") << "\""
          << (v3 ? ",\n  \"rope_interleave\": true,\n  \"num_nextn_predict_layers\": 0" : "")
          << ",\n  \"n_group\": " << groups << ",\n  \"topk_group\": " << topk_groups;
   }
   if (gpt_oss) {
     const std::string window_layers = attention.text("sliding_window_layers", "all");
-    const int64_t window = attention.integer("sliding_window", 0);
+    const int64_t window = attention.integer("sliding_window", 0, Range::at_least(0));
     json << ",\n  \"attention_bias\": " << (layout.attention_bias ? "true" : "false") << ",\n  \"sliding_window\": "
          << (window > 0 ? std::to_string(window) : "null") << ",\n  \"layer_types\": [";
     for (int64_t layer = 0; layer < layers; ++layer) {
@@ -469,8 +479,8 @@ void export_hf(const std::string& config_path, const std::string& weights, const
       json << (layer ? ", " : "") << (sliding ? "\"sliding_attention\"" : "\"full_attention\"");
     }
     Options experts_table = moe.table("experts");
-    json << "],\n  \"swiglu_alpha\": " << toml_number(experts_table.number("swiglu_alpha", 1.702))
-         << ",\n  \"swiglu_limit\": " << toml_number(experts_table.number("swiglu_limit", 7.0));
+    json << "],\n  \"swiglu_alpha\": " << toml_number(experts_table.number("swiglu_alpha", 1.702, Range::above(0)))
+         << ",\n  \"swiglu_limit\": " << toml_number(experts_table.number("swiglu_limit", 7.0, Range::above(0)));
   }
   json << "\n}\n";
 }

@@ -13,7 +13,9 @@ namespace pithtrain {
 ModelReport explain_model(Options config, const std::vector<std::string>& plugin_files) {
   PluginRegistry registry(default_search_dirs(config.table("plugins").text_list("paths", {})), plugin_files);
   Options train = config.table("train");
-  const int64_t batch = train.integer("batch_size", 16), seq_len = train.integer("seq_len", 128);
+  // The trainer's ranges for the same keys.
+  const int64_t batch = train.integer("batch_size", 16, Range::at_least(1));
+  const int64_t seq_len = train.integer("seq_len", 128, Range::at_least(1));
   const std::string dtype = train.text("dtype", "float32");
   const std::string optimizer = config.table("optimizer").text("plugin", "adamw");
   PluginContext context;

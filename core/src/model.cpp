@@ -13,38 +13,33 @@ namespace pithtrain {
 
 Model::Model(Options options, PluginRegistry& registry, PluginContext context) : context_(std::move(context)) {
   ModelDims& dims = context_.dims;
-  dims.vocab_size = options.required_integer("vocab_size");
-  dims.hidden_size = options.required_integer("hidden_size");
-  dims.num_layers = options.required_integer("num_layers");
-  dims.num_heads = options.required_integer("num_heads");
-  dims.num_kv_heads = options.integer("num_kv_heads", dims.num_heads);
-  dims.head_dim = options.integer("head_dim", dims.num_heads > 0 ? dims.hidden_size / dims.num_heads : 0);
-  dims.rope_theta = options.number("rope_theta", 10000.0);
-  dims.init_std = options.number("init_std", 0.02);
-  norm_eps_ = options.number("norm_eps", 1e-5);
+  dims.vocab_size = options.required_integer("vocab_size", Range::at_least(1));
+  dims.hidden_size = options.required_integer("hidden_size", Range::at_least(1));
+  dims.num_layers = options.required_integer("num_layers", Range::at_least(1));
+  // A written num_kv_heads is read before num_heads: a config without num_heads is then told that, not that
+  // num_kv_heads (spelled close to it and not yet read) is an unknown key.
+  const bool kv_heads_written = options.has("num_kv_heads");
+  if (kv_heads_written) dims.num_kv_heads = options.integer("num_kv_heads", 1, Range::at_least(1));
+  dims.num_heads = options.required_integer("num_heads", Range::at_least(1));
+  if (!kv_heads_written) dims.num_kv_heads = options.integer("num_kv_heads", dims.num_heads, Range::at_least(1));
+  options.require("num_kv_heads", dims.num_heads % dims.num_kv_heads == 0,
+                  "a divisor of num_heads (" + std::to_string(dims.num_heads) + ")");
+  dims.head_dim = options.integer("head_dim", dims.hidden_size / dims.num_heads, Range::at_least(2));
+  options.require("head_dim", dims.head_dim % 2 == 0, "even (rotary pairs)");
+  dims.rope_theta = options.number("rope_theta", 10000.0, Range::above(0));
+  dims.init_std = options.number("init_std", 0.02, Range::above(0));
+  norm_eps_ = options.number("norm_eps", 1e-5, Range::above(0));
   options.text("hf_architecture", "");  // where the weights came from; read by `pithtrain convert export` only
-  const int64_t dense_hidden_size = dense_hidden_size_ = options.integer("dense_hidden_size", 4 * dims.hidden_size);
-  const int64_t first_dense_layers = first_dense_layers_ = options.integer("first_dense_layers", 0);
+  const int64_t dense_hidden_size = dense_hidden_size_ =
+      options.integer("dense_hidden_size", 4 * dims.hidden_size, Range::at_least(1));
+  const int64_t first_dense_layers = first_dense_layers_ =
+      options.integer("first_dense_layers", 0, Range::closed(0, static_cast<double>(dims.num_layers)));
 
   Options moe = options.table("moe");
-  dims.num_experts = moe.integer("num_experts", 8);
-  dims.top_k = moe.integer("top_k", 2);
-  dims.expert_hidden_size = moe.integer("expert_hidden_size", dims.hidden_size);
-  const int64_t shared_experts = shared_experts_ = moe.integer("shared_experts", 0);
-
-  auto check = [&](bool ok, const std::string& key, const std::string& rule) {
-    if (!ok) throw Error(options.where(key) + ": model." + key + " " + rule);
-  };
-  check(dims.vocab_size > 0 && dims.hidden_size > 0 && dims.num_layers > 0, "hidden_size",
-        "vocab_size, hidden_size and num_layers must be positive");
-  check(dims.num_heads > 0 && dims.num_kv_heads > 0 && dims.num_heads % dims.num_kv_heads == 0, "num_kv_heads",
-        "must divide num_heads");
-  check(dims.head_dim > 0 && dims.head_dim % 2 == 0, "head_dim", "must be positive and even (rotary pairs)");
-  check(first_dense_layers >= 0 && first_dense_layers <= dims.num_layers, "first_dense_layers",
-        "must be between 0 and num_layers");
-  if (dims.num_experts < 1 || dims.top_k < 1 || dims.top_k > dims.num_experts)
-    throw Error(moe.where("top_k") + ": model.moe.top_k must be between 1 and num_experts (" +
-                std::to_string(dims.num_experts) + ")");
+  dims.num_experts = moe.integer("num_experts", 8, Range::at_least(1));
+  dims.top_k = moe.integer("top_k", 2, Range::closed(1, static_cast<double>(dims.num_experts)));
+  dims.expert_hidden_size = moe.integer("expert_hidden_size", dims.hidden_size, Range::at_least(1));
+  const int64_t shared_experts = shared_experts_ = moe.integer("shared_experts", 0, Range::at_least(0));
 
   Options attention_options = options.table("attention");
   Options router_options = moe.table("router");

@@ -30,13 +30,12 @@ at::Tensor normal_parameter(at::IntArrayRef shape, double std, const PluginConte
 ExpertWeights::ExpertWeights(Options& options, const PluginContext& context) {
   const ModelDims& d = context.dims;
   activation = options.text("activation", "swiglu");
-  swiglu_alpha = options.number("swiglu_alpha", 1.702);
-  swiglu_limit = options.number("swiglu_limit", 7.0);
+  swiglu_alpha = options.number("swiglu_alpha", 1.702, Range::above(0));
+  swiglu_limit = options.number("swiglu_limit", 7.0, Range::above(0));
   const bool bias = options.boolean("bias", false);
   if (activation != "swiglu" && activation != "clamped_swiglu")
     throw Error(options.where("activation") + ": activation must be \"swiglu\" or \"clamped_swiglu\" (GPT-OSS), got \"" +
                 activation + "\"");
-  if (swiglu_limit <= 0) throw Error(options.where("swiglu_limit") + ": swiglu_limit must be positive");
   gate_proj = normal_parameter({d.num_experts, d.expert_hidden_size, d.hidden_size}, d.init_std, context);
   up_proj = normal_parameter({d.num_experts, d.expert_hidden_size, d.hidden_size}, d.init_std, context);
   // Output projections are scaled down with depth (GPT-2 style) so the residual stream stays O(1).
@@ -161,15 +160,12 @@ Rope read_rope(Options& options, const ModelDims& dims) {
   if (rope.scaling == "none") return rope;
   if (rope.scaling != "yarn")
     throw Error(options.where("rope_scaling") + ": rope_scaling must be \"none\" or \"yarn\", got \"" + rope.scaling + "\"");
-  rope.factor = options.number("rope_factor", 1.0);
-  rope.original_max_positions = options.integer("rope_original_max_positions", 4096);
-  rope.beta_fast = options.number("rope_beta_fast", 32.0);
-  rope.beta_slow = options.number("rope_beta_slow", 1.0);
+  rope.factor = options.number("rope_factor", 1.0, Range::at_least(1));
+  rope.original_max_positions = options.integer("rope_original_max_positions", 4096, Range::at_least(1));
+  rope.beta_fast = options.number("rope_beta_fast", 32.0, Range::above(0));
+  rope.beta_slow = options.number("rope_beta_slow", 1.0, Range::above(0));
   rope.truncate = options.boolean("rope_truncate", true);
-  rope.attention_factor = options.number("rope_attention_factor", yarn_mscale(rope.factor, 1.0));
-  if (rope.factor < 1.0 || rope.original_max_positions < 1 || rope.beta_fast <= 0 || rope.beta_slow <= 0)
-    throw Error(options.where("rope_factor") + ": yarn needs rope_factor >= 1, rope_original_max_positions >= 1 and "
-                "positive rope_beta_fast and rope_beta_slow");
+  rope.attention_factor = options.number("rope_attention_factor", yarn_mscale(rope.factor, 1.0), Range::above(0));
   return rope;
 }
 

@@ -33,11 +33,9 @@ void add_pipeline_figures(const StepFunctions& step, const MicroBatchInFlight& e
 
 PipelineTrace::PipelineTrace(Options& options, const PluginContext& context, std::string schedule)
     : schedule_(std::move(schedule)), log_(context.logger) {
-  bubble_every_ = options.integer("bubble_every", 0);
+  bubble_every_ = options.integer("bubble_every", 0, Range::at_least(0));  // 0: the first two steps only
   dir_ = options.text("trace_dir", "");
-  trace_step_ = options.integer("trace_step", 2);
-  if (bubble_every_ < 0) throw Error(options.where("bubble_every") + ": bubble_every must be >= 0 (0: the first two steps only)");
-  if (trace_step_ < 1) throw Error(options.where("trace_step") + ": trace_step must be at least 1");
+  trace_step_ = options.integer("trace_step", 2, Range::at_least(1));
   const bool first_data_rank = !context.communicator || context.communicator->rank() == 0;
   // One line for the job: stage 0 of the first pipeline (world rank 0) reports; every stage of the
   // first data rank traces.
