@@ -178,6 +178,7 @@ TEST(Registry, FactoryFailureAndUnknownPluginKeysAreErrors) {
     make_router(registry.get("router", "aux_free"), bad_router, context);
     FAIL() << "expected an error";
   } catch (const Error& error) {
-    EXPECT_NE(std::string(error.what()).find("update_rate must be >= 0"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("cfg.toml:2: router.update_rate = -1 is out of range: it must be >= 0"),
+              std::string::npos) << error.what();
   }
 }

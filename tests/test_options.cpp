@@ -5,7 +5,10 @@
 #include <limits>
 
 #include "pithtrain/error.h"
+#include "pithtrain/optimizer.h"
 #include "pithtrain/options.h"
+#include "pithtrain/router.h"
+#include "registry.h"
 
 using pithtrain::Error;
 using pithtrain::Options;
@@ -241,4 +244,49 @@ TEST(Options, MisspelledRequiredKeyIsReportedAsUnknownNotMissing) {
   EXPECT_NE(message.find("missing required key 'model.num_heads'"), std::string::npos) << message;
   message = message_of([&] { other.table("model").required_integer("num_layer"); });
   EXPECT_NE(message.find("missing required key 'model.num_layer'"), std::string::npos) << message;
+}
+
+namespace {
+
+// The message a plugin factory throws for `toml` as its table, built through the plugin registry.
+std::string plugin_error(const std::string& kind, const std::string& name, const std::string& toml) {
+  pithtrain::PluginRegistry registry({PITHTRAIN_PLUGIN_DIR}, {});
+  pithtrain::PluginContext context;
+  context.dims.hidden_size = 8;
+  context.dims.num_experts = 4;
+  context.dims.top_k = 2;
+  context.dims.num_layers = 1;
+  Options options = Options::from_string("[table]\n" + toml, "plugin.toml");
+  Options table = options.table("table");
+  return message_of([&] {
+    if (kind == "optimizer") pithtrain::make_optimizer(registry.get(kind, name), table, context);
+    else pithtrain::make_router(registry.get(kind, name), table, context);
+  });
+}
+
+}  // namespace
+
+TEST(Options, PluginReadsAreRangeChecked) {
+  std::string message = plugin_error("optimizer", "adamw", "beta1 = 0.9\nbeta2 = 1.0\n");
+  EXPECT_NE(message.find("plugin.toml:3: table.beta2 = 1 is out of range: it must be in [0, 1)"), std::string::npos)
+      << message;
+  EXPECT_NE(message.find("optimizer plugin 'adamw'"), std::string::npos) << message;
+  message = plugin_error("optimizer", "adamw", "eps = 0\n");
+  EXPECT_NE(message.find("plugin.toml:2: table.eps = 0 is out of range: it must be > 0"), std::string::npos) << message;
+  message = plugin_error("optimizer", "adamw", "weight_decay = nan\n");
+  EXPECT_NE(message.find("plugin.toml:2: table.weight_decay = nan is not a finite number"), std::string::npos) << message;
+  EXPECT_EQ(plugin_error("optimizer", "adamw", "beta1 = 0.0\neps = 1e-12\nweight_decay = 0\n"), "(no error)");
+
+  message = plugin_error("router", "topk_softmax", "z_loss_coeff = -0.001\n");
+  EXPECT_NE(message.find("plugin.toml:2: table.z_loss_coeff = -0.001 is out of range: it must be >= 0"), std::string::npos)
+      << message;
+  // num_groups divides num_experts (4): a rule between keys, stated with require().
+  message = plugin_error("router", "topk_softmax", "num_groups = 3\n");
+  EXPECT_NE(message.find("plugin.toml:2: table.num_groups = 3 is out of range: it must be a divisor of num_experts (4)"),
+            std::string::npos) << message;
+  // Two groups of 2 experts must hold top_k = 2 experts: topk_groups in [1, 2].
+  message = plugin_error("router", "aux_free", "num_groups = 2\ntopk_groups = 3\n");
+  EXPECT_NE(message.find("plugin.toml:3: table.topk_groups = 3 is out of range: it must be in [1, 2]"), std::string::npos)
+      << message;
+  EXPECT_EQ(plugin_error("router", "aux_free", "num_groups = 2\ntopk_groups = 1\ncapacity_factor = 0\n"), "(no error)");
 }

@@ -16,15 +16,14 @@ class GroupedQueryAttention final : public Attention {
   GroupedQueryAttention(Options& options, const PluginContext& context) : dims_(context.dims) {
     const int64_t hidden = dims_.hidden_size, head_dim = dims_.head_dim;
     qk_norm_ = options.text("qk_norm", "none");
-    qk_norm_eps_ = options.number("qk_norm_eps", 1e-6);
+    qk_norm_eps_ = options.number("qk_norm_eps", 1e-6, Range::above(0));
     if (qk_norm_ != "none" && qk_norm_ != "head" && qk_norm_ != "full")
       throw Error(options.where("qk_norm") + ": qk_norm must be \"none\", \"head\" (Qwen3: RMSNorm over each head) or "
                   "\"full\" (OLMoE: RMSNorm over the whole projection), got \"" + qk_norm_ + "\"");
     const bool bias = options.boolean("bias", false);
     const bool sinks = options.boolean("sinks", false);
-    const int64_t window = options.integer("sliding_window", 0);
+    const int64_t window = options.integer("sliding_window", 0, Range::at_least(0));  // 0: full attention
     const std::string window_layers = options.text("sliding_window_layers", "all");
-    if (window < 0) throw Error(options.where("sliding_window") + ": sliding_window must be >= 0 (0: full attention)");
     if (window_layers != "all" && window_layers != "even" && window_layers != "odd")
       throw Error(options.where("sliding_window_layers") + ": sliding_window_layers must be \"all\", \"even\" (GPT-OSS: "
                   "layers 0, 2, ...) or \"odd\", got \"" + window_layers + "\"");

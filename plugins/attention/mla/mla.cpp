@@ -13,21 +13,19 @@ namespace {
 class MultiHeadLatentAttention final : public Attention {
  public:
   MultiHeadLatentAttention(Options& options, const PluginContext& context) : dims_(context.dims) {
-    q_lora_rank_ = options.integer("q_lora_rank", 0);
-    kv_lora_rank_ = options.integer("kv_lora_rank", 512);
-    nope_dim_ = options.integer("qk_nope_head_dim", 128);
-    rope_dim_ = options.integer("qk_rope_head_dim", 64);
-    v_dim_ = options.integer("v_head_dim", 128);
-    norm_eps_ = options.number("norm_eps", 1e-6);
+    q_lora_rank_ = options.integer("q_lora_rank", 0, Range::at_least(0));  // 0: no query compression
+    kv_lora_rank_ = options.integer("kv_lora_rank", 512, Range::at_least(1));
+    nope_dim_ = options.integer("qk_nope_head_dim", 128, Range::at_least(0));
+    rope_dim_ = options.integer("qk_rope_head_dim", 64, Range::at_least(2));
+    options.require("qk_rope_head_dim", rope_dim_ % 2 == 0, "even (rotary pairs)");
+    v_dim_ = options.integer("v_head_dim", 128, Range::at_least(1));
+    norm_eps_ = options.number("norm_eps", 1e-6, Range::above(0));
     rope_ = read_rope(options, dims_);
     // DeepSeek with YaRN also sharpens the softmax by yarn_mscale(factor, mscale_all_dim)^2.
-    const double mscale_all_dim = options.number("rope_mscale_all_dim", 0.0);
+    const double mscale_all_dim = options.number("rope_mscale_all_dim", 0.0, Range::at_least(0));
     softmax_scale_ = 1.0 / std::sqrt(static_cast<double>(nope_dim_ + rope_dim_));
     if (rope_.scaling == "yarn" && mscale_all_dim != 0.0)
       softmax_scale_ *= std::pow(yarn_mscale(rope_.factor, mscale_all_dim), 2);
-    if (kv_lora_rank_ < 1 || nope_dim_ < 0 || rope_dim_ < 2 || rope_dim_ % 2 != 0 || v_dim_ < 1 || q_lora_rank_ < 0)
-      throw Error(options.where("kv_lora_rank") + ": mla needs kv_lora_rank >= 1, an even qk_rope_head_dim >= 2, "
-                  "v_head_dim >= 1 and q_lora_rank >= 0 (0: no query compression)");
     const int64_t hidden = dims_.hidden_size, heads = dims_.num_heads, qk_dim = nope_dim_ + rope_dim_;
     const double std = dims_.init_std;
     auto ones = [&](int64_t size) {

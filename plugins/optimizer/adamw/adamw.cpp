@@ -14,12 +14,10 @@ namespace {
 class AdamW final : public Optimizer {
  public:
   AdamW(Options& options, const PluginContext& context) : parameters_(context.parameters) {
-    beta1_ = options.number("beta1", 0.9);
-    beta2_ = options.number("beta2", 0.95);
-    eps_ = options.number("eps", 1e-8);
-    weight_decay_ = options.number("weight_decay", 0.1);
-    if (!(beta1_ >= 0 && beta1_ < 1 && beta2_ >= 0 && beta2_ < 1))
-      throw Error(options.where("beta1") + ": beta1 and beta2 must be in [0, 1)");
+    beta1_ = options.number("beta1", 0.9, Range::half_open(0, 1));
+    beta2_ = options.number("beta2", 0.95, Range::half_open(0, 1));
+    eps_ = options.number("eps", 1e-8, Range::above(0));
+    weight_decay_ = options.number("weight_decay", 0.1, Range::at_least(0));
     for (const auto& parameter : parameters_) {
       exp_avg_.push_back(at::zeros_like(parameter.tensor, at::MemoryFormat::Contiguous).detach());
       exp_avg_sq_.push_back(at::zeros_like(parameter.tensor, at::MemoryFormat::Contiguous).detach());

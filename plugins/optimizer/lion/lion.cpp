@@ -13,11 +13,10 @@ namespace {
 class Lion final : public Optimizer {
  public:
   Lion(Options& options, const PluginContext& context) : parameters_(context.parameters) {
-    beta1_ = options.number("beta1", 0.9);
-    beta2_ = options.number("beta2", 0.99);
-    weight_decay_ = options.number("weight_decay", 0.1);
-    if (!(beta1_ >= 0 && beta1_ <= 1 && beta2_ >= 0 && beta2_ <= 1))
-      throw Error(options.where("beta1") + ": beta1 and beta2 must be in [0, 1]");
+    // 1 is allowed: beta2 = 1 keeps the momentum at zero (sign descent), beta1 = 1 steps along the momentum alone.
+    beta1_ = options.number("beta1", 0.9, Range::closed(0, 1));
+    beta2_ = options.number("beta2", 0.99, Range::closed(0, 1));
+    weight_decay_ = options.number("weight_decay", 0.1, Range::at_least(0));
     for (const auto& parameter : parameters_)
       momentum_.push_back(at::zeros_like(parameter.tensor, at::MemoryFormat::Contiguous).detach());
   }

@@ -15,23 +15,21 @@ namespace {
 class AuxFreeRouter final : public Router {
  public:
   AuxFreeRouter(Options& options, const PluginContext& context) : dims_(context.dims) {
-    update_rate_ = options.number("update_rate", 1e-3);
-    scaling_factor_ = options.number("routed_scaling_factor", 1.0);
+    update_rate_ = options.number("update_rate", 1e-3, Range::at_least(0));
+    scaling_factor_ = options.number("routed_scaling_factor", 1.0, Range::above(0));
     renormalize_ = options.boolean("renormalize", true);
-    num_groups_ = options.integer("num_groups", 1);
-    seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0);
-    z_loss_coeff_ = options.number("z_loss_coeff", 0.0);
-    capacity_factor_ = options.number("capacity_factor", 0.0);
+    num_groups_ = options.integer("num_groups", 1, Range::closed(1, static_cast<double>(dims_.num_experts)));
+    const int64_t group_size = dims_.num_experts / num_groups_;
+    options.require("num_groups", dims_.num_experts % num_groups_ == 0 && (num_groups_ == 1 || group_size >= 2),
+                    "a divisor of num_experts (" + std::to_string(dims_.num_experts) + ") giving groups of at least 2 experts");
+    seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0, Range::at_least(0));
+    z_loss_coeff_ = options.number("z_loss_coeff", 0.0, Range::at_least(0));
+    capacity_factor_ = options.number("capacity_factor", 0.0, Range::at_least(0));
     freeze_bias_ = options.boolean("freeze_bias", false);
-    topk_groups_ = options.integer("topk_groups", num_groups_);
-    const int64_t group_size = num_groups_ > 0 ? dims_.num_experts / num_groups_ : 0;
-    if (num_groups_ < 1 || dims_.num_experts % num_groups_ != 0 || topk_groups_ < 1 || topk_groups_ > num_groups_ ||
-        topk_groups_ * group_size < dims_.top_k || (num_groups_ > 1 && group_size < 2))
-      throw Error(options.where("num_groups") + ": num_groups must divide num_experts (" + std::to_string(dims_.num_experts) +
-                  ") into groups of at least 2, and topk_groups (1..num_groups) groups must hold at least top_k experts");
-    if (update_rate_ < 0) throw Error(options.where("update_rate") + ": update_rate must be >= 0");
-    if (seq_aux_loss_coeff_ < 0 || z_loss_coeff_ < 0)
-      throw Error(options.where("seq_aux_loss_coeff") + ": seq_aux_loss_coeff and z_loss_coeff must be >= 0");
+    // The chosen groups must hold top_k experts: at least ceil(top_k / group_size) of them.
+    const int64_t fewest_groups = (dims_.top_k + group_size - 1) / group_size;
+    topk_groups_ = options.integer("topk_groups", num_groups_,
+                                   Range::closed(static_cast<double>(fewest_groups), static_cast<double>(num_groups_)));
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
     context_communicator_ = context.communicator;
     context_group_ = context.context_group;

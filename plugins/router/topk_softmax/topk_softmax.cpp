@@ -14,22 +14,22 @@ class TopKSoftmaxRouter final : public Router {
  public:
   TopKSoftmaxRouter(Options& options, const PluginContext& context) : dims_(context.dims) {
     renormalize_ = options.boolean("renormalize", true);
-    aux_loss_coeff_ = options.number("aux_loss_coeff", 0.01);
-    seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0);
-    global_aux_loss_coeff_ = options.number("global_aux_loss_coeff", 0.0);
+    aux_loss_coeff_ = options.number("aux_loss_coeff", 0.01, Range::at_least(0));
+    seq_aux_loss_coeff_ = options.number("seq_aux_loss_coeff", 0.0, Range::at_least(0));
+    global_aux_loss_coeff_ = options.number("global_aux_loss_coeff", 0.0, Range::at_least(0));
     communicator_ = context.communicator;
     context_group_ = context.context_group;
-    z_loss_coeff_ = options.number("z_loss_coeff", 0.0);
-    capacity_factor_ = options.number("capacity_factor", 0.0);
-    scaling_factor_ = options.number("scaling_factor", 1.0);
-    num_groups_ = options.integer("num_groups", 1);
-    topk_groups_ = options.integer("topk_groups", num_groups_);
-    if (num_groups_ < 1 || dims_.num_experts % num_groups_ != 0 || topk_groups_ < 1 || topk_groups_ > num_groups_ ||
-        topk_groups_ * (dims_.num_experts / num_groups_) < dims_.top_k)
-      throw Error(options.where("num_groups") + ": num_groups must divide num_experts (" + std::to_string(dims_.num_experts) +
-                  ") and topk_groups (1..num_groups) groups must hold at least top_k experts");
-    if (aux_loss_coeff_ < 0 || seq_aux_loss_coeff_ < 0 || z_loss_coeff_ < 0 || global_aux_loss_coeff_ < 0)
-      throw Error(options.where("aux_loss_coeff") + ": aux_loss_coeff, seq_aux_loss_coeff, global_aux_loss_coeff and z_loss_coeff must be >= 0");
+    z_loss_coeff_ = options.number("z_loss_coeff", 0.0, Range::at_least(0));
+    capacity_factor_ = options.number("capacity_factor", 0.0, Range::at_least(0));
+    scaling_factor_ = options.number("scaling_factor", 1.0, Range::above(0));
+    num_groups_ = options.integer("num_groups", 1, Range::closed(1, static_cast<double>(dims_.num_experts)));
+    options.require("num_groups", dims_.num_experts % num_groups_ == 0,
+                    "a divisor of num_experts (" + std::to_string(dims_.num_experts) + ")");
+    const int64_t group_size = dims_.num_experts / num_groups_;
+    // The chosen groups must hold top_k experts: at least ceil(top_k / group_size) of them.
+    const int64_t fewest_groups = (dims_.top_k + group_size - 1) / group_size;
+    topk_groups_ = options.integer("topk_groups", num_groups_,
+                                   Range::closed(static_cast<double>(fewest_groups), static_cast<double>(num_groups_)));
     gate_ = normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
     if (options.boolean("bias", false))  // GPT-OSS: a learned per-expert offset of the router logits
       gate_bias_ = at::zeros({dims_.num_experts}, at::TensorOptions().dtype(context.dtype).device(context.device)).requires_grad_(true);

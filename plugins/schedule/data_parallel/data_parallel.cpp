@@ -55,8 +55,7 @@ struct State {
 class DataParallelSchedule final : public Schedule {
  public:
   DataParallelSchedule(Options& options, const PluginContext& context) : state_(std::make_shared<State>()), log_(context.logger) {
-    const double bucket_mb = options.number("bucket_mb", 25.0);
-    if (!(bucket_mb > 0)) throw Error(options.where("bucket_mb") + ": bucket_mb must be positive");
+    const double bucket_mb = options.number("bucket_mb", 25.0, Range::above(0));
     state_->group = context.communicator;
     const int64_t bucket_limit = std::max<int64_t>(1, static_cast<int64_t>(bucket_mb * 1024 * 1024 / 4));
     // Expert blocks are summed over their own group by the core (Schedule::reduces_gradients).
