@@ -10,8 +10,8 @@ namespace {
 class SigmoidTopKRouter final : public pithtrain::Router {
  public:
   SigmoidTopKRouter(pithtrain::Options& options, const pithtrain::PluginContext& context) : dims_(context.dims) {
-    temperature_ = options.number("temperature", 1.0);  // every key read here is a valid TOML key
-    if (temperature_ <= 0) throw pithtrain::Error(options.where("temperature") + ": temperature must be > 0");
+    // Every key read here is a valid TOML key; a value outside its range is refused with file, line and range.
+    temperature_ = options.number("temperature", 1.0, pithtrain::Range::above(0));
     gate_ = pithtrain::normal_parameter({dims_.num_experts, dims_.hidden_size}, dims_.init_std, context);  // [E, H]
   }
 
