@@ -78,8 +78,11 @@ std::string damaged(const std::string& path, const std::string& what) {
 // (EINVAL); there the rename is as durable as that file system makes it.
 void sync_folder(const fs::path& folder, const std::string& saving) {
   const fs::path target = folder.empty() ? fs::path(".") : folder;
-  int fd = ::open(target.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) throw Error("cannot save '" + saving + "': cannot open its folder to flush it: " + describe(errno));
+  const int fd = ::open(target.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) {
+    const int error = errno;
+    throw Error("cannot save '" + saving + "': cannot open its folder to flush it: " + describe(error));
+  }
   const int result = ::fsync(fd), error = errno;
   ::close(fd);
   if (result != 0 && error != EINVAL)
@@ -94,7 +97,7 @@ class TemporaryFile {
   TemporaryFile(std::string final_path, uint64_t total) : final_(std::move(final_path)), path_(final_ + ".tmp"), total_(total) {
     ::unlink(path_.c_str());  // one left by a killed save: start afresh rather than write through it
     fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
-    if (fd_ < 0) fail("creating", errno);
+    if (fd_ < 0) fail(errno, "creating");
   }
   TemporaryFile(const TemporaryFile&) = delete;
   TemporaryFile& operator=(const TemporaryFile&) = delete;
@@ -107,7 +110,7 @@ class TemporaryFile {
     while (count > 0) {
       const ssize_t written = ::write(fd_, bytes, std::min<size_t>(count, size_t{1} << 30));
       if (written < 0 && errno == EINTR) continue;
-      if (written <= 0) fail("writing", written < 0 ? errno : EIO);
+      if (written <= 0) fail(written < 0 ? errno : EIO, "writing");
       bytes += written, count -= static_cast<size_t>(written), written_ += static_cast<uint64_t>(written);
     }
   }
@@ -115,29 +118,33 @@ class TemporaryFile {
     while (count > 0) {
       const ssize_t written = ::pwrite(fd_, bytes, count, static_cast<off_t>(offset));
       if (written < 0 && errno == EINTR) continue;
-      if (written <= 0) fail("writing", written < 0 ? errno : EIO);
+      if (written <= 0) fail(written < 0 ? errno : EIO, "writing");
       bytes += written, count -= static_cast<size_t>(written), offset += static_cast<uint64_t>(written);
     }
   }
   // fsync, close, rename over the real name, fsync the folder: after this the file is in place.
   void commit() {
-    if (::fsync(fd_) != 0) fail("flushing to disk", errno);
+    if (::fsync(fd_) != 0) fail(errno, "flushing", " to disk");
     const int fd = fd_;
     fd_ = -1;
-    if (::close(fd) != 0) fail("closing", errno);
-    if (::rename(path_.c_str(), final_.c_str()) != 0) fail("renaming to '" + final_ + "'", errno);
+    if (::close(fd) != 0) fail(errno, "closing");
+    if (::rename(path_.c_str(), final_.c_str()) != 0) fail(errno, "renaming", " to its name");
     committed_ = true;
     sync_folder(fs::path(final_).parent_path(), final_);
   }
 
  private:
-  [[noreturn]] void fail(const std::string& doing, int error) {
+  // `error` comes first so that errno is read before anything else can change it.
+  [[noreturn]] void fail(int error, const char* doing, const char* rest = "") {
     if (fd_ >= 0) ::close(fd_), fd_ = -1;
     ::unlink(path_.c_str());  // now, before the error travels: the space is free for whoever handles it
-    throw Error("cannot save '" + final_ + "': " + describe(error) + " while " + doing + " '" + path_ + "' (" +
-                std::to_string(written_) + " of " + std::to_string(total_) + " bytes written); the partial file is " +
-                "removed and any earlier '" + fs::path(final_).filename().string() + "' is untouched" +
-                (error == ENOSPC || error == EDQUOT ? "; free space on that disk (or write elsewhere) and rerun" : ""));
+    const bool full = error == ENOSPC || error == EDQUOT;
+    const bool unwritable = error == ENOENT || error == EACCES || error == EPERM || error == EROFS;
+    throw Error("cannot save '" + final_ + "': " + describe(error) + " while " + doing + " '" + path_ + "'" + rest +
+                " (" + std::to_string(written_) + " of " + std::to_string(total_) + " bytes written); the partial file " +
+                "is removed and any earlier '" + fs::path(final_).filename().string() + "' is untouched" +
+                (full ? "; free space on that disk (or write elsewhere) and rerun"
+                      : unwritable ? "; check that the folder exists and is writable" : ""));
   }
 
   std::string final_, path_;
@@ -148,7 +155,10 @@ class TemporaryFile {
 
 std::string read_whole_file(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error("cannot open '" + path + "': " + std::strerror(errno));
+  if (fd < 0) {
+    const int error = errno;
+    throw Error("cannot open '" + path + "': " + std::strerror(error));
+  }
   struct stat info {};
   if (::fstat(fd, &info) != 0) {
     const int error = errno;
