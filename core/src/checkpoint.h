@@ -18,11 +18,17 @@ struct SafetensorsFile {
   const at::Tensor* find(const std::string& name) const;
 };
 
-// Writes `tensors` (copied to CPU, contiguous) and `metadata` as safetensors, adding metadata
-// "checksum" (FNV-1a 64 over the data section). Writes PATH.tmp, flushes it to disk, renames it to PATH.
+// Writes `tensors` (copied to CPU, contiguous) and `metadata` as safetensors. The metadata gains
+// "producer", "checksum_scheme" = "fnv1a64-whole-file" and, first in the header, "file_checksum":
+// FNV-1a 64 over the whole file read with those 16 hex digits as zeros (docs/training.md). Crash-safe:
+// writes PATH.tmp, fsyncs it, renames it to PATH and fsyncs the folder, so PATH is always either the
+// old file or the complete new one. Throws Error naming PATH (and "disk full" on ENOSPC/EDQUOT) on any
+// failed write, flush, close or rename, after removing PATH.tmp.
 void save_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                       std::map<std::string, std::string> metadata = {});
-// Reads a safetensors file; verifies the checksum when present. Throws Error naming the file.
+// Reads a safetensors file and verifies its checksum: the whole file for the scheme above, the tensor
+// bytes for files with the older metadata "checksum" (written before the whole-file scheme), nothing
+// for foreign files without either. Throws Error naming the file, saying it is damaged.
 SafetensorsFile load_safetensors(const std::string& path);
 
 // Copies `source` into each tensor of `targets` by name; throws Error naming `file`, the tensor and
@@ -39,7 +45,9 @@ void copy_tensors_by_name(const SafetensorsFile& source, const std::vector<Named
 class CheckpointFolder {
  public:
   CheckpointFolder(std::filesystem::path folder, int64_t keep) : folder_(std::move(folder)), keep_(keep) {}
-  // Saves step_<step>.safetensors atomically, then deletes all but the newest `keep` checkpoints.
+  // Removes unfinished saves (step_<N>.safetensors.tmp, left by a killed process), saves
+  // step_<step>.safetensors atomically, then deletes all but the newest `keep` checkpoints. A failed
+  // save throws Error naming the file and the newest complete checkpoint, which is left in place.
   std::filesystem::path save(int64_t step, const std::vector<NamedTensor>& tensors,
                              const std::map<std::string, std::string>& metadata);
   // The newest checkpoint that loads and verifies; a corrupt one is reported through the logger and
@@ -48,6 +56,8 @@ class CheckpointFolder {
   std::vector<std::filesystem::path> list() const;  // newest first
 
  private:
+  void remove_unfinished() const;
+
   std::filesystem::path folder_;
   int64_t keep_;
 };
