@@ -79,6 +79,25 @@ double number(const JsonValue& config, const std::string& key, const std::string
   return value->number;
 }
 
+void create_output_folder(const std::string& out_dir) {
+  std::error_code error;
+  fs::create_directories(out_dir, error);
+  if (error || !fs::is_directory(out_dir))
+    throw Error("--out " + out_dir + ": cannot create the folder (" + (error ? error.message() : "a file has that name") +
+                "); pass a folder path");
+}
+
+// Writes PATH.tmp and renames it over PATH, so PATH is either the old file or the whole new one.
+void write_text_file(const fs::path& path, const std::string& text) {
+  const fs::path temporary = path.string() + ".tmp";
+  {
+    std::ofstream out(temporary, std::ios::trunc);
+    out << text;
+    if (!out.flush()) throw Error("cannot write '" + temporary.string() + "' (disk full or not writable?)");
+  }
+  fs::rename(temporary, path);
+}
+
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
 // (PithTrain name, Hugging Face name) of every tensor but the routed experts'.
@@ -269,7 +288,6 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     else unsupported(method && method->text != "greedy", "topk_method '" + (method ? method->text : "") + "'");
   }
 
-  fs::create_directories(out_dir);
   std::ostringstream toml;
   toml << "# Imported by `pithtrain convert import " << hf_dir << "` (" << arch.hf_class << ").\n\n"
        << "[run]\nname = \"" << fs::path(out_dir).filename().string() << "\"\n\n"
@@ -306,7 +324,6 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   if (gpt_oss)
     toml << "activation = \"clamped_swiglu\"\nbias = true\nswiglu_alpha = " << toml_number(number(config, "swiglu_alpha", config_file, 1.702))
          << "\nswiglu_limit = " << toml_number(number(config, "swiglu_limit", config_file, 7.0)) << "\n";
-  std::ofstream(fs::path(out_dir) / "config.toml") << toml.str();
 
   // The shapes every tensor must have come from the model this config builds (on the meta device).
   Options options = Options::from_string(toml.str(), (fs::path(out_dir) / "config.toml").string());
@@ -326,9 +343,17 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     JsonValue map = parse_json(read_file(index), index.string());
     const JsonValue* weight_map = map.find("weight_map");
     if (weight_map == nullptr) throw Error(index.string() + ": missing 'weight_map'");
-    for (const auto& [name, file] : weight_map->members) file_of[name] = (fs::path(hf_dir) / file.text).string();
+    for (const auto& [name, file] : weight_map->members) {
+      file_of[name] = (fs::path(hf_dir) / file.text).string();
+      if (!fs::is_regular_file(file_of[name]))
+        throw Error(index.string() + ": lists shard '" + file.text + "' (tensor '" + name + "') but " + file_of[name] +
+                    " does not exist; download every shard the index names");
+    }
   } else {
     const std::string single = (fs::path(hf_dir) / "model.safetensors").string();
+    if (!fs::exists(single))
+      throw Error(hf_dir + ": has neither model.safetensors nor model.safetensors.index.json (with its shards); a Hugging Face "
+                  "model folder holds its weights in one of them");
     for (const auto& tensor : load_safetensors(single).tensors) file_of[tensor.name] = single;
   }
   std::set<std::string> used;
@@ -375,7 +400,10 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     if (!used.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
       throw Error(file + ": tensor '" + name + "' has no place in a PithTrain " + arch.model_type +
                   " model (an unsupported feature of this checkpoint)");
+  // Written only now that every tensor is found and checked: a failed import leaves DIR as it was.
+  create_output_folder(out_dir);
   save_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, {{"source", hf_dir}});
+  write_text_file(fs::path(out_dir) / "config.toml", toml.str());
 }
 
 void export_hf(const std::string& config_path, const std::string& weights, const std::string& out_dir) {
@@ -425,13 +453,12 @@ void export_hf(const std::string& config_path, const std::string& weights, const
     tensors.push_back({base + "down_proj_bias", get(ours + "down_bias")});
   }
   std::sort(tensors.begin(), tensors.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
-  fs::create_directories(out_dir);
-  save_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
 
+  // config.json is composed first (it reads required keys that may be missing): a failed export writes nothing.
   const double eps = model.number("norm_eps", 1e-5, Range::above(0));
   const int64_t hidden_size = model.required_integer("hidden_size", Range::at_least(1));
   const int64_t num_heads = model.required_integer("num_heads", Range::at_least(1));
-  std::ofstream json(fs::path(out_dir) / "config.json");
+  std::ostringstream json;
   json << "{\n  \"architectures\": [\"" << arch.hf_class << "\"],\n  \"model_type\": \"" << arch.model_type << "\",\n"
        << "  \"vocab_size\": " << model.required_integer("vocab_size", Range::at_least(1)) << ",\n  \"hidden_size\": " << hidden_size
        << ",\n  \"num_hidden_layers\": " << layers << ",\n  \"num_attention_heads\": " << num_heads
@@ -483,6 +510,9 @@ void export_hf(const std::string& config_path, const std::string& weights, const
          << ",\n  \"swiglu_limit\": " << toml_number(experts_table.number("swiglu_limit", 7.0, Range::above(0)));
   }
   json << "\n}\n";
+  create_output_folder(out_dir);
+  save_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  write_text_file(fs::path(out_dir) / "config.json", json.str());
 }
 
 }  // namespace pithtrain

@@ -213,7 +213,10 @@ TokenDataset::TokenDataset(const std::string& path) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) throw Error("dataset '" + path + "': cannot open (" + std::strerror(errno) + ")" + fix);
   struct stat info {};
-  ::fstat(fd, &info);
+  if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {
+    ::close(fd);
+    throw Error("dataset '" + path + "': not a regular file (data.path names a token file, not a folder)" + fix);
+  }
   mapping_size_ = static_cast<size_t>(info.st_size);
   if (mapping_size_ < sizeof(TokenFileHeader)) {
     ::close(fd);
@@ -235,16 +238,18 @@ TokenDataset::TokenDataset(const std::string& path) : path_(path) {
   if (header_.format_version != 1) fail("format version " + std::to_string(header_.format_version) + ", this pithtrain reads 1");
   if (header_.bytes_per_token != 2 && header_.bytes_per_token != 4)
     fail("unsupported token width " + std::to_string(header_.bytes_per_token));
-  uint64_t expected = sizeof(TokenFileHeader) + header_.num_tokens * header_.bytes_per_token;
-  if (expected != mapping_size_)
-    fail("size is " + std::to_string(mapping_size_) + " bytes but the header promises " + std::to_string(expected) +
-         " (truncated or corrupt)");
+  // Compared as token counts: a damaged num_tokens times the width can wrap around 2^64 and match the size.
+  const uint64_t tokens_in_file = (mapping_size_ - sizeof(TokenFileHeader)) / header_.bytes_per_token;
+  if (header_.num_tokens != tokens_in_file || (mapping_size_ - sizeof(TokenFileHeader)) % header_.bytes_per_token != 0)
+    fail("size is " + std::to_string(mapping_size_) + " bytes but the header promises " + std::to_string(header_.num_tokens) +
+         " tokens of " + std::to_string(header_.bytes_per_token) + " bytes plus its " + std::to_string(sizeof(TokenFileHeader)) +
+         "-byte header (truncated or corrupt)");
   tokens_ = static_cast<const unsigned char*>(mapping_) + sizeof(TokenFileHeader);
   if (crc32(tokens_, header_.num_tokens * header_.bytes_per_token) != header_.checksum) fail("checksum mismatch (corrupt)");
-  uint64_t largest = 0;
-  for (uint64_t i = 0; i < header_.num_tokens; ++i) largest = std::max(largest, token(i));
-  if (header_.num_tokens > 0 && largest >= header_.vocab_size)
-    fail("holds a token >= its vocab_size " + std::to_string(header_.vocab_size));
+  for (uint64_t i = 0; i < header_.num_tokens; ++i)
+    if (token(i) >= header_.vocab_size)
+      fail("token " + std::to_string(i) + " is " + std::to_string(token(i)) + ", not below the header's vocab_size " +
+           std::to_string(header_.vocab_size));
 }
 
 TokenDataset::~TokenDataset() {

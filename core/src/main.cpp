@@ -1,12 +1,14 @@
 // The `pithtrain` command line: train (default), plugins, plugin check, data, plot, explain, convert.
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstring>
 #include <fstream>
 #include <iostream>
 #include <sstream>
 
+#include <c10/util/Exception.h>
 #include <spdlog/spdlog.h>
 
 #include "convert.h"
@@ -80,6 +82,20 @@ std::vector<std::string> split_commas(const std::string& text) {
   return items;
 }
 
+// The whole of `value` as an integer, or an Error naming the flag (std::stoll alone would accept "2x" as 2
+// and say only "stoll" for "abc").
+int64_t integer_argument(const std::string& flag, const std::string& value) {
+  size_t used = 0;
+  int64_t result = 0;
+  try {
+    result = std::stoll(value, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != value.size()) throw Error(flag + " takes an integer, got '" + value + "' (see --help)");
+  return result;
+}
+
 struct Arguments {
   std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
   int64_t train_vocab = 0;
@@ -103,7 +119,7 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--trace-routing") args.trace_routing = value(arg);
     else if (arg == "--tokenizer") args.tokenizer = value(arg);
     else if (arg == "--tokenizer-model") args.tokenizer_model = value(arg);
-    else if (arg == "--train-vocab") args.train_vocab = std::stoll(value(arg));
+    else if (arg == "--train-vocab") args.train_vocab = integer_argument(arg, value(arg));
     else if (arg == "--profile") args.profile = value(arg);
     else if (arg == "--init-from") args.init_from = value(arg);
     else if (arg == "--weights") args.weights = value(arg);
@@ -248,13 +264,7 @@ int command_launch(int argc, char** argv) {
   LaunchPlan plan;
   plan.processes = 0;
   std::vector<std::string> rest;
-  auto integer = [](const std::string& flag, const std::string& value) {
-    try {
-      return std::stoll(value);
-    } catch (const std::exception&) {
-      throw Error("launch: " + flag + " takes an integer, got '" + value + "'");
-    }
-  };
+  auto integer = [](const std::string& flag, const std::string& value) { return integer_argument("launch: " + flag, value); };
   for (int i = 2; i < argc; ++i) {
     std::string arg = argv[i];
     const bool has_value = rest.empty() && i + 1 < argc;
@@ -306,6 +316,24 @@ void append_to_ledger(int argc, char** argv, double seconds, int exit_code) {
          << "}\n";
 }
 
+// Every failure ends as one line on stderr, the last one, and exit status 1: a message with line breaks
+// (a library's multi-line text) is joined with " | ".
+int report_error(std::string message) {
+  while (!message.empty() && std::isspace(static_cast<unsigned char>(message.back()))) message.pop_back();
+  std::string line;
+  for (size_t start = 0; start <= message.size();) {
+    size_t end = message.find('\n', start);
+    if (end == std::string::npos) end = message.size();
+    std::string piece = message.substr(start, end - start);
+    if (!piece.empty() && piece.back() == '\r') piece.pop_back();
+    if (piece.find_first_not_of(" \t") != std::string::npos) line += (line.empty() ? "" : " | ") + piece;
+    start = end + 1;
+  }
+  std::cout.flush();
+  std::cerr << "pithtrain: error: " << (line.empty() ? "(no message)" : line) << std::endl;
+  return 1;
+}
+
 int run_command(int argc, char** argv) {
   try {
     std::string command = argc > 1 ? argv[1] : "";
@@ -320,9 +348,12 @@ int run_command(int argc, char** argv) {
       throw Error("unknown command '" + command +
                   "'; commands: plugins, plugin check, data build, plot, explain, convert, launch (or none, to train)");
     return command_train(parse(argc, argv, 1));
+  } catch (const c10::Error& error) {  // LibTorch's what() carries a C++ backtrace: the message alone
+    return report_error(error.what_without_backtrace());
   } catch (const std::exception& error) {
-    std::cerr << "pithtrain: error: " << error.what() << "\n";
-    return 1;
+    return report_error(error.what());
+  } catch (...) {
+    return report_error("an unknown exception (not a std::exception) was thrown; please report it with the command line");
   }
 }
 

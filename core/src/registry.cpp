@@ -1,11 +1,17 @@
 // Plugin loading (Boost.DLL, rtld_now, local symbols) and the name -> file registry.
 #include "registry.h"
 
+#include <elf.h>
+
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <sstream>
 
 #define BOOST_DLL_USE_STD_FS
 #include <boost/dll/shared_library.hpp>
+#include <c10/util/Exception.h>
 
 #include "pithtrain/attention.h"
 #include "pithtrain/experts.h"
@@ -39,6 +45,26 @@ std::pair<std::string, std::string> split_file_name(const fs::path& file) {
   return {"", ""};
 }
 
+// How many bytes the ELF headers of `file` say it holds (program and section header tables, loadable
+// segments), or 0 when it is not a 64-bit ELF file (dlopen then says what it is). dlopen maps a truncated
+// library's segments past the end of the file, and the process dies of SIGBUS when it touches them.
+uint64_t elf_extent(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  Elf64_Ehdr header{};
+  if (!in.read(reinterpret_cast<char*>(&header), sizeof(header)) || std::memcmp(header.e_ident, ELFMAG, SELFMAG) != 0 ||
+      header.e_ident[EI_CLASS] != ELFCLASS64)
+    return 0;
+  uint64_t extent = std::max<uint64_t>(sizeof(header), header.e_phoff + uint64_t{header.e_phnum} * header.e_phentsize);
+  extent = std::max<uint64_t>(extent, header.e_shoff + uint64_t{header.e_shnum} * header.e_shentsize);
+  for (uint16_t index = 0; index < header.e_phnum && header.e_phentsize == sizeof(Elf64_Phdr); ++index) {
+    Elf64_Phdr segment{};
+    in.seekg(static_cast<std::streamoff>(header.e_phoff + uint64_t{index} * sizeof(Elf64_Phdr)));
+    if (!in.read(reinterpret_cast<char*>(&segment), sizeof(segment))) break;  // past the end: the table check says so
+    if (segment.p_type == PT_LOAD) extent = std::max<uint64_t>(extent, segment.p_offset + segment.p_filesz);
+  }
+  return extent;
+}
+
 std::string kinds_text() {
   std::string text;
   for (const auto& kind : kPluginKinds) text += (text.empty() ? "" : ", ") + kind;
@@ -55,6 +81,11 @@ LoadedPlugin load_plugin_file(const fs::path& file) {
     throw Error(where + ": plugin files are named <kind>_<name>.so with kind one of " + kinds_text() +
                 " (e.g. router_aux_free.so)");
 
+  std::error_code size_error;
+  const uint64_t size = fs::file_size(file, size_error);
+  if (const uint64_t extent = elf_extent(file); !size_error && extent > size)
+    throw Error(where + ": cannot be loaded as a shared library: it is truncated or damaged (its ELF headers need " +
+                std::to_string(extent) + " bytes, the file has " + std::to_string(size) + "); rebuild it or copy it again");
   boost::dll::shared_library library;
   try {
     library.load(file, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local);
@@ -206,6 +237,8 @@ std::unique_ptr<Component> build(const LoadedPlugin& plugin, Factory factory, Op
     component = factory(options, context);
   } catch (const Error& error) {
     throw Error(who + ": " + error.what());
+  } catch (const c10::Error& error) {  // what() would carry LibTorch's C++ backtrace
+    throw Error(who + " failed to build: " + error.what_without_backtrace());
   } catch (const std::exception& error) {
     throw Error(who + " failed to build: " + error.what());
   }
