@@ -23,6 +23,7 @@ ModelReport explain_model(Options config, const std::vector<std::string>& plugin
   context.dtype = dtype == "bfloat16" ? at::kBFloat16 : at::kFloat;
   context.logger = &logger();
   Model model(config.table("model"), registry, context);
+  config.table("model").check_unknown_keys("pithtrain explain");
   const ModelDims& dims = model.dims();
 
   ModelReport report;

@@ -44,13 +44,13 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
   Options attention_options = options.table("attention");
   Options router_options = moe.table("router");
   Options experts_options = moe.table("experts");
-  const LoadedPlugin& attention_plugin = registry.get("attention", attention_options.text("plugin", "gqa"));
+  const LoadedPlugin& attention_plugin = registry.get("attention", attention_options.text("plugin", "gqa"), attention_options.where("plugin"));
   manifest_.push_back({"model.attention.plugin", &attention_plugin});
   const LoadedPlugin* router_plugin = nullptr;
   const LoadedPlugin* experts_plugin = nullptr;
   if (first_dense_layers < dims.num_layers) {
-    router_plugin = &registry.get("router", router_options.text("plugin", "topk_softmax"));
-    experts_plugin = &registry.get("experts", experts_options.text("plugin", "grouped"));
+    router_plugin = &registry.get("router", router_options.text("plugin", "topk_softmax"), router_options.where("plugin"));
+    experts_plugin = &registry.get("experts", experts_options.text("plugin", "grouped"), experts_options.where("plugin"));
     manifest_.push_back({"model.moe.router.plugin", router_plugin});
     manifest_.push_back({"model.moe.experts.plugin", experts_plugin});
   }

@@ -217,6 +217,14 @@ const LoadedPlugin& PluginRegistry::get(const std::string& kind, const std::stri
   return loaded_.emplace(key, load_plugin_file(found->second[0])).first->second;
 }
 
+const LoadedPlugin& PluginRegistry::get(const std::string& kind, const std::string& name, const std::string& where) {
+  try {
+    return get(kind, name);
+  } catch (const Error& error) {
+    throw Error(where + ": " + error.what());
+  }
+}
+
 std::vector<const LoadedPlugin*> PluginRegistry::load_all() {
   std::vector<const LoadedPlugin*> plugins;
   for (const auto& [key, paths] : files_) {

@@ -34,6 +34,8 @@ class PluginRegistry {
   // The plugin `name` of `kind`, loaded on first use. Throws Error listing the available names of that
   // kind and the search path when there is none, and both paths when two files provide it.
   const LoadedPlugin& get(const std::string& kind, const std::string& name);
+  // The same, the error prefixed with `where` (the config file and line of the key that named it).
+  const LoadedPlugin& get(const std::string& kind, const std::string& name, const std::string& where);
   // Loads every plugin found (for `pithtrain plugins`).
   std::vector<const LoadedPlugin*> load_all();
   std::vector<std::string> names_of_kind(const std::string& kind) const;
