@@ -46,6 +46,13 @@ Options tiny_config(const std::vector<std::string>& overrides) {
   return options;
 }
 
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
 RunSettings quiet_run(const std::string& name) {
   RunSettings settings;
   settings.out_dir = (scratch() / name).string();
@@ -315,11 +322,50 @@ TEST(Checkpoint, ASwitchedPluginIsNotResumedSilently) {
   } catch (const Error& error) {
     EXPECT_NE(std::string(error.what()).find("written for a different [model] config"), std::string::npos) << error.what();
   }
-  // Saying so explicitly starts over.
-  TrainSummary fresh = Trainer(tiny_config(with(kSmall, {"train.steps=4", "model.moe.router.plugin=topk_softmax",
-                                                         "checkpoint.resume=false"})), settings).run();
+  // A fresh run (resume off) in the directory that holds the old run is refused before anything is written ...
+  const auto fresh_config = with(kSmall, {"train.steps=4", "model.moe.router.plugin=topk_softmax", "checkpoint.resume=false"});
+  const std::string old_id = read_text(fs::path(settings.out_dir) / "run_id");
+  const std::string old_metrics = read_text(fs::path(settings.out_dir) / "metrics.jsonl");
+  try {
+    Trainer(tiny_config(fresh_config), settings).run();
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("holds another run"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("--out NEW_DIR"), std::string::npos) << error.what();
+    EXPECT_NE(std::string(error.what()).find("--move-aside"), std::string::npos) << error.what();
+  }
+  EXPECT_EQ(read_text(fs::path(settings.out_dir) / "metrics.jsonl"), old_metrics);
+  // ... and --move-aside renames the old run out of the way, whole, before starting over.
+  fs::remove_all(settings.out_dir + ".old-1");
+  settings.move_aside = true;
+  TrainSummary fresh = Trainer(tiny_config(fresh_config), settings).run();
   EXPECT_EQ(fresh.resumed_from, 0);
   EXPECT_EQ(fresh.losses.size(), 4u);
+  EXPECT_EQ(read_text(fs::path(settings.out_dir + ".old-1") / "run_id"), old_id);
+  EXPECT_EQ(read_text(fs::path(settings.out_dir + ".old-1") / "metrics.jsonl"), old_metrics);
+  EXPECT_NE(read_text(fs::path(settings.out_dir) / "run_id"), old_id);
+}
+
+TEST(Checkpoint, CheckpointsCarryTheRunIdAndAMixedFolderIsRefused) {
+  RunSettings settings = quiet_run("run_identity");
+  fs::remove_all(settings.out_dir);
+  Trainer(tiny_config(with(kSmall, {"train.steps=4", "checkpoint.every=2"})), settings).run();
+  const std::string run_id = read_text(fs::path(settings.out_dir) / "run_id");
+  ASSERT_FALSE(run_id.empty());
+  fs::path checkpoints = fs::path(settings.out_dir) / "checkpoints";
+  SafetensorsFile first = load_safetensors((checkpoints / "step_000000004.safetensors").string());
+  EXPECT_EQ(first.metadata.at("run_id") + "\n", run_id);
+  TrainSummary resumed = Trainer(tiny_config(with(kSmall, {"train.steps=6", "checkpoint.every=2"})), settings).run();
+  EXPECT_EQ(resumed.resumed_from, 4);
+  EXPECT_EQ(read_text(fs::path(settings.out_dir) / "run_id"), run_id);
+  // Checkpoints of another run than the directory's are a mix the next start refuses to resume.
+  std::ofstream(fs::path(settings.out_dir) / "run_id") << "another-run\n";
+  try {
+    Trainer(tiny_config(with(kSmall, {"train.steps=8", "checkpoint.every=2"})), settings).run();
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("mixed"), std::string::npos) << error.what();
+  }
 }
 
 TEST(Training, Bfloat16KeepsFloat32MasterWeightsAndLearns) {

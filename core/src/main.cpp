@@ -42,6 +42,8 @@ Trains the MoE model described by the TOML config (default: the embedded configs
   --set KEY=VALUE    override one config key, e.g. --set model.moe.router.plugin=aux_free (repeatable)
   --out RUN_DIR      run directory: config.toml, metrics.jsonl, checkpoints/, model.safetensors (default
                      runs/<run.name>); rerunning a command resumes from its newest checkpoint
+  --move-aside       a new run into a RUN_DIR that holds another run first renames that run to RUN_DIR.old-N
+                     (without it such a run is refused; nothing is ever deleted)
   --init-from FILE   start from these weights (a model.safetensors, e.g. from `pithtrain convert import`)
   --trace-routing FILE  record per step and MoE layer how many tokens each expert got (docs/training.md)
   --profile STEPS    profile steps A-B (or N: steps 2..N+1) with the LibTorch profiler: Chrome trace in the
@@ -100,7 +102,7 @@ struct Arguments {
   std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
   int64_t train_vocab = 0;
   std::vector<std::string> plugins, sets, positional;
-  bool json = false, help = false;
+  bool json = false, help = false, move_aside = false;
 };
 
 Arguments parse(int argc, char** argv, int first) {
@@ -113,6 +115,7 @@ Arguments parse(int argc, char** argv, int first) {
     };
     if (arg == "--help" || arg == "-h") args.help = true;
     else if (arg == "--json") args.json = true;
+    else if (arg == "--move-aside") args.move_aside = true;
     else if (arg == "--config") args.config = value(arg);
     else if (arg == "--out") args.out = value(arg);
     else if (arg == "--format") args.format = value(arg);
@@ -295,6 +298,7 @@ int command_train(const Arguments& args) {
   settings.trace_routing = args.trace_routing;
   settings.profile = args.profile;
   settings.init_from = args.init_from;
+  settings.move_aside = args.move_aside;
   Trainer trainer(load_config(args), settings);
   g_device = trainer.config().device;
   trainer.run();
