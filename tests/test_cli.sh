@@ -30,6 +30,14 @@ check "nonexistent --plugins file" nonzero "no such file on the plugin search pa
 check "typo key" nonzero "did you mean 'train.steps'" -- "$bin" "${config[@]}" --set train.stpes=3
 check "missing config" nonzero "cannot read config file" -- "$bin" --config /nonexistent.toml
 check "help" 0 "usage: pithtrain" -- "$bin" --help
+# The default config is a file read at run time: the source tree's configs/tiny.toml for a build, the
+# installed share/pithtrain/configs/tiny.toml beside an installed binary (here: the tests' config there).
+check "help names the default config" 0 "Default config \(without --config\): $source_dir/configs/tiny.toml" -- "$bin" --help
+mkdir -p prefix/bin prefix/share/pithtrain/configs && cp "$bin" prefix/bin/ && cp "$test_config" prefix/share/pithtrain/configs/tiny.toml
+check "installed default config" 0 "Default config \(without --config\): $work/prefix/share/pithtrain/configs/tiny.toml" -- \
+  prefix/bin/pithtrain --help
+check "plain pithtrain trains the installed default config" 0 "done:" -- prefix/bin/pithtrain "${small[@]}" --out run_default
+check "... whose run.name it took" 0 "name = .test_tiny." -- cat run_default/config.toml
 check "plugins list" 0 "router +aux_free" -- "$bin" plugins
 check "plugins json" 0 '"kind":"experts","name":"grouped"' -- "$bin" plugins --json
 check "plugin check" 0 "^[0-9]+ passed, 0 failed" -- "$bin" plugin check "$(dirname "$bin")/../lib/plugins/router_aux_free.so"
