@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-binary, source = sys.argv[1], Path(sys.argv[2])
+binary, source = sys.argv[1], Path(sys.argv[2]).resolve()
 skills = sorted((source / "docs" / "skills").glob("*/SKILL.md"))
 problems, commands_checked, paths_checked = [], 0, 0
 help_cache = {}
