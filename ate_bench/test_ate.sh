@@ -20,8 +20,15 @@ grep -q "learning rate" "$ATE_PROMPT_FILE"
 cat > answer.md <<'ANSWER'
 learning_rate() in core/src/trainer.cpp: linear warmup lr * step / warmup_steps, then cosine
 min_lr + 0.5 (lr - min_lr)(1 + cos(pi progress)).
-lr at step 300: 0.001337
 ANSWER
+# The number from the copy's configs/tiny.toml, whatever it holds (the task asks about that file).
+python3 - >> answer.md <<'PY'
+import math, tomllib
+train = tomllib.load(open("configs/tiny.toml", "rb")).get("train", {})
+steps, lr = train.get("steps", 300), train.get("lr", 3e-3)
+min_lr, warmup = train.get("min_lr", lr * 0.1), train.get("warmup_steps", min(100, steps // 10))
+print(f"lr at step 300: {min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (300 - warmup) / (steps - warmup))):.7g}")
+PY
 AGENT
 "$ate" run understand-learning-rate --agent "bash $work/agent.sh" --out "$work/good/run1" --label good > "$work/good.out"
 python3 - "$work/good/run1/result.json" <<'PY'

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Packs this build for a lent GPU machine into .gpu/ (ignored by git, about 9 MiB): pithtrain, its core
-# library and plugins in the installed layout (bin/, lib/, lib/pithtrain/plugins/), the GPU test binaries
+# library, plugins and configs in the installed layout (bin/, lib/, lib/pithtrain/plugins/,
+# share/pithtrain/configs/), the GPU test binaries
 # and the shared libraries they need that are neither LibTorch's nor the C library's. The GPU machine
 # has the same torch (2.11.0+cu130) and no package registry, so this build runs there against its torch;
 # scripts/gpu_check.sh is the command to run there (docs/performance.md says how).
@@ -15,8 +16,9 @@ for file in "$build/bin/pithtrain" "$build/core/libpithtrain_core.so" "${tests[@
 done
 grep -q "PITHTRAIN_CUDA_KERNELS" "$build/build.ninja" ||
   { echo "gpu_bundle.sh: $build was configured without the CUDA kernels (no nvcc or no CUDA LibTorch)" >&2; exit 1; }
-rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/lib/pithtrain/plugins" "$bundle/tests"
+rm -rf "$bundle" && mkdir -p "$bundle/bin" "$bundle/lib/pithtrain/plugins" "$bundle/share/pithtrain/configs" "$bundle/tests"
 cp "$build/bin/pithtrain" "$bundle/bin/"
+cp configs/*.toml "$bundle/share/pithtrain/configs/"   # plain `pithtrain` reads share/pithtrain/configs/tiny.toml
 cp "$build/core/libpithtrain_core.so" "$bundle/lib/"
 cp "$build"/lib/plugins/*.so "$bundle/lib/pithtrain/plugins/"
 cp "${tests[@]}" "$bundle/tests/"

@@ -17,14 +17,27 @@ check() {  # check NAME EXPECTED_EXIT(0|nonzero) PATTERN -- command...
 }
 cd "$work"
 check "data tool" 0 "documents from" -- "$bin" data build --format fortune --out data/fortunes.tokens "$fortunes"
-config=(--config "$source_dir/configs/tiny.toml")
+# The tests' own config: configs/*.toml may change freely.
+test_config=$source_dir/tests/configs/tiny.toml
+config=(--config "$test_config")
 small=(--set model.hidden_size=32 --set model.num_layers=2 --set train.seq_len=32 --set train.batch_size=2 --set train.steps=2)
-check "nonexistent plugin" nonzero "unknown router plugin 'nonexistent'.*available: aux_free, topk_softmax" -- \
+# The router plugins that exist (whichever are installed), as the "available:" list names them.
+routers=$("$bin" plugins --json | python3 -c 'import json, sys
+print(", ".join(sorted(p["name"] for p in json.load(sys.stdin) if p["kind"] == "router")))')
+check "nonexistent plugin" nonzero "unknown router plugin 'nonexistent'.*available: $routers;" -- \
   "$bin" "${config[@]}" --set model.moe.router.plugin=nonexistent
 check "nonexistent --plugins file" nonzero "no such file on the plugin search path" -- "$bin" "${config[@]}" --plugins router_nope.so
 check "typo key" nonzero "did you mean 'train.steps'" -- "$bin" "${config[@]}" --set train.stpes=3
 check "missing config" nonzero "cannot read config file" -- "$bin" --config /nonexistent.toml
 check "help" 0 "usage: pithtrain" -- "$bin" --help
+# The default config is a file read at run time: the source tree's configs/tiny.toml for a build, the
+# installed share/pithtrain/configs/tiny.toml beside an installed binary (here: the tests' config there).
+check "help names the default config" 0 "Default config \(without --config\): $source_dir/configs/tiny.toml" -- "$bin" --help
+mkdir -p prefix/bin prefix/share/pithtrain/configs && cp "$bin" prefix/bin/ && cp "$test_config" prefix/share/pithtrain/configs/tiny.toml
+check "installed default config" 0 "Default config \(without --config\): $work/prefix/share/pithtrain/configs/tiny.toml" -- \
+  prefix/bin/pithtrain --help
+check "plain pithtrain trains the installed default config" 0 "done:" -- prefix/bin/pithtrain "${small[@]}" --out run_default
+check "... whose run.name it took" 0 "name = .test_tiny." -- cat run_default/config.toml
 check "plugins list" 0 "router +aux_free" -- "$bin" plugins
 check "plugins json" 0 '"kind":"experts","name":"grouped"' -- "$bin" plugins --json
 check "plugin check" 0 "^[0-9]+ passed, 0 failed" -- "$bin" plugin check "$(dirname "$bin")/../lib/plugins/router_aux_free.so"
@@ -45,7 +58,7 @@ check "--set picks topk_softmax" 0 "router.plugin += topk_softmax" -- \
   "$bin" "${config[@]}" --set model.moe.router.plugin=topk_softmax "${small[@]}" --out run_topk
 
 # SIGINT finishes the step, saves a checkpoint and exits 0; the same command then resumes.
-long=(--config "$source_dir/configs/tiny.toml" --set model.hidden_size=32 --set model.num_layers=2 --set train.seq_len=32
+long=(--config "$test_config" --set model.hidden_size=32 --set model.num_layers=2 --set train.seq_len=32
       --set train.batch_size=2 --set train.steps=100000 --set train.log_every=1 --out run_interrupted)
 "$bin" "${long[@]}" >interrupt.log 2>&1 &
 pid=$!

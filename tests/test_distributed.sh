@@ -6,7 +6,8 @@ set -eu
 bin=$1; fortunes=$2
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 "$bin" data build --format fortune --out "$work/tokens" "$fortunes/literature" > /dev/null
-common=(--set data.path="\"$work/tokens\"" --set train.steps=5 --set train.log_every=1 --set checkpoint.every=0
+test_config=$(cd "$(dirname "$0")" && pwd)/configs/tiny.toml  # the tests' own config, not configs/tiny.toml
+common=(--config "$test_config" --set data.path="\"$work/tokens\"" --set train.steps=5 --set train.log_every=1 --set checkpoint.every=0
         --set eval.every=0 --set eval.batches=1 --set model.num_layers=3 --set train.seq_len=32)
 "$bin" "${common[@]}" --set train.batch_size=8 --out "$work/one" > "$work/one.log" 2>&1 || { cat "$work/one.log"; exit 1; }
 "$bin" launch --nproc 2 -- "${common[@]}" --set train.batch_size=4 --out "$work/two" > "$work/two.log" 2>&1 || { cat "$work/two.log"; exit 1; }

@@ -7,7 +7,8 @@ set -eu
 bin=$1; fortunes=$2
 work=${KEEP_WORK:-$(mktemp -d)}; [ -n "${KEEP_WORK:-}" ] || trap 'rm -rf "$work"' EXIT; mkdir -p "$work"
 "$bin" data build --format fortune --out "$work/tokens" "$fortunes/literature" > /dev/null
-common=(--set data.path="\"$work/tokens\"" --set train.log_every=1 --set eval.every=0 --set eval.batches=1
+test_config=$(cd "$(dirname "$0")" && pwd)/configs/tiny.toml  # the tests' own config, not configs/tiny.toml
+common=(--config "$test_config" --set data.path="\"$work/tokens\"" --set train.log_every=1 --set eval.every=0 --set eval.batches=1
         --set model.num_layers=3 --set train.seq_len=32 --set train.lr_schedule=constant --set train.warmup_steps=2
         --set model.moe.router.plugin=topk_softmax --set model.moe.router.aux_loss_coeff=0 --set model.moe.router.global_aux_loss_coeff=0.01
         --set model.moe.router.z_loss_coeff=0.001 --set optimizer.eps=1e-6)

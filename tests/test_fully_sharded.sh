@@ -6,7 +6,8 @@
 source "$(dirname "$0")/multi_process_lib.sh" "$@"
 # The router is topk_softmax with the global-batch balance loss and the z-loss, so the 4-process run's
 # two micro-batches also take the core's routing count pass through the gathered units.
-common=(--set data.path="\"$work/tokens\"" --set train.log_every=1 --set eval.every=3 --set eval.batches=2
+test_config=$(cd "$(dirname "$0")" && pwd)/configs/tiny.toml  # the tests' own config, not configs/tiny.toml
+common=(--config "$test_config" --set data.path="\"$work/tokens\"" --set train.log_every=1 --set eval.every=3 --set eval.batches=2
         --set model.num_layers=3 --set train.seq_len=32 --set train.lr_schedule=constant --set train.warmup_steps=2
         --set model.moe.router.plugin=topk_softmax --set model.moe.router.aux_loss_coeff=0 --set model.moe.router.global_aux_loss_coeff=0.01
         --set model.moe.router.z_loss_coeff=0.001 --set optimizer.eps=1e-6 --set train.global_batch_size=8)

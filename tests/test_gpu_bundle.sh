@@ -14,7 +14,10 @@ if LD_LIBRARY_PATH=$work/bundle/lib:$torch_lib ldd "$work/bundle/bin/pithtrain" 
   echo "FAIL: the bundled pithtrain loads a library from the build tree" >&2; exit 1
 fi
 "$work/bundle/bin/pithtrain" data build --format fortune --out "$work/fortunes.tokens" "$fortunes" > /dev/null
-(cd "$work" && LD_LIBRARY_PATH=$work/bundle/lib:$torch_lib "$work/bundle/bin/pithtrain" --config "$source/configs/tiny.toml" \
+# Plain pithtrain in the bundle reads the bundle's configs/tiny.toml (the installed layout), not the source tree's.
+LD_LIBRARY_PATH=$work/bundle/lib:$torch_lib "$work/bundle/bin/pithtrain" --help | grep -qF "$work/bundle/share/pithtrain/configs/tiny.toml" ||
+  { echo "FAIL: the bundled pithtrain's default config is not the bundle's share/pithtrain/configs/tiny.toml" >&2; exit 1; }
+(cd "$work" && LD_LIBRARY_PATH=$work/bundle/lib:$torch_lib "$work/bundle/bin/pithtrain" --config "$source/tests/configs/tiny.toml" \
   --set data.path="\"$work/fortunes.tokens\"" --set train.steps=2 --set eval.batches=0 --set checkpoint.every=0 \
   --out "$work/run" > "$work/run.log" 2>&1) || { cat "$work/run.log"; exit 1; }
 grep -q "= grouped .*$work/bundle/lib/pithtrain/plugins/experts_grouped.so" "$work/run.log" ||

@@ -35,7 +35,7 @@ assert tokenizer.decode(first) == text, (tokenizer.decode(first)[:80], text[:80]
 print(f"round trip ok: {count} tokens, {docs} documents, vocab {vocab}")
 PY
 # The C++ reader accepts the file (header, size, CRC-32, token range) and trains on it.
-"$bin" --config "$source_dir/configs/tiny.toml" --set data.path=\""$work/hf.tokens"\" --set model.vocab_size=700 \
+"$bin" --config "$source_dir/tests/configs/tiny.toml" --set data.path=\""$work/hf.tokens"\" --set model.vocab_size=700 \
   --set train.steps=3 --set model.num_layers=2 --set train.seq_len=32 --set train.batch_size=4 --out "$work/run" 2>&1 \
   | grep -E "done:"
 echo "hf tokenizer: ok"

@@ -12,7 +12,7 @@ echo "configured and built in $(( $(date +%s) - start )) s"
 plugin="$work/build/router_sigmoid_topk.so"
 "$bin" plugin check "$plugin"
 "$bin" data build --format fortune --out "$work/tokens" "$fortunes" >/dev/null
-"$bin" --config "$source_dir/configs/tiny.toml" --plugins "$plugin" --set model.moe.router.plugin=sigmoid_topk \
+"$bin" --config "$source_dir/tests/configs/tiny.toml" --plugins "$plugin" --set model.moe.router.plugin=sigmoid_topk \
        --set data.path=\""$work/tokens"\" --set train.steps=2 --set model.num_layers=2 --set train.seq_len=32 \
        --out "$work/run" 2>&1 | grep -E "router.plugin|done:"
 grep -q "sigmoid_topk" "$work/run/config.toml"

@@ -5,7 +5,8 @@
 # resumes in one process; the log names each stage's ranks and layers and the measured bubble next to
 # the 1F1B figure; bad layouts are refused before training. Args: PITHTRAIN_BIN FORTUNES_DIR
 source "$(dirname "$0")/multi_process_lib.sh" "$@"
-common=(--set data.path="\"$work/tokens\"" --set train.log_every=1 --set eval.every=3 --set eval.batches=2
+test_config=$(cd "$(dirname "$0")" && pwd)/configs/tiny.toml  # the tests' own config, not configs/tiny.toml
+common=(--config "$test_config" --set data.path="\"$work/tokens\"" --set train.log_every=1 --set eval.every=3 --set eval.batches=2
         --set model.num_layers=3 --set train.seq_len=32 --set train.lr_schedule=constant --set train.warmup_steps=2
         --set model.moe.router.z_loss_coeff=0.001 --set optimizer.eps=1e-6 --set train.global_batch_size=8 --set train.batch_size=2)
 topk=(--set model.moe.router.plugin=topk_softmax --set model.moe.router.aux_loss_coeff=0.01)

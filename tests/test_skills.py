@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
 """ctest `skills`: every docs/skills/<name>/SKILL.md has its front matter, every `pithtrain` command in its
 fenced shell blocks is a real command whose flags that command's --help lists, every script it runs
-exists, and every repository path it names in backticks exists. Args: PITHTRAIN_BIN SOURCE_DIR"""
+exists, and every repository path it names in backticks exists. And every fenced block marked runnable
+(info string `bash runnable`) in README.md, AGENTS.md and docs/**/*.md runs and exits 0: in a fresh
+scratch folder that links the checkout's top-level entries (configs/, scripts/, ...) and its build
+(build/ -> the build holding PITHTRAIN_BIN), so a block may write data/ or runs/ there, and the
+checkout is left as it was. Args: PITHTRAIN_BIN SOURCE_DIR"""
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-binary, source = sys.argv[1], Path(sys.argv[2])
+binary, source = sys.argv[1], Path(sys.argv[2]).resolve()
 skills = sorted((source / "docs" / "skills").glob("*/SKILL.md"))
 problems, commands_checked, paths_checked = [], 0, 0
 help_cache = {}
@@ -31,7 +38,7 @@ for skill in skills:
         problems.append(f"{where}: name '{front.group(1)}' differs from its folder '{skill.parent.name}'")
     elif not front.group(2).strip().endswith("."):
         problems.append(f"{where}: the description should be one sentence")
-    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.DOTALL):
+    for block in re.findall(r"```(?:bash|sh)(?: runnable)?\n(.*?)```", text, re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
@@ -86,7 +93,33 @@ if not (source / ".claude" / "skills").resolve() == (source / "docs" / "skills")
     problems.append(".claude/skills does not lead to docs/skills")
 if missing:
     problems.append(f"missing skills: {', '.join(sorted(missing))}")
-print(f"{len(skills)} skills, {commands_checked} pithtrain commands checked against --help, {paths_checked} paths checked")
+# Runnable blocks: ```bash runnable ... ``` (AGENTS.md names the marker).
+build_dir = Path(binary).resolve().parent.parent
+documents = [source / "README.md", source / "AGENTS.md", *sorted((source / "docs").rglob("*.md"))]
+runnable = [(document, block) for document in documents
+            for block in re.findall(r"^```bash runnable\n(.*?)^```", document.read_text(), re.DOTALL | re.MULTILINE)]
+for document in (source / "README.md", source / "AGENTS.md"):  # their quick commands are checked by running them
+    if not any(found == document for found, _ in runnable):
+        problems.append(f"{document.relative_to(source)}: no `bash runnable` block (its quick commands should be one)")
+for document, block in runnable:
+    where = document.relative_to(source)
+    scratch = Path(tempfile.mkdtemp(prefix="pithtrain_runnable_"))
+    for entry in source.iterdir():
+        if entry.name not in ("build", ".git", "data", "runs"):
+            (scratch / entry.name).symlink_to(entry)
+    (scratch / "build").symlink_to(build_dir)
+    try:
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=scratch, capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "PITHTRAIN_ATE_LEDGER": ""})
+        if result.returncode != 0:
+            problems.append(f"{where}: a runnable block exits {result.returncode}:\n{block}"
+                            f"--- output:\n{(result.stdout + result.stderr)[-2000:]}")
+    except subprocess.TimeoutExpired:
+        problems.append(f"{where}: a runnable block ran over 300 s (runnable blocks must be quick):\n{block}")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+print(f"{len(skills)} skills, {commands_checked} pithtrain commands checked against --help, {paths_checked} paths checked; "
+      f"{len(runnable)} runnable blocks run")
 for problem in problems:
     print("FAIL:", problem)
 sys.exit(1 if problems else 0)

@@ -4,6 +4,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -17,7 +18,6 @@
 #include "explain.h"
 #include "json.h"
 #include "plot.h"
-#include "embedded_config.h"
 #include "pithtrain/conformance.h"
 #include "registry.h"
 #include "trainer.h"
@@ -35,8 +35,9 @@ const char* kTrainHelp = R"(usage: pithtrain [--config FILE] [--plugins A.so,B.s
        pithtrain convert import HF_DIR --out DIR | convert export --config F --weights W --out HF_DIR
        pithtrain launch --nproc N [--nnodes M --node-rank R --master ADDR:PORT] -- [training arguments]
 
-Trains the MoE model described by the TOML config (default: the embedded configs/tiny.toml).
-  --config FILE      TOML config (docs/config.md lists every key)
+Trains the MoE model described by the TOML config.
+  --config FILE      TOML config (docs/config.md lists every key); default: configs/tiny.toml as installed
+                     beside this pithtrain (../share/pithtrain/configs/) or in its source tree (the last line)
   --plugins LIST     comma-separated plugin files to load; a bare name is looked up on the plugin search
                      path (the build's plugin folder, $PITHTRAIN_PLUGIN_PATH, config plugins.paths)
   --set KEY=VALUE    override one config key, e.g. --set model.moe.router.plugin=aux_free (repeatable)
@@ -134,16 +135,56 @@ Arguments parse(int argc, char** argv, int first) {
   return args;
 }
 
-Options load_config(const Arguments& args) {
-  Options options = args.config.empty() ? Options::from_string(kEmbeddedTinyConfig, "(embedded configs/tiny.toml)")
-                                        : Options::from_file(args.config);
+// Where plain `pithtrain` looks for its default config, in order: the installed layout beside the binary
+// (<prefix>/bin/pithtrain reads <prefix>/share/pithtrain/configs/tiny.toml), then the source tree this
+// binary was built from. The file is read at run time, so editing it needs no rebuild.
+std::vector<std::filesystem::path> default_config_candidates() {
+  std::vector<std::filesystem::path> candidates;
+  std::error_code error;
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", error);
+  if (!error) candidates.push_back(exe.parent_path().parent_path() / "share" / "pithtrain" / "configs" / "tiny.toml");
+  candidates.push_back(std::filesystem::path(PITHTRAIN_SOURCE_DIR) / "configs" / "tiny.toml");
+  return candidates;
+}
+
+// The default config file, or "" when none of the candidates exists.
+std::string find_default_config() {
+  for (const auto& candidate : default_config_candidates())
+    if (std::filesystem::is_regular_file(candidate)) return candidate.string();
+  return "";
+}
+
+std::string default_config_places() {
+  std::string places;
+  for (const auto& candidate : default_config_candidates()) places += (places.empty() ? "" : ", ") + candidate.string();
+  return places;
+}
+
+// The help text's last line: the file plain `pithtrain` would read.
+std::string default_config_help() {
+  const std::string found = find_default_config();
+  return found.empty() ? "Default config: none found (looked in " + default_config_places() + "); pass --config FILE.\n"
+                       : "Default config (without --config): " + found + "\n";
+}
+
+// `required`: without any config file the command cannot run; `pithtrain plugins` only reads plugins.paths
+// from it and lists the plugins without one.
+Options load_config(const Arguments& args, bool required = true) {
+  std::string path = args.config;
+  if (path.empty()) {
+    path = find_default_config();
+    if (path.empty() && required)
+      throw Error("no --config given and no default config found (looked in " + default_config_places() +
+                  "); pass --config FILE, or install pithtrain with its configs (cmake --install)");
+  }
+  Options options = path.empty() ? Options::from_string("", "(no config file)") : Options::from_file(path);
   for (const auto& assignment : args.sets) options.set_override(assignment);
   return options;
 }
 
 int command_plugins(const Arguments& args) {
-  if (args.help) return std::cout << kPluginsHelp, 0;
-  Options options = load_config(args);
+  if (args.help) return std::cout << kPluginsHelp << default_config_help(), 0;
+  Options options = load_config(args, /*required=*/false);
   PluginRegistry registry(default_search_dirs(options.table("plugins").text_list("paths", {})), args.plugins);
   auto plugins = registry.load_all();
   if (args.json) {
@@ -216,7 +257,7 @@ train.seq_len and train.dtype. The model is built on the meta device, so any siz
 )";
 
 int command_explain(const Arguments& args) {
-  if (args.help) return std::cout << kExplainHelp, 0;
+  if (args.help) return std::cout << kExplainHelp << default_config_help(), 0;
   std::cout << format_report(explain_model(load_config(args), args.plugins));
   return 0;
 }
@@ -290,7 +331,7 @@ int command_launch(int argc, char** argv) {
 }
 
 int command_train(const Arguments& args) {
-  if (args.help) return std::cout << kTrainHelp, 0;
+  if (args.help) return std::cout << kTrainHelp << default_config_help(), 0;
   if (!args.positional.empty()) throw Error("unexpected argument '" + args.positional[0] + "' (see --help)");
   RunSettings settings;
   settings.plugin_files = args.plugins;

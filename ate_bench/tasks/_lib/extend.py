@@ -55,7 +55,7 @@ target_link_libraries(hidden_test PRIVATE pithtrain::core ${{CMAKE_DL_LIBS}})
     print(run([build / "hidden_test", plugin], "the hidden numeric test"))
     tokens = scratch / "tokens"
     run([binary, "data", "build", "--format", "fortune", "--out", tokens, "/usr/share/games/fortunes/literature"], "making data")
-    command = [binary, "--config", WORK / "configs/tiny.toml", "--plugins", plugin, "--set", f"{config_key}={name}",
+    command = [binary, "--config", LIB / "extend_check.toml", "--plugins", plugin, "--set", f"{config_key}={name}",
                "--set", f'data.path="{tokens}"', "--set", "train.steps=12", "--set", "train.warmup_steps=0",
                "--set", "train.seq_len=64", "--set", "eval.batches=1", "--set", "checkpoint.every=0", "--out", scratch / "run"]
     for assignment in train_sets:
