@@ -242,7 +242,7 @@ TEST(Training, ChunkedCrossEntropyTrainsAsTheFullOne) {
   };
   const double full = run("chunk_off", "0"), chunked = run("chunk_37", "37");
   EXPECT_NEAR(chunked, full, 1e-5 * full);
-  EXPECT_NE(error_of(with(kSmall, {"train.loss_chunk_tokens=-1"})).find("train.loss_chunk_tokens must be >= 0"), std::string::npos);
+  EXPECT_NE(error_of(with(kSmall, {"train.loss_chunk_tokens=-1"})).find("train.loss_chunk_tokens = -1 is out of range: it must be >= 0"), std::string::npos);
 }
 
 TEST(Training, LearningRateWarmsUpThenFollowsTheCosine) {

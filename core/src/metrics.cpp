@@ -13,6 +13,7 @@
 #include <spdlog/spdlog.h>
 
 #include "json.h"
+#include "pithtrain/error.h"
 
 namespace pithtrain {
 namespace fs = std::filesystem;
@@ -58,8 +59,15 @@ void truncate_metrics(const fs::path& path, int64_t step) {
     if (position != std::string::npos && std::strtoll(line.c_str() + position + 7, nullptr, 10) <= step) kept.push_back(line);
   }
   in.close();
-  std::ofstream out(path, std::ios::trunc);
-  for (const auto& kept_line : kept) out << kept_line << "\n";
+  // Written aside and renamed: a kill during the rewrite leaves the old file whole.
+  const fs::path temporary = path.string() + ".tmp";
+  {
+    std::ofstream out(temporary, std::ios::trunc);
+    for (const auto& kept_line : kept) out << kept_line << "\n";
+    out.flush();
+    if (!out) throw Error("cannot write '" + temporary.string() + "' (disk full?); '" + path.string() + "' is unchanged");
+  }
+  fs::rename(temporary, path);
 }
 
 namespace {
@@ -116,7 +124,7 @@ void StepFigures::record_routing(const ModelOutput& output, size_t first_layer, 
 }
 
 MetricsLog::MetricsLog(const std::string& path, const TrainConfig& config, double flops_per_token, int64_t start_step, bool quiet)
-    : out_(path, start_step > 0 ? std::ios::app : std::ios::trunc), config_(config), flops_per_token_(flops_per_token),
+    : out_(path, start_step > 0 ? std::ios::app : std::ios::trunc), path_(path), config_(config), flops_per_token_(flops_per_token),
       start_step_(start_step), quiet_(quiet) {}
 
 double MetricsLog::lifetime_peak_memory_mb() {
@@ -183,6 +191,7 @@ void MetricsLog::write(int64_t step, const StepFigures& figures, double smoothed
   }
   out_ << ",\"router\":" << router_json << "}\n";
   out_.flush();
+  if (!out_) throw Error("writing '" + path_ + "' failed (disk full?); the run's checkpoints are unaffected");
   if (!quiet_)
     log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}){} | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
              "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}{}{}",

@@ -59,6 +59,7 @@ class MetricsLog {
 
  private:
   std::ofstream out_;
+  std::string path_;
   const TrainConfig& config_;
   double flops_per_token_;
   int64_t start_step_;

@@ -188,6 +188,7 @@ std::string Options::where(const std::string& key) const {
 }
 
 const std::string& Options::path() const { return path_; }
+const std::string& Options::source() const { return state_->source; }
 
 Options Options::table(const std::string& key) const {
   std::string full_key = join(path_, key);

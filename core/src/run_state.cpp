@@ -186,7 +186,7 @@ void RunState::check_same_model(const std::filesystem::path& path, const Safeten
   std::string line_before, line_now;
   while (std::getline(before, line_before) && std::getline(now, line_now) && line_before == line_now) {}
   throw Error("checkpoint '" + path.string() + "' was written for a different [model] config (it has '" + line_before +
-              "', this run '" + line_now + "'); nothing was written. Use --out NEW_DIR (or --set run.name=NEW) for this " +
+              "', this run '" + line_now + "'); nothing was written; use a new --out (or --set run.name=NEW) for this " +
               "config, or --move-aside with --set checkpoint.resume=false to rename the old run in " + run_dir + " aside");
 }
 

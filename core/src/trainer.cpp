@@ -152,6 +152,7 @@ TrainSummary Trainer::run() {
     ~DetachSink() { std::erase(log.sinks(), sink); }
   } detach_log_file{log, log_file};
   if (!settings_.quiet) {
+    log.info("config: {}", options_.source());
     log.info("components:");
     for (const auto& entry : manifest_)
       log.info("  {:<26} = {:<13} v{:<6} {}", entry.config_key, entry.plugin->name(), entry.plugin->descriptor->version,
@@ -180,7 +181,7 @@ TrainSummary Trainer::run() {
     train_order_->set_position(resumed.data_position);
     smoothed = resumed.smoothed_loss;
     truncate_metrics(fs::path(run_dir_) / "metrics.jsonl", start_step);
-    if (!settings_.quiet) log.info("resumed run {} from {} at step {}", run_id_, resumed.path.string(), start_step);
+    if (!settings_.quiet) log.info("resumed from {} at step {} (run {})", resumed.path.string(), start_step, run_id_);
     if (start_step >= config_.steps && !settings_.quiet)
       log.info("{} already reached train.steps = {}; raise train.steps to train further, or use --out DIR (or "
                "--set run.name=...) for a new run", run_dir_, config_.steps);

@@ -73,6 +73,8 @@ class Options {
   bool has(const std::string& key) const;
   // A view of the sub-table `key` (absent tables read as empty, so every key takes its default).
   Options table(const std::string& key) const;
+  // The config file these options were read from (or the source name given to from_string).
+  const std::string& source() const;
   // The dotted path of this view from the root ("model.moe.router"), "" for the root.
   const std::string& path() const;
   // The file (or "--set") and line where `key` was written, for messages: "configs/tiny.toml:12".
