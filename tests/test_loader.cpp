@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "pithtrain/router.h"
+#include "plugin_names.h"
 #include "registry.h"
 
 namespace fs = std::filesystem;
@@ -25,19 +26,6 @@ std::string load_error(const fs::path& file) {
   return "(no error)";
 }
 
-// The router plugins whose files `dir` holds, in name order: what an "available:" list must say,
-// whichever plugins are installed.
-std::string router_names_in(const fs::path& dir) {
-  std::vector<std::string> names;
-  for (const auto& entry : fs::directory_iterator(dir)) {
-    const std::string file = entry.path().filename().string();
-    if (file.rfind("router_", 0) == 0 && entry.path().extension() == ".so") names.push_back(file.substr(7, file.size() - 10));
-  }
-  std::sort(names.begin(), names.end());
-  std::string joined;
-  for (const auto& name : names) joined += (joined.empty() ? "" : ", ") + name;
-  return joined;
-}
 
 fs::path fresh_dir(const std::string& name) {
   fs::path dir = fs::temp_directory_path() / ("pithtrain_test_loader_" + name + "_" + std::to_string(::getpid()));

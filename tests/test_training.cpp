@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 
 #include "checkpoint.h"
+#include "plugin_names.h"
 #include "data.h"
 #include "routing_trace.h"
 #include "trainer.h"
@@ -47,18 +48,6 @@ const std::string kTestConfig = std::string(PITHTRAIN_SOURCE_DIR) + "/tests/conf
 // The test config as written, for reading the values an expectation follows from.
 Options test_config() { return Options::from_file(kTestConfig); }
 
-// Router plugins whose files are in the build's plugin folder, in name order (as the registry lists them).
-std::string router_names_in_plugin_dir() {
-  std::vector<std::string> names;
-  for (const auto& entry : fs::directory_iterator(PITHTRAIN_PLUGIN_DIR)) {
-    const std::string file = entry.path().filename().string();
-    if (file.rfind("router_", 0) == 0 && entry.path().extension() == ".so") names.push_back(file.substr(7, file.size() - 10));
-  }
-  std::sort(names.begin(), names.end());
-  std::string joined;
-  for (const auto& name : names) joined += (joined.empty() ? "" : ", ") + name;
-  return joined;
-}
 
 Options tiny_config(const std::vector<std::string>& overrides) {
   Options options = Options::from_file(kTestConfig);
@@ -186,7 +175,7 @@ TEST(Config, TyposAndBadValuesGiveThePromisedErrors) {
       << message;
   message = error_of({"model.moe.router.plugin=nonexistent"});
   EXPECT_NE(message.find("unknown router plugin 'nonexistent'"), std::string::npos) << message;
-  EXPECT_NE(message.find("available: " + router_names_in_plugin_dir() + ";"), std::string::npos) << message;
+  EXPECT_NE(message.find("available: " + router_names_in(PITHTRAIN_PLUGIN_DIR) + ";"), std::string::npos) << message;
 }
 
 TEST(Config, MissingRequiredKey) {
