@@ -199,12 +199,15 @@ at::Tensor count_per_expert(const at::Tensor& ids, int64_t experts) {
   return (flat.unsqueeze(1) == at::arange(experts, flat.options())).sum(0);  // [E], int64 (a sum of bools)
 }
 
-at::Tensor slots_by_expert(const at::Tensor& expert_ids, int64_t experts, at::Tensor& tokens_per_expert) {
-  const at::Tensor flat = expert_ids.reshape(-1);                                          // [T * k]
+at::Tensor slots_by_expert(const at::Tensor& expert_ids, int64_t experts, at::Tensor& tokens_per_expert, const at::Tensor& weights) {
+  at::Tensor flat = expert_ids.reshape(-1);                                                // [T * k]
+  // Unused choices as a sentinel expert `experts`: sorted last, cut off the counts.
+  if (weights.defined()) flat = flat.masked_fill(weights.detach().reshape(-1) == 0, experts);
   const at::Tensor order = std::get<1>(at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false));  // sorted position -> choice
   at::Tensor slots = at::empty_like(order);
   slots.index_put_({order}, at::arange(order.numel(), order.options()));                  // choice -> sorted position
-  tokens_per_expert = count_per_expert(flat, experts);
+  tokens_per_expert = weights.defined() ? count_per_expert(flat, experts + 1).narrow(0, 0, experts).contiguous()
+                                        : count_per_expert(flat, experts);
   return slots.view(expert_ids.sizes());
 }
 
@@ -299,7 +302,12 @@ at::Tensor grouped_mm_reference(const at::Tensor& x, const at::Tensor& weights, 
 
 at::Tensor grouped_mm_native(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& counts) {
   const at::Tensor ends = counts.to(x.device()).cumsum(0).to(at::kInt);  // [G], int32: what the GEMM takes
-  return at::_grouped_mm(x, weights.transpose(1, 2), ends);              // [N, F]
+  // Rows after the last group (unused routing slots) are not computed: the GEMM leaves them unwritten, so
+  // they are zeroed here, and the input is masked too so that their unwritten input gradient is dropped.
+  // Selected, not multiplied: an unwritten NaN cannot leak.
+  const at::Tensor in_groups = (at::arange(x.size(0), ends.options().dtype(at::kLong)) < ends.narrow(0, ends.numel() - 1, 1)).unsqueeze(1);
+  const at::Tensor out = at::_grouped_mm(at::where(in_groups, x, at::zeros({}, x.options())), weights.transpose(1, 2), ends);  // [N, F]
+  return at::where(in_groups, out, at::zeros({}, out.options()));
 }
 
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& counts) {
@@ -311,7 +319,9 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weights, const at::
       weights.size(1) % 8 == 0)
     return grouped_mm_native(x, weights, counts);
   const at::Tensor on_host = counts.to(at::kCPU, at::kLong).contiguous();
-  return grouped_mm_reference(x, weights, std::vector<int64_t>(on_host.data_ptr<int64_t>(), on_host.data_ptr<int64_t>() + on_host.numel()));
+  const std::vector<int64_t> rows(on_host.data_ptr<int64_t>(), on_host.data_ptr<int64_t>() + on_host.numel());
+  const at::Tensor out = grouped_mm_reference(x, weights, rows);  // [sum(counts), F]
+  return out.size(0) == x.size(0) ? out : at::constant_pad_nd(out, {0, 0, 0, x.size(0) - out.size(0)});  // [N, F]
 }
 
 at::Tensor chunked_cross_entropy(const at::Tensor& hidden, const at::Tensor& head, const at::Tensor& targets, int64_t chunk_rows) {

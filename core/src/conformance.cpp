@@ -33,6 +33,7 @@ PluginContext tiny_context(c10::ScalarType dtype) {
   context.layer_index = 0;
   context.dtype = dtype;
   context.logger = &logger();
+  context.shared = std::make_shared<SharedState>();  // each check builds its component(s) afresh
   return context;
 }
 
@@ -122,18 +123,32 @@ Checks router_checks(const PluginDescriptor& descriptor) {
          auto [router, hidden, context] = route(at::kFloat, 1);
          Routing routing = router->route(hidden);
          const int64_t tokens = hidden.size(0), k = context.dims.top_k, experts = context.dims.num_experts;
-         expect(routing.expert_ids.sizes() == at::IntArrayRef({tokens, k}), "expert_ids " + describe_shape(routing.expert_ids));
-         expect(routing.weights.sizes() == at::IntArrayRef({tokens, k}), "weights " + describe_shape(routing.weights));
+         expect(routing.expert_ids.dim() == 2 && routing.expert_ids.size(0) == tokens && routing.expert_ids.size(1) >= 1,
+                "expert_ids " + describe_shape(routing.expert_ids) + ", expected [tokens, slots >= 1]");
+         const int64_t slots = routing.expert_ids.size(1);
+         expect(router->variable_experts_per_token() || slots == k,
+                "expert_ids has " + std::to_string(slots) + " slots; a top-k router (variable_experts_per_token() false) fills top_k = " +
+                    std::to_string(k));
+         expect(routing.weights.sizes() == routing.expert_ids.sizes(), "weights " + describe_shape(routing.weights));
          expect(routing.aux_loss.defined() && routing.aux_loss.dim() == 0, "aux_loss " + describe_shape(routing.aux_loss));
          expect(routing.tokens_per_expert.sizes() == at::IntArrayRef({experts}),
                 "tokens_per_expert " + describe_shape(routing.tokens_per_expert));
          expect(routing.expert_ids.min().item<int64_t>() >= 0 && routing.expert_ids.max().item<int64_t>() < experts,
-                "expert_ids out of [0, num_experts)");
-         expect(routing.tokens_per_expert.sum().item<int64_t>() == tokens * k, "tokens_per_expert does not sum to tokens * k");
-         at::Tensor sorted = std::get<0>(routing.expert_ids.sort(1));
-         expect(!(sorted.narrow(1, 1, k - 1) == sorted.narrow(1, 0, k - 1)).any().item<bool>(),
+                "expert_ids out of [0, num_experts), unused slots included");
+         // The contract (pithtrain/router.h): tokens_per_expert counts the used pairs, those of nonzero weight.
+         const at::Tensor used = routing.weights.detach() != 0;  // [tokens, slots]
+         expect(at::equal(routing.tokens_per_expert.to(at::kLong), count_used_pairs(routing.expert_ids, routing.weights, experts)),
+                "tokens_per_expert is not the count of used (nonzero-weight) pairs per expert");
+         expect(router->variable_experts_per_token() || used.all().item<bool>(), "a top-k router left a slot of weight 0");
+         // A token's used slots name distinct experts (a sentinel -1 - slot stands in for an unused one).
+         at::Tensor named = at::where(used, routing.expert_ids, -1 - at::arange(slots, at::kLong));
+         at::Tensor sorted = std::get<0>(named.sort(1));
+         expect(slots == 1 || !(sorted.narrow(1, 1, slots - 1) == sorted.narrow(1, 0, slots - 1)).any().item<bool>(),
                 "a token chose the same expert twice");
-         return "ids " + describe_shape(routing.expert_ids) + ", weights " + describe_shape(routing.weights);
+         for (const auto& statistic : routing.statistics)
+           expect(statistic.tensor.numel() == 1 && all_finite(statistic.tensor), "statistic '" + statistic.name + "' is not one finite number");
+         return "ids " + describe_shape(routing.expert_ids) + ", weights " + describe_shape(routing.weights) + ", " +
+                number(used.sum().item<double>() / static_cast<double>(tokens)) + " used slots per token";
        }},
       {"finite gradients", [=] {
          auto [router, hidden, context] = route(at::kFloat, 2);
@@ -153,15 +168,16 @@ Checks router_checks(const PluginDescriptor& descriptor) {
        }},
       {"double-precision gradient check", [=] {
          auto [router, hidden, context] = route(at::kDouble, 4);
-         at::Tensor probe = at::randn({hidden.size(0), context.dims.top_k}, at::kDouble);
+         at::Tensor probe = at::randn(router->route(hidden).weights.sizes(), at::kDouble);
+         const bool surrogate = router->straight_through();
          auto function = [&] {
            Routing routing = router->route(hidden);
-           return (routing.weights * probe).sum() + routing.aux_loss;
+           return surrogate ? routing.aux_loss + 0 * routing.weights.sum() : (routing.weights * probe).sum() + routing.aux_loss;
          };
          std::string detail;
          check_gradient(function, hidden, "input", detail);
          for (auto& parameter : router->parameters()) check_gradient(function, parameter.tensor, parameter.name, detail);
-         return detail;
+         return detail + (surrogate ? " (aux_loss only: straight-through weights)" : "");
        }},
   };
 }
@@ -209,6 +225,42 @@ Checks experts_checks(const PluginDescriptor& descriptor) {
          expect(at::equal(experts_a->forward(hidden_a, routing_a), experts_b->forward(hidden_b, routing_b)),
                 "two builds with the same seed gave different outputs");
          return std::string("identical outputs");
+       }},
+      {"unused slots are skipped", [=] {
+         // More slots than top_k, some of weight 0 (unused, pithtrain/router.h), one token with none used,
+         // and one expert named only by unused slots whose weights are NaN: computing any unused slot
+         // would make the output NaN, and pointing the unused slots elsewhere must change nothing.
+         auto [experts, hidden, routing] = setup(at::kFloat, 6);
+         const int64_t tokens = hidden.size(0), num_experts = routing.tokens_per_expert.numel(), poisoned = num_experts - 1;
+         std::vector<at::Tensor> rows;
+         for (int64_t t = 0; t < tokens; ++t) rows.push_back(at::randperm(num_experts, at::kLong).narrow(0, 0, 3));
+         at::Tensor ids = at::stack(rows);                                                                // [T, 3]
+         at::Tensor raw = at::rand({tokens, 3}) + 0.1;
+         at::Tensor unused = (at::rand({tokens, 3}) < 0.4) | (ids == poisoned);
+         unused[0].fill_(true);                                                                 // a token with no expert
+         Routing variable;
+         variable.expert_ids = ids;
+         variable.weights = raw.masked_fill(unused, 0.0).requires_grad_(true);
+         variable.aux_loss = at::zeros({});
+         variable.tokens_per_expert = count_used_pairs(ids, variable.weights, num_experts);
+         {
+           at::NoGradGuard no_grad;
+           for (auto& parameter : experts->parameters())
+             if (parameter.tensor.dim() >= 1 && parameter.tensor.size(0) == num_experts) parameter.tensor[poisoned].fill_(NAN);
+         }
+         at::Tensor out = experts->forward(hidden, variable);
+         expect(all_finite(out), "the output is not finite: an unused slot (weight 0) was computed");
+         expect(out[0].abs().max().item<double>() == 0.0, "a token whose slots are all unused has a nonzero output");
+         Routing elsewhere = variable;
+         elsewhere.expert_ids = at::where(unused, (ids + 1) % poisoned, ids);
+         at::Tensor moved = experts->forward(hidden, elsewhere);
+         expect(at::allclose(out, moved, 1e-6, 1e-6), "the output depends on the expert ids of unused slots");
+         (out * at::randn(out.sizes())).sum().backward();
+         expect(all_finite(hidden.grad()) && hidden.grad()[0].abs().max().item<double>() == 0.0,
+                "the input gradient is not finite, or nonzero for a token without experts");
+         expect(all_finite(variable.weights.grad()) && variable.weights.grad().masked_select(unused).abs().max().item<double>() == 0.0,
+                "an unused slot's weight got a gradient");
+         return number(unused.to(at::kFloat).mean().item<double>()) + " of the slots unused, output finite and independent of them";
        }},
       {"double-precision gradient check", [=] {
          auto [experts, hidden, routing] = setup(at::kDouble, 4);

@@ -2,15 +2,35 @@
 // and a training-memory estimate (weights, gradients, optimizer state, activations).
 #include "explain.h"
 
+#include <fstream>
 #include <sstream>
 
 #include <ATen/ATen.h>
 
+#include "json.h"
 #include "model.h"
 
 namespace pithtrain {
 
-ModelReport explain_model(Options config, const std::vector<std::string>& plugin_files) {
+double measured_active_experts(const std::string& metrics_path) {
+  std::ifstream in(metrics_path);
+  if (!in) throw Error("cannot read '" + metrics_path + "' (explain --run wants a run directory with a metrics.jsonl)");
+  double found = -1;
+  for (std::string line; std::getline(in, line);) {
+    if (line.find("\"active_experts\"") == std::string::npos) continue;
+    const JsonValue record = parse_json(line, metrics_path);
+    const JsonValue* layers = record.find("router");
+    if (layers == nullptr || layers->items.empty()) continue;
+    double sum = 0;
+    for (const auto& layer : layers->items)
+      if (const JsonValue* value = layer.find("active_experts")) sum += value->number;
+    found = sum / static_cast<double>(layers->items.size());
+  }
+  if (found < 0) throw Error("'" + metrics_path + "' has no router[].active_experts yet (a run of a MoE model logs it every train.log_every steps)");
+  return found;
+}
+
+ModelReport explain_model(Options config, const std::vector<std::string>& plugin_files, double measured) {
   PluginRegistry registry(default_search_dirs(config.table("plugins").text_list("paths", {})), plugin_files);
   Options train = config.table("train");
   // The trainer's ranges for the same keys.
@@ -40,8 +60,12 @@ ModelReport explain_model(Options config, const std::vector<std::string>& plugin
     groups[group] += count;
   }
   for (const auto& entry : groups) report.groups.emplace_back(entry.first, entry.second);
+  report.variable_experts = model.variable_experts_per_token();
+  report.active_experts_measured = report.variable_experts && measured > 0;
+  report.active_experts = report.active_experts_measured ? measured : static_cast<double>(dims.top_k);
   report.active_parameters = report.total_parameters - report.routed_expert_parameters +
-                             report.routed_expert_parameters * dims.top_k / std::max<int64_t>(1, dims.num_experts);
+                             static_cast<int64_t>(static_cast<double>(report.routed_expert_parameters) * report.active_experts /
+                                                  static_cast<double>(std::max<int64_t>(1, dims.num_experts)));
   report.training_flops_per_token = model.flops_per_token(seq_len);
   report.forward_flops_per_token = report.training_flops_per_token / 3.0;
 
@@ -76,8 +100,17 @@ std::string format_report(const ModelReport& report) {
       << billions(report.total_parameters - report.embedding_parameters) << " without the embedding), "
       << billions(report.active_parameters) << " active per token ("
       << billions(report.active_parameters - report.embedding_parameters) << " without the embedding)\n";
+  char line[220];
+  if (report.variable_experts) {
+    std::snprintf(line, sizeof(line),
+                  report.active_experts_measured
+                      ? "  active counts the %.3g routed experts per token the run measured (a variable-k router)\n"
+                      : "  active counts top_k = %.3g routed experts per token; this router's number varies per token: "
+                        "pass --run RUN_DIR for the measured mean\n",
+                  report.active_experts);
+    out << line;
+  }
   for (const auto& [group, count] : report.groups) out << "  " << group << ": " << billions(count) << "\n";
-  char line[160];
   std::snprintf(line, sizeof(line), "FLOPs per token: %.3g forward, %.3g training (forward + backward)\n",
                 report.forward_flops_per_token, report.training_flops_per_token);
   out << line;

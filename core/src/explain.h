@@ -10,7 +10,12 @@ namespace pithtrain {
 
 struct ModelReport {
   int64_t total_parameters = 0;
-  int64_t active_parameters = 0;     // per token: routed experts count top_k / num_experts of theirs
+  int64_t active_parameters = 0;     // per token: routed experts count active_experts / num_experts of theirs
+  // Routed experts per token the active count uses: top_k, or for a variable-k router (remoe, top_any)
+  // the mean a run measured (metrics.jsonl router[].active_experts) when one is given.
+  double active_experts = 0;
+  bool variable_experts = false;     // a router uses a varying number of experts per token
+  bool active_experts_measured = false;
   int64_t embedding_parameters = 0;
   int64_t routed_expert_parameters = 0;
   double forward_flops_per_token = 0;
@@ -21,7 +26,11 @@ struct ModelReport {
 };
 
 // Reads [model], [train] (batch_size, seq_len, dtype, micro_batches) and [optimizer].plugin.
-ModelReport explain_model(Options config, const std::vector<std::string>& plugin_files);
+// measured_active_experts > 0: a variable-k router's measured mean experts per token.
+ModelReport explain_model(Options config, const std::vector<std::string>& plugin_files, double measured_active_experts = 0);
+// The mean over layers of router[].active_experts in the last line of a run's metrics.jsonl that has one;
+// an Error naming the file when there is none.
+double measured_active_experts(const std::string& metrics_path);
 std::string format_report(const ModelReport& report);
 
 }  // namespace pithtrain

@@ -100,7 +100,7 @@ int64_t integer_argument(const std::string& flag, const std::string& value) {
 }
 
 struct Arguments {
-  std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
+  std::string config, out, run, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
   int64_t train_vocab = 0;
   std::vector<std::string> plugins, sets, positional;
   bool json = false, help = false, move_aside = false;
@@ -119,6 +119,7 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--move-aside") args.move_aside = true;
     else if (arg == "--config") args.config = value(arg);
     else if (arg == "--out") args.out = value(arg);
+    else if (arg == "--run") args.run = value(arg);
     else if (arg == "--format") args.format = value(arg);
     else if (arg == "--trace-routing") args.trace_routing = value(arg);
     else if (arg == "--tokenizer") args.tokenizer = value(arg);
@@ -250,15 +251,21 @@ int command_plot(const Arguments& args) {
   return 0;
 }
 
-const char* kExplainHelp = R"(usage: pithtrain explain [--config FILE] [--set dotted.key=value]... [--plugins A.so,...]
+const char* kExplainHelp = R"(usage: pithtrain explain [--config FILE] [--run RUN_DIR] [--set dotted.key=value]... [--plugins A.so,...]
 Prints the model report for a config: total and active parameters (per component), FLOPs per token
 (forward and training) and an estimate of training memory per device for train.batch_size,
 train.seq_len and train.dtype. The model is built on the meta device, so any size works.
+  --run RUN_DIR   a run of this model: its config.toml (unless --config is given) and, for a router with a
+                  varying number of experts per token, the mean active experts its metrics.jsonl measured
 )";
 
 int command_explain(const Arguments& args) {
   if (args.help) return std::cout << kExplainHelp << default_config_help(), 0;
-  std::cout << format_report(explain_model(load_config(args), args.plugins));
+  if (args.run.empty()) return std::cout << format_report(explain_model(load_config(args), args.plugins)), 0;
+  Arguments with_config = args;
+  if (with_config.config.empty()) with_config.config = (std::filesystem::path(args.run) / "config.toml").string();
+  const double measured = measured_active_experts((std::filesystem::path(args.run) / "metrics.jsonl").string());
+  std::cout << format_report(explain_model(load_config(with_config), args.plugins, measured));
   return 0;
 }
 

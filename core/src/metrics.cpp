@@ -78,10 +78,11 @@ struct LayerStats {
   std::string json;
   double imbalance = 0;  // max / mean load
   double entropy = 0;    // of the load over experts, divided by log(E): 1 is uniform, 0 all on one expert
+  double active_experts = 0;  // used (token, slot) pairs per routed token
 };
 
 LayerStats router_stats(size_t layer, const at::Tensor& tokens_per_expert, const std::vector<NamedTensor>& buffers,
-                        int64_t dead_experts, double dropped_fraction /* < 0: dropless */) {
+                        int64_t dead_experts, double dropped_fraction /* < 0: dropless */, double routed_tokens) {
   at::Tensor load = tokens_per_expert.to(at::kDouble);
   const double total = load.sum().item<double>(), mean = load.mean().item<double>(), max = load.max().item<double>();
   const double imbalance = mean > 0 ? max / mean : 0.0;
@@ -93,6 +94,7 @@ LayerStats router_stats(size_t layer, const at::Tensor& tokens_per_expert, const
   out << std::setprecision(6) << "{\"moe_layer\":" << layer << ",\"max_over_mean\":" << imbalance
       << ",\"max_violation\":" << (mean > 0 ? imbalance - 1.0 : 0.0) << ",\"dead_experts\":" << dead_experts
       << ",\"busiest_fraction\":" << (total > 0 ? max / total : 0.0) << ",\"entropy\":" << entropy
+      << ",\"active_experts\":" << (routed_tokens > 0 ? total / routed_tokens : 0.0)
       << ",\"tokens_per_expert\":[";
   at::Tensor counts = tokens_per_expert.to(at::kLong).contiguous();
   for (int64_t e = 0; e < counts.numel(); ++e) out << (e ? "," : "") << counts.data_ptr<int64_t>()[e];
@@ -104,7 +106,7 @@ LayerStats router_stats(size_t layer, const at::Tensor& tokens_per_expert, const
   }
   if (dropped_fraction >= 0) out << ",\"dropped_fraction\":" << dropped_fraction;
   out << "}";
-  return {out.str(), imbalance, entropy};
+  return {out.str(), imbalance, entropy, routed_tokens > 0 ? total / routed_tokens : 0.0};
 }
 
 }  // namespace
@@ -115,12 +117,16 @@ void StepFigures::record_routing(const ModelOutput& output, size_t first_layer, 
     const size_t layer = first_layer + index;
     if (load.size() <= layer) load.resize(layer + 1);
     if (dropped.size() <= layer) dropped.resize(layer + 1, -1.0);
+    if (routed_tokens.size() <= layer) routed_tokens.resize(layer + 1, 0.0);
+    routed_tokens[layer] += static_cast<double>(output.routed_tokens[index]);
     const at::Tensor& layer_load = output.tokens_per_expert[index];
     load[layer] = load[layer].defined() ? load[layer] + layer_load : layer_load.clone();
     if (output.dropped_fraction[index].defined())
       dropped[layer] = std::max(dropped[layer], 0.0) + output.dropped_fraction[index].item<double>() * share;
   }
   for (const auto& [name, value] : output.router_loss_terms) loss_terms[name] += value.item<double>() * share;
+  for (const auto& [name, values] : output.router_statistics)
+    for (const auto& value : values) statistics[name].first += value.item<double>(), statistics[name].second += 1;
 }
 
 MetricsLog::MetricsLog(const std::string& path, const TrainConfig& config, double flops_per_token, int64_t start_step, bool quiet)
@@ -149,13 +155,17 @@ void MetricsLog::write(int64_t step, const StepFigures& figures, double smoothed
   window_tokens_ = window_seconds_ = 0;
   double imbalance = 0;
   int64_t dead_total = 0;
-  double worst_dropped = -1;
+  double worst_dropped = -1, active_experts = 0;
+  bool variable_experts = false;  // a layer's tokens used a non-whole mean number of experts
     std::string router_json = "[";
   for (size_t layer = 0; layer < figures.load.size(); ++layer) {
     if (layer > 0) router_json += ",";
     const int64_t dead = ((step - last_active_[layer]) >= config_.dead_expert_steps).sum().item<int64_t>();
     const double dropped = layer < figures.dropped.size() ? figures.dropped[layer] : -1.0;
-    const LayerStats stats = router_stats(layer, figures.load[layer], router_buffers[layer], dead, dropped);
+    const double routed = layer < figures.routed_tokens.size() ? figures.routed_tokens[layer] : 0.0;
+    const LayerStats stats = router_stats(layer, figures.load[layer], router_buffers[layer], dead, dropped, routed);
+    active_experts += stats.active_experts / static_cast<double>(figures.load.size());
+    variable_experts = variable_experts || std::abs(stats.active_experts - std::round(stats.active_experts)) > 1e-9;
     router_json += stats.json;
     imbalance = std::max(imbalance, stats.imbalance);
     worst_dropped = std::max(worst_dropped, dropped);
@@ -189,16 +199,24 @@ void MetricsLog::write(int64_t step, const StepFigures& figures, double smoothed
     for (const auto& [name, value] : figures.loss_terms) out_ << (first ? "" : ",") << json_quote(name) << ":" << value, first = false;
     out_ << "}";
   }
+  if (!figures.statistics.empty()) {
+    out_ << ",\"router_statistics\":{";
+    bool first = true;
+    for (const auto& [name, sum_count] : figures.statistics)
+      out_ << (first ? "" : ",") << json_quote(name) << ":" << sum_count.first / static_cast<double>(std::max<int64_t>(1, sum_count.second)), first = false;
+    out_ << "}";
+  }
   out_ << ",\"router\":" << router_json << "}\n";
   out_.flush();
   if (!out_) throw Error("writing '" + path_ + "' failed (disk full?); the run's checkpoints are unaffected");
   if (!quiet_)
     log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}){} | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
-             "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}{}{}",
+             "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}{}{}{}",
              step, config_.steps, figures.result.cross_entropy, smoothed,
              evaluated ? fmt::format(" | val {:.4f}", validation_loss) : std::string(), figures.result.aux_loss, lr,
              figures.result.grad_norm, tokens_per_second, 100 * mfu, imbalance,
              worst_dropped >= 0 ? fmt::format(" | dropped {:.1f}%", 100 * worst_dropped) : std::string(),
+             variable_experts ? fmt::format(" | active experts {:.2f}", active_experts) : std::string(),
              dead_total > 0 ? fmt::format(" | dead experts {}", dead_total) : std::string());
 }
 
@@ -211,6 +229,7 @@ bool agree_step_figures(StepFigures& figures, bool stop, bool& save_due, const P
   if (groups.pipeline) {
     figures.load.resize(model.num_moe_layers());
     figures.dropped.resize(model.num_moe_layers(), -1.0);
+    figures.routed_tokens.resize(model.num_moe_layers(), 0.0);
     for (size_t layer = 0; layer < figures.load.size(); ++layer)
       if (!figures.load[layer].defined()) figures.load[layer] = at::zeros({model.dims().num_experts}, at::kLong), figures.dropped[layer] = -1.0;
     if (loss_term_names.empty()) {
@@ -232,6 +251,7 @@ bool agree_step_figures(StepFigures& figures, bool stop, bool& save_due, const P
   std::vector<at::Tensor> shared = {at::tensor({figures.result.loss, figures.result.cross_entropy, figures.result.aux_loss, stop ? 1.0 : 0.0,
                                             save_due ? 1.0 : 0.0}, at::kDouble)};
   for (auto& load : figures.load) shared.push_back(load);
+  if (!figures.routed_tokens.empty()) shared.push_back(at::tensor(figures.routed_tokens, at::kDouble));
   for (auto& [name, value] : figures.loss_terms) shared.push_back(at::tensor({value}, at::kDouble));
   // Dropped shares travel as share + 1 (0: dropless or another stage's layer) and come back as means.
   for (auto& dropped : figures.dropped) shared.push_back(at::tensor({plan.owns_moe_layer(model, &dropped - figures.dropped.data()) ? dropped + 1.0 : 0.0}, at::kDouble));
@@ -241,6 +261,10 @@ bool agree_step_figures(StepFigures& figures, bool stop, bool& save_due, const P
   figures.result.aux_loss = shared[0][2].item<double>() / n, stop = shared[0][3].item<double>() > 0;
   save_due = shared[0][4].item<double>() > 0;
   size_t index = 1 + figures.load.size();
+  if (!figures.routed_tokens.empty()) {
+    const at::Tensor routed = shared[index++];
+    for (size_t layer = 0; layer < figures.routed_tokens.size(); ++layer) figures.routed_tokens[layer] = routed[layer].item<double>();
+  }
   for (auto& [name, value] : figures.loss_terms) value = shared[index++].item<double>() / n;
   for (auto& dropped : figures.dropped) dropped = shared[index++].item<double>() / n - 1.0;
   return stop;

@@ -30,6 +30,9 @@ struct StepFigures {
   std::vector<at::Tensor> load;                  // per MoE layer, the step's tokens_per_expert [E]
   std::map<std::string, double> loss_terms;      // router loss terms, mean over the step's micro-batches
   std::vector<double> dropped;                   // per MoE layer, dropped share (-1: dropless)
+  std::vector<double> routed_tokens;             // per MoE layer, the tokens routed (load.sum() / this: active experts)
+  // Routing::statistics by name: the sum and count over layers and micro-batches (this rank's).
+  std::map<std::string, std::pair<double, int64_t>> statistics;
   std::map<std::string, double> grad_norms;      // gradient norm by parameter group, before clipping
   double seconds = 0;
   double peak_memory_mb = 0;                     // the step's own peak resident memory

@@ -12,6 +12,7 @@
 namespace pithtrain {
 
 Model::Model(Options options, PluginRegistry& registry, PluginContext context) : context_(std::move(context)) {
+  context_.shared = std::make_shared<SharedState>();  // this model's own: a context reused for another model shares nothing
   ModelDims& dims = context_.dims;
   dims.vocab_size = options.required_integer("vocab_size", Range::at_least(1));
   dims.hidden_size = options.required_integer("hidden_size", Range::at_least(1));
@@ -158,6 +159,8 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
     aux_loss = routing.aux_loss.to(at::kFloat);
     output.tokens_per_expert.push_back(routing.tokens_per_expert.detach());
     output.dropped_fraction.push_back(routing.dropped_fraction.defined() ? routing.dropped_fraction.detach() : at::Tensor());
+    output.routed_tokens.push_back(normed.size(0));
+    for (const auto& statistic : routing.statistics) output.router_statistics[statistic.name].push_back(statistic.tensor.detach());
   }
   if (layer.ffn_gate_proj.defined()) {
     at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);
@@ -188,6 +191,12 @@ int64_t Model::unit_of(const std::string& parameter_name) const {
 bool Model::needs_step_counts() const {
   for (const auto& layer : layers_)
     if (layer.router && layer.router->needs_step_counts()) return true;
+  return false;
+}
+
+bool Model::variable_experts_per_token() const {
+  for (const auto& layer : layers_)
+    if (layer.router && layer.router->variable_experts_per_token()) return true;
   return false;
 }
 

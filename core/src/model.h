@@ -29,6 +29,8 @@ struct ModelOutput {
   std::vector<at::Tensor> tokens_per_expert;  // per MoE layer, [E] int64
   std::map<std::string, at::Tensor> router_loss_terms;  // per term name, summed over layers, detached []
   std::vector<at::Tensor> dropped_fraction;  // per MoE layer, [] (undefined when that router is dropless)
+  std::vector<int64_t> routed_tokens;        // per MoE layer, the tokens it routed
+  std::map<std::string, std::vector<at::Tensor>> router_statistics;  // Routing::statistics by name, one [] per layer
 };
 
 struct DecoderLayer {
@@ -75,6 +77,8 @@ class Model {
   // Whether a router wants the step's expert counts (Router::needs_step_counts), and handing them over:
   // one [E] tensor per MoE layer, or an empty vector to clear them.
   bool needs_step_counts() const;
+  // Whether a layer's router picks a varying number of experts per token (Router::variable_experts_per_token).
+  bool variable_experts_per_token() const;
   void set_step_counts(const std::vector<at::Tensor>& tokens_per_expert);
 
   // Training FLOPs per token (forward + backward) for MFU: 6 x the matmul parameters a token uses

@@ -92,9 +92,26 @@ std::vector<Parameter> ExpertWeights::parameters() const {
   return result;
 }
 
-at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids, Communicator* ranks) {
+at::Tensor used_slots(const at::Tensor& weights) { return weights.detach() != 0; }
+
+at::Tensor count_used_pairs(const at::Tensor& expert_ids, const at::Tensor& weights, int64_t experts) {
+  // Unused pairs are counted as a sentinel expert `experts`, then cut off: no host sync on CUDA.
+  const at::Tensor ids = expert_ids.masked_fill(~used_slots(weights), experts);
+  return kernels::count_per_expert(ids, experts + 1).narrow(0, 0, experts).contiguous();
+}
+
+namespace {
+// Ones where a pair is used, as the scores' dtype: [T, slots].
+at::Tensor used_as(const at::Tensor& weights, const at::Tensor& expert_ids, const at::Tensor& like) {
+  if (!weights.defined()) return at::ones(expert_ids.sizes(), like.options());
+  return used_slots(weights).to(like.scalar_type());
+}
+}  // namespace
+
+at::Tensor switch_balance_loss(const at::Tensor& probs, const at::Tensor& expert_ids, Communicator* ranks, const at::Tensor& weights) {
   const int64_t experts = probs.size(1);
-  at::Tensor counts = kernels::count_per_expert(expert_ids, experts).to(at::kDouble);  // [E]
+  at::Tensor counts = (weights.defined() ? count_used_pairs(expert_ids, weights, experts)
+                                         : kernels::count_per_expert(expert_ids, experts)).to(at::kDouble);  // [E]
   if (ranks != nullptr) {
     std::vector<at::Tensor> shared = {counts};
     ranks->all_reduce_sum(shared);
@@ -108,38 +125,44 @@ at::Tensor balance_loss_from_counts(const at::Tensor& probs, const at::Tensor& c
   return probs.size(1) * (fraction * probs.mean(0)).sum();
 }
 
-at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len, Communicator* context) {
-  const int64_t tokens = scores.size(0), experts = scores.size(1), k = expert_ids.size(1);
+at::Tensor sequence_balance_loss(const at::Tensor& scores, const at::Tensor& expert_ids, int64_t seq_len, Communicator* context,
+                                 const at::Tensor& weights) {
+  const int64_t tokens = scores.size(0), experts = scores.size(1);
   if (seq_len <= 0 || tokens % seq_len != 0) seq_len = tokens;
   const int64_t sequences = tokens / seq_len;
   at::Tensor normalized = (scores / scores.sum(-1, true).clamp_min(1e-20)).view({sequences, seq_len, experts});  // [N, S, E]
-  at::Tensor chosen = at::zeros({tokens, experts}, scores.options()).scatter(1, expert_ids, 1.0);                // [T, E]
+  const at::Tensor used = used_as(weights, expert_ids, scores.detach());                                          // [T, slots]
+  at::Tensor chosen = at::zeros({tokens, experts}, scores.options()).scatter_add(1, expert_ids, used);            // [T, E]
   at::Tensor counts = chosen.view({sequences, seq_len, experts}).sum(1);                                          // [N, E]
-  int64_t sequence_tokens = seq_len;
-  if (context != nullptr) {  // this rank holds seq_len of the sequence's context->size() * seq_len tokens
+  if (context != nullptr) {  // this rank holds seq_len of each sequence's context->size() * seq_len tokens
     std::vector<at::Tensor> shared = {counts.detach().clone()};
     context->all_reduce_sum(shared);
     counts = shared[0];
-    sequence_tokens *= context->size();
   }
-  at::Tensor fraction = counts / static_cast<double>(sequence_tokens * k);                                         // [N, E]
+  // f_e: the share of the sequence's used pairs (seq_len * k of them for a top-k router).
+  at::Tensor fraction = counts / counts.sum(-1, true).clamp_min(1);                                               // [N, E]
   return (experts * (fraction * normalized.mean(1)).sum(-1)).mean();
 }
 
 void apply_expert_capacity(Routing& routing, double capacity_factor, int64_t num_experts) {
   if (capacity_factor <= 0) return;
   const int64_t pairs = routing.expert_ids.numel();
-  const int64_t capacity = static_cast<int64_t>(std::ceil(capacity_factor * pairs / static_cast<double>(num_experts)));
-  at::Tensor ids = routing.expert_ids.reshape(-1);                                               // [T * k]
+  const at::Tensor used = used_slots(routing.weights).reshape(-1);                             // [T * slots]
+  // Unused pairs sort as a sentinel expert after every real one, so they never take a place.
+  at::Tensor ids = routing.expert_ids.reshape(-1).masked_fill(~used, num_experts);             // [T * slots]
+  const at::Tensor used_pairs = used.sum().to(at::kDouble);
+  const at::Tensor capacity = at::ceil(capacity_factor * used_pairs / static_cast<double>(num_experts));  // [] on the device
   // Pairs grouped by expert, heaviest first within each: sort by weight, then stably by expert.
   at::Tensor by_weight = std::get<1>(at::sort(routing.weights.detach().reshape(-1), /*stable=*/true, 0, /*descending=*/true));
   at::Tensor order = by_weight.index_select(0, std::get<1>(at::sort(ids.index_select(0, by_weight), /*stable=*/true, 0, false)));
-  at::Tensor counts = kernels::count_per_expert(ids, num_experts);                               // [E]
-  at::Tensor starts = counts.cumsum(0) - counts;                                                 // [E]
+  at::Tensor counts = kernels::count_per_expert(ids, num_experts + 1);                         // [E + 1]
+  at::Tensor starts = counts.cumsum(0) - counts;                                               // [E + 1]
   at::Tensor rank = at::arange(pairs, ids.options()) - starts.index_select(0, ids.index_select(0, order));  // within its expert
-  at::Tensor keep = at::zeros({pairs}, ids.options().dtype(at::kBool)).index_put_({order}, rank < capacity);
+  at::Tensor keep = at::zeros({pairs}, ids.options().dtype(at::kBool)).index_put_({order}, rank.to(at::kDouble) < capacity);
+  keep = keep & used;
   routing.weights = routing.weights * keep.view_as(routing.weights).to(routing.weights.scalar_type());
-  routing.dropped_fraction = 1.0 - keep.to(at::kFloat).mean();
+  routing.dropped_fraction = (1.0 - keep.sum().to(at::kDouble) / used_pairs.clamp_min(1)).to(at::kFloat);
+  routing.tokens_per_expert = count_used_pairs(routing.expert_ids, routing.weights, num_experts);
 }
 
 at::Tensor router_z_loss(const at::Tensor& logits) { return at::logsumexp(logits, -1).pow(2).mean(); }

@@ -35,8 +35,11 @@ at::Tensor count_per_expert(const at::Tensor& ids, int64_t experts);
 
 // slot_of [T, k] (int64) from expert_ids [T, k]: the position of token t's j-th choice when the T * k
 // choices are sorted by expert (stably, so token order within an expert); tokens_per_expert [E] gets
-// the counts. Not differentiable (indices).
-at::Tensor slots_by_expert(const at::Tensor& expert_ids, int64_t experts, at::Tensor& tokens_per_expert);
+// the counts. With `weights` [T, k], the unused choices (weight 0, pithtrain/router.h) sort after every
+// used one and are not counted, so the used rows are the first tokens_per_expert.sum(). Not
+// differentiable (indices).
+at::Tensor slots_by_expert(const at::Tensor& expert_ids, int64_t experts, at::Tensor& tokens_per_expert,
+                           const at::Tensor& weights = {});
 
 // Token permutation: x [T, H] -> [T * k, H] with row slot_of[t, j] = x[t].
 at::Tensor permute_rows(const at::Tensor& x, const at::Tensor& slot_of);
@@ -60,7 +63,8 @@ TopK route_topk_reference(const at::Tensor& logits, const at::Tensor& bias, int6
 
 // Grouped matrix multiply for the experts: x [N, H] holds counts[g] consecutive rows of group g
 // (counts: int64 [G] on any device); weights [G, F, H]; returns [N, F], rows of group g times
-// weights[g] transposed. CUDA bfloat16 with H and F multiples of 8 goes to grouped_mm_native, which
+// weights[g] transposed; rows after the last group (sum(counts) <= N: unused routing slots) are zero and
+// get no gradient. CUDA bfloat16 with H and F multiples of 8 goes to grouped_mm_native, which
 // reads no count on the host; everything else is one matrix multiply per group (cuBLAS on CUDA).
 at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& counts);
 at::Tensor grouped_mm_reference(const at::Tensor& x, const at::Tensor& weights, const std::vector<int64_t>& counts);

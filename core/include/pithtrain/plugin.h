@@ -2,8 +2,10 @@
 // context a factory receives. Fields are only ever appended; kPluginAbiVersion goes up when they change.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -23,7 +25,10 @@ namespace pithtrain {
 // 4: Communicator reduce_scatter_sum/start_send/receive; StepFunctions the unit chain and the stage;
 //    Schedule shard/gather_unit/release_unit/runs_pipeline_stages; PluginContext the pipeline and context
 //    groups; Attention::supports_context_parallel; the balance losses take the context group.
-inline constexpr uint32_t kPluginAbiVersion = 5;
+// 6: the routing contract for a varying number of experts per token (unused slots of weight 0; Routing
+//    gained statistics, Router variable_experts_per_token and straight_through, the balance losses the weights);
+//    PluginContext gained `shared`, the model-wide SharedState.
+inline constexpr uint32_t kPluginAbiVersion = 6;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.
 inline constexpr const char* kTorchVersion = TORCH_VERSION;
@@ -64,6 +69,34 @@ struct ModelDims {
 
 class Communicator;  // pithtrain/distributed.h
 
+// State that the per-layer instances of a component share model-wide: one object per key for the whole
+// model (one SharedState per Model, handed to every factory in PluginContext::shared). The first get()
+// of a key makes it (T default-constructed); every later get() of it returns the same object. Keys are
+// the plugin's own: prefix them with its name. Under pipeline parallelism a process holds only its
+// stage's layers, so the object is shared by those.
+// Example, one L1 coefficient for every layer's router (plugins/router/remoe):
+//   struct Controller { at::Tensor coefficient; int64_t layers = 0; };
+//   controller_ = context.shared->get<Controller>("remoe.controller");
+//   if (controller_->layers++ == 0) controller_->coefficient = at::full({1}, initial);
+class SharedState {
+ public:
+  template <typename T>
+  std::shared_ptr<T> get(const std::string& key) {
+    auto [entry, added] = entries_.try_emplace(key);
+    if (added) entry->second = {std::string(typeid(T).name()), std::make_shared<T>()};
+    else if (entry->second.type != typeid(T).name())
+      throw Error("shared state '" + key + "' was made with another type; two plugins use the same key (prefix it with the plugin's name)");
+    return std::static_pointer_cast<T>(entry->second.object);
+  }
+
+ private:
+  struct Entry {
+    std::string type;
+    std::shared_ptr<void> object;
+  };
+  std::map<std::string, Entry> entries_;
+};
+
 // What a factory gets besides its own TOML table: never the whole config.
 struct PluginContext {
   ModelDims dims;
@@ -84,6 +117,8 @@ struct PluginContext {
   // and a late one); null when parallel.context = 1. `communicator` then spans data x context ranks.
   // Attention runs ring_attention (pithtrain/nn.h) over it; routers reduce per-sequence statistics.
   std::shared_ptr<Communicator> context_group;
+  // Model-wide state the per-layer instances share (SharedState above); never null inside a model.
+  std::shared_ptr<SharedState> shared = std::make_shared<SharedState>();
 };
 
 class Router;

@@ -30,12 +30,14 @@ class ExpertParallelExperts final : public Experts {
   }
 
   at::Tensor forward(const at::Tensor& hidden, const Routing& routing) override {
-    const int64_t k = routing.expert_ids.size(1);
-    at::Tensor flat_ids = routing.expert_ids.reshape(-1);                                // [T * k]
-    at::Tensor order = std::get<1>(at::sort(flat_ids, /*stable=*/true, 0, false));        // [T * k]
-    at::Tensor source_token = at::floor_divide(order, k);                                  // [T * k]
-    at::Tensor permuted = hidden.index_select(0, source_token);                           // [T * k, H], by expert
-    at::Tensor permuted_weights = routing.weights.reshape(-1).index_select(0, order);     // [T * k]
+    const int64_t slots = routing.expert_ids.size(1);
+    // Only the used pairs travel (weight 0 is an unused slot, pithtrain/router.h): P of the T * slots.
+    const at::Tensor pairs = at::nonzero(used_slots(routing.weights).reshape(-1)).squeeze(1);  // [P]
+    at::Tensor flat_ids = routing.expert_ids.reshape(-1).index_select(0, pairs);         // [P]
+    at::Tensor order = std::get<1>(at::sort(flat_ids, /*stable=*/true, 0, false));        // [P]
+    at::Tensor source_token = at::floor_divide(pairs.index_select(0, order), slots);       // [P]
+    at::Tensor permuted = hidden.index_select(0, source_token);                           // [P, H], by expert
+    at::Tensor permuted_weights = routing.weights.reshape(-1).index_select(0, pairs.index_select(0, order));  // [P]
     at::Tensor counts = kernels::count_per_expert(flat_ids, dims_.num_experts).to(at::kCPU);  // [E]
 
     // received_counts[s * local + e]: rows rank s sends for this rank's local expert e.
@@ -73,7 +75,7 @@ class ExpertParallelExperts final : public Experts {
     at::Tensor inverse = at::empty_like(index).scatter_(0, index, at::arange(index.numel(), index_options));
     at::Tensor back = expert_output.index_select(0, inverse);  // [R, H], by source rank again
     // Combine: each row returns to the rank it came from, in the order it was sent.
-    at::Tensor returned = group_ ? group_->all_to_all(back, receive_rows, send_rows) : back;  // [T * k, H]
+    at::Tensor returned = group_ ? group_->all_to_all(back, receive_rows, send_rows) : back;  // [P, H]
     return at::zeros_like(hidden).index_add(0, source_token, returned * permuted_weights.unsqueeze(1));  // [T, H]
   }
 

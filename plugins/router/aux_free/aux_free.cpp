@@ -66,7 +66,7 @@ class AuxFreeRouter final : public Router {
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
-    routing.tokens_per_expert = kernels::count_per_expert(expert_ids, dims_.num_experts);  // [E]
+    routing.tokens_per_expert = count_used_pairs(expert_ids, routing.weights, dims_.num_experts);  // [E]
     // No balancing loss is needed; DeepSeek-V3 still adds a tiny sequence-wise one (alpha = 1e-4).
     routing.aux_loss = at::zeros({}, at::TensorOptions().dtype(compute_dtype).device(hidden.device()));
     if (seq_aux_loss_coeff_ > 0)

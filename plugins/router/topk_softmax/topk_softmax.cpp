@@ -60,7 +60,7 @@ class TopKSoftmaxRouter final : public Router {
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
-    routing.tokens_per_expert = kernels::count_per_expert(expert_ids, dims_.num_experts);  // [E]
+    routing.tokens_per_expert = count_used_pairs(expert_ids, routing.weights, dims_.num_experts);  // [E]
     // Each configured loss is one named term; aux_loss is their sum (router.h has the formulas).
     routing.aux_loss = at::zeros({}, probs.options());
     auto add = [&](const char* name, double coeff, const std::function<at::Tensor()>& term) {
