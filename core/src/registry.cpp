@@ -102,7 +102,11 @@ LoadedPlugin load_plugin_file(const fs::path& file) {
   if (descriptor == nullptr) throw Error(where + ": pithtrain_plugin() returned no descriptor");
   if (descriptor->abi_version != kPluginAbiVersion)
     throw Error(where + ": plugin ABI " + std::to_string(descriptor->abi_version) + ", this pithtrain supports " +
-                std::to_string(kPluginAbiVersion) + "; rebuild the plugin against this pithtrain's SDK");
+                std::to_string(kPluginAbiVersion) + "; rebuild the plugin against this pithtrain's SDK" +
+                (descriptor->abi_version < 6 && kPluginAbiVersion == 6
+                     ? " (ABI 6 changed the routing contract: Routing is [tokens, slots] and a slot of weight 0 is unused, "
+                       "and PluginContext gained `shared`; core/include/pithtrain/plugin.h lists every version's changes)"
+                     : ""));
   std::string torch_version = descriptor->torch_version ? descriptor->torch_version : "(none)";
   if (torch_version != kTorchVersion)
     throw Error(where + ": built against LibTorch " + torch_version + ", this pithtrain uses LibTorch " +
