@@ -8,7 +8,7 @@
 //   W = W (1 - lr wd) - lr s O,  s = 0.2 sqrt(max(out, in)) ("match_rms_adamw") or sqrt(max(1, out / in)).
 // NS5: X = U / max(||U||_F, eps), then 5 times X = a X + (b A + c A^2) X with A = X X^T and
 // (a, b, c) = (3.4445, -4.7750, 2.0315). Keller Jordan writes m = mu m + G; the average above is that
-// times (1 - mu) and NS5 divides by the norm first, so the two give the same O.
+// times (1 - mu) and NS5 divides by the norm first, so the two give the same O (but for the eps floor).
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -30,7 +30,8 @@ namespace {
 constexpr double kA = 3.4445, kB = -4.7750, kC = 2.0315;
 
 // A parameter's role decides which rule updates it. Norms, biases and other vectors are marked
-// weight_decay = false by the plugins that create them; the rest is told apart by the core's names.
+// weight_decay = false by the core and the plugins that create them; the rest is told apart by the
+// core's names.
 enum class Role { vector, embedding, lm_head, router_gate, expert_matrix, matrix };
 
 Role role_of(const Parameter& parameter) {
