@@ -45,9 +45,10 @@ if ! "$PITHTRAIN_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__versio
     exit 1
   fi
 fi
-# Python packages for the offline tokenizer.json step (scripts/tokenize_hf.py) and the parity tests
-# against transformers (tests/parity/); never used at training time.
-python_packages=("tokenizers==0.23.3" "transformers==5.24.0" "safetensors==0.8.0")
+# Python packages for the offline tokenizer.json step (scripts/tokenize_hf.py) and the tests (parity
+# against transformers in tests/parity/, TensorBoard's reader of the event files the trainer writes);
+# never used at training time.
+python_packages=("tokenizers==0.23.3" "transformers==5.24.0" "safetensors==0.8.0" "tensorboard==2.21.0")
 if ! "$PITHTRAIN_VENV/bin/python" -c "
 import sys, importlib.metadata as m
 wanted = dict(p.split('==') for p in sys.argv[1:])

@@ -41,7 +41,7 @@ Trains the MoE model described by the TOML config.
   --plugins LIST     comma-separated plugin files to load; a bare name is looked up on the plugin search
                      path (the build's plugin folder, $PITHTRAIN_PLUGIN_PATH, config plugins.paths)
   --set KEY=VALUE    override one config key, e.g. --set model.moe.router.plugin=aux_free (repeatable)
-  --out RUN_DIR      run directory: config.toml, metrics.jsonl, checkpoints/, model.safetensors (default
+  --out RUN_DIR      run directory: config.toml, metrics.jsonl, tensorboard/, checkpoints/, model.safetensors (default
                      runs/<run.name>); rerunning a command resumes from its newest checkpoint
   --move-aside       a new run into a RUN_DIR that holds another run first renames that run to RUN_DIR.old-N
                      (without it such a run is refused; nothing is ever deleted)
