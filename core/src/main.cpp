@@ -64,9 +64,10 @@ with PASS or FAIL. Exits 0 only if every check passes.
 
 const char* kDataHelp = R"(usage: pithtrain data build --out FILE [--format F] [--tokenizer T] [--tokenizer-model M] [--train-vocab N] INPUT...
 Converts text files (or folders of them) into a packed token file (docs/data.md), an end-of-document
-token after each document.
+token after each document. *.gz and *.zst files are decompressed as they are read (x.jsonl.zst is jsonl);
+Parquet goes through scripts/parquet_to_jsonl.py first. Progress (bytes/s, time left) goes to stderr.
   --out FILE              the token file to write (written to FILE.tmp, renamed when complete)
-  --format F              auto (default: jsonl for *.jsonl, else text), text (a file is a document),
+  --format F              auto (default: jsonl for *.jsonl[.gz|.zst], else text), text (a file is a document),
                           fortune (documents separated by lines holding only '%'), jsonl ("text" field per line)
   --tokenizer T           bytes (default, vocab 257) or sentencepiece
   --tokenizer-model M     sentencepiece: the .model file to use (or to write, with --train-vocab)
