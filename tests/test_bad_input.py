@@ -361,6 +361,8 @@ CASES = [
          r"'in\.jsonl\.zst': the zstd data ends early.*zstd -t in\.jsonl\.zst"),
     Case("data_parquet_needs_offline_step", ["data", "build", "--out", "o.tokens", "in.parquet"], {"in.parquet": b"PAR1\0\0PAR1"},
          r"'in\.parquet' is Parquet: convert it first with .*scripts/parquet_to_jsonl\.py"),
+    Case("eval_missing_run", ["eval", "--run", "nope"], {}, r"eval: run directory 'nope' does not exist"),
+    Case("eval_without_run", ["eval"], {}, r"eval: needs --run RUN_DIR"),
     Case("data_sentencepiece_model_missing",
          ["data", "build", "--tokenizer", "sentencepiece", "--tokenizer-model", "nope.model", "--out", "o.tokens", "in.txt"],
          {"in.txt": "hello\n"}, r"SentencePiece model 'nope\.model'"),
