@@ -259,6 +259,7 @@ and bits per byte (byte-level token files), in one process, with the run's own c
                      checkpoint)
   --json             one JSON object: loss, perplexity, bits_per_byte, windows, targets, bytes, ...
   --set KEY=VALUE    override a key of the run's config, e.g. --set train.device=cpu
+  --plugins LIST     plugin files the run was given with --plugins (out-of-tree plugins)
 )";
 
 int command_eval(const Arguments& args) {
