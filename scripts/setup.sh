@@ -10,7 +10,8 @@ say() { echo "[setup] $*" >&2; }
 
 # --- Debian packages -------------------------------------------------------
 apt_packages=(g++ cmake ninja-build ccache libboost-dev libtomlplusplus-dev libspdlog-dev libfmt-dev
-              libgtest-dev fortunes python3-venv gnuplot-nox libsentencepiece-dev sentencepiece libgloo-dev)
+              libgtest-dev fortunes python3-venv gnuplot-nox libsentencepiece-dev sentencepiece libgloo-dev
+              zlib1g-dev libzstd-dev)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -45,9 +46,10 @@ if ! "$PITHTRAIN_VENV/bin/python" -c "import torch, sys; sys.exit(torch.__versio
     exit 1
   fi
 fi
-# Python packages for the offline tokenizer.json step (scripts/tokenize_hf.py) and the parity tests
-# against transformers (tests/parity/); never used at training time.
-python_packages=("tokenizers==0.23.3" "transformers==5.24.0" "safetensors==0.8.0")
+# Python packages for the offline steps (tokenizer.json: scripts/tokenize_hf.py; Parquet:
+# scripts/parquet_to_jsonl.py) and the tests (parity against transformers in tests/parity/, TensorBoard's
+# reader of the event files the trainer writes); never used at training time.
+python_packages=("tokenizers==0.23.3" "transformers==5.24.0" "safetensors==0.8.0" "pyarrow==26.0.1" "tensorboard==2.21.0")
 if ! "$PITHTRAIN_VENV/bin/python" -c "
 import sys, importlib.metadata as m
 wanted = dict(p.split('==') for p in sys.argv[1:])

@@ -8,6 +8,7 @@ fix in another branch: it runs, and while PITHTRAIN_BAD_INPUT_STRICT is unset a 
 XFAIL (and a pass as XPASS) instead of failing the suite. Adding a case is one entry in CASES."""
 import argparse
 import concurrent.futures
+import gzip
 import hashlib
 import json
 import os
@@ -245,6 +246,11 @@ def train(changes=None, drop=(), args=(), files=None):
             "files": {"c.toml": cfg(changes, drop), "data.tokens": TOKENS, **(files or {})}}
 
 
+def crc_flipped(gzip_data):
+    """A gzip file whose CRC-32 trailer no longer matches its data: damage gzip always detects."""
+    return gzip_data[:-8] + bytes([gzip_data[-8] ^ 1]) + gzip_data[-7:]
+
+
 def broken(name):
     return Copy(lambda options, fixtures: Path(options.broken_plugins) / name)
 
@@ -348,6 +354,15 @@ CASES = [
          {"in.jsonl": '{"text": "one"}\n{"text": "two"\n', "o.tokens": TOKENS}, r"in\.jsonl:2: malformed JSON"),
     Case("data_jsonl_without_text", ["data", "build", "--out", "o.tokens", "in.jsonl"], {"in.jsonl": '{"body": "x"}\n'},
          r'in\.jsonl:1: a \.jsonl line needs a string field "text"'),
+    Case("data_gzip_damaged_keeps_output", ["data", "build", "--out", "o.tokens", "in.txt.gz"],
+         {"in.txt.gz": crc_flipped(gzip.compress(b"hello\n" * 100)),
+          "o.tokens": TOKENS}, r"'in\.txt\.gz': corrupt gzip data \(incorrect data check\).*gzip -t in\.txt\.gz"),
+    Case("data_zstd_truncated", ["data", "build", "--out", "o.tokens", "in.jsonl.zst"], {"in.jsonl.zst": b"\x28\xb5\x2f\xfd\x04"},
+         r"'in\.jsonl\.zst': the zstd data ends early.*zstd -t in\.jsonl\.zst"),
+    Case("data_parquet_needs_offline_step", ["data", "build", "--out", "o.tokens", "in.parquet"], {"in.parquet": b"PAR1\0\0PAR1"},
+         r"'in\.parquet' is Parquet: convert it first with .*scripts/parquet_to_jsonl\.py"),
+    Case("eval_missing_run", ["eval", "--run", "nope"], {}, r"eval: run directory 'nope' does not exist"),
+    Case("eval_without_run", ["eval"], {}, r"eval: needs --run RUN_DIR"),
     Case("data_sentencepiece_model_missing",
          ["data", "build", "--tokenizer", "sentencepiece", "--tokenizer-model", "nope.model", "--out", "o.tokens", "in.txt"],
          {"in.txt": "hello\n"}, r"SentencePiece model 'nope\.model'"),

@@ -141,6 +141,17 @@ TEST(Options, TextList) {
   EXPECT_THROW(options.table("plugins").text_list("bad", {}), Error);
 }
 
+TEST(Options, EmptyTextListAsTheResolvedConfigWritesIt) {
+  // The resolved config.toml writes `paths = []` and `freeze = []`; reading it back must work.
+  Options options = Options::from_string("[plugins]\npaths = [\"/x\"]\n", "test.toml");
+  EXPECT_EQ(options.table("plugins").text_list("paths", {}).size(), 1u);
+  EXPECT_EQ(options.table("train").text_list("freeze", {}).size(), 0u);
+  Options again = Options::from_string(options.resolved_toml(), "config.toml");
+  EXPECT_EQ(again.table("train").text_list("freeze", {"default"}), std::vector<std::string>{});
+  EXPECT_EQ(again.table("plugins").text_list("paths", {}), std::vector<std::string>{"/x"});
+  EXPECT_NO_THROW(again.check_unknown_keys());
+}
+
 TEST(Range, EachKindHoldsItsBoundsAndNothingPast) {
   const double below_zero = std::nextafter(0.0, -1.0), above_zero = std::nextafter(0.0, 1.0);
   const double below_one = std::nextafter(1.0, 0.0), above_one = std::nextafter(1.0, 2.0);

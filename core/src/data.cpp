@@ -1,4 +1,5 @@
-// Token files: text -> packed uint16 tokens, and validated memory-mapped reading.
+// Token files: text (plain or compressed, streamed) -> packed tokens written as they come, and
+// validated memory-mapped reading.
 #include "data.h"
 
 #include <fcntl.h>
@@ -13,33 +14,30 @@
 #include <functional>
 #include <random>
 #include <fstream>
+#include <memory>
 #include <sstream>
 
 #include <ATen/ATen.h>
+#include <zlib.h>
 
 #include "json.h"
 #include "pithtrain/error.h"
 #include "sentencepiece_tokenizer.h"
+#include "text_stream.h"
 
 namespace pithtrain {
 namespace fs = std::filesystem;
 
 namespace {
 
-// CRC-32 (IEEE 802.3, as zlib's crc32), so tools in other languages can write token files cheaply.
-uint64_t crc32(const uint8_t* bytes, size_t count) {
-  static const auto table = [] {
-    std::array<uint32_t, 256> entries{};
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t value = i;
-      for (int bit = 0; bit < 8; ++bit) value = (value & 1) ? 0xEDB88320u ^ (value >> 1) : value >> 1;
-      entries[i] = value;
-    }
-    return entries;
-  }();
-  uint32_t crc = 0xFFFFFFFFu;
-  for (size_t i = 0; i < count; ++i) crc = table[(crc ^ bytes[i]) & 0xFF] ^ (crc >> 8);
-  return crc ^ 0xFFFFFFFFu;
+// CRC-32 (IEEE 802.3) as zlib computes it, so tools in other languages can write token files cheaply.
+uint64_t crc32(const uint8_t* bytes, size_t count, uint64_t crc = 0) {
+  for (size_t done = 0; done < count;) {  // zlib takes 32-bit lengths
+    const size_t piece = std::min<size_t>(count - done, 1u << 30);
+    crc = ::crc32(static_cast<uLong>(crc), bytes + done, static_cast<uInt>(piece));
+    done += piece;
+  }
+  return crc;
 }
 
 std::vector<fs::path> list_inputs(const std::vector<std::string>& inputs) {
@@ -70,68 +68,103 @@ namespace {
 
 std::string format_of(const fs::path& file, const std::string& format) {
   if (format != "auto") return format;
-  return file.extension() == ".jsonl" ? "jsonl" : "text";
+  return without_compression(file).extension() == ".jsonl" ? "jsonl" : "text";
 }
 
-// Calls `emit` with every document of `file` in the given format.
-void for_each_document(const fs::path& file, const std::string& content, const std::string& format,
-                       const std::function<void(const std::string&)>& emit) {
-  if (format == "text") return emit(content);
-  std::istringstream lines(content);
-  std::string line, document;
-  size_t line_number = 0;
-  while (std::getline(lines, line)) {
-    ++line_number;
-    if (format == "jsonl") {
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      JsonValue record = parse_json(line, file.string() + ":" + std::to_string(line_number));
-      const JsonValue* text = record.find("text");
-      if (text == nullptr || text->type != JsonValue::Type::String)
-        throw Error(file.string() + ":" + std::to_string(line_number) + ": a .jsonl line needs a string field \"text\"");
-      emit(text->text);
-    } else if (line == "%") {
-      emit(document);
-      document.clear();
-    } else {
-      document += line + "\n";
-    }
+// A token file written as the tokens come, through a fixed buffer: OUTPUT.tmp, renamed over OUTPUT by
+// finish(), removed if the writer goes away before (a failed conversion never leaves a partial file).
+// rollback() takes back tokens, for a blank document or a file found not to be text part-way through.
+class TokenWriter {
+ public:
+  TokenWriter(const std::string& output, uint64_t vocab_size, uint32_t tokenizer_id) : target_(output) {
+    std::memcpy(header_.magic, "PTTOKENS", 8);
+    header_.format_version = 1;
+    header_.bytes_per_token = vocab_size <= 65536 ? 2 : 4;
+    header_.vocab_size = static_cast<uint32_t>(vocab_size);
+    header_.tokenizer = tokenizer_id;
+    if (target_.has_parent_path()) fs::create_directories(target_.parent_path());
+    temporary_ = target_.string() + ".tmp";
+    file_ = std::fopen(temporary_.c_str(), "w+b");
+    if (file_ == nullptr) throw Error("cannot write '" + temporary_.string() + "': check the folder exists and is writable");
+    buffer_.resize(4 << 20);
+    seek(0);
   }
-  if (format == "fortune") emit(document);
-}
+  ~TokenWriter() {
+    if (file_ != nullptr) std::fclose(file_), fs::remove(temporary_);
+  }
+  void put(uint32_t token) {
+    if (used_ + 4 > buffer_.size()) flush();
+    for (uint32_t byte = 0; byte < header_.bytes_per_token; ++byte) buffer_[used_++] = static_cast<unsigned char>(token >> (8 * byte));
+    ++count_;
+  }
+  uint64_t count() const { return count_; }
+  void rollback(uint64_t count) {
+    if (count >= flushed_) {
+      used_ = (count - flushed_) * header_.bytes_per_token;
+    } else {
+      // Rare (a blank document over the buffer, a binary file found late): the checksum of the kept
+      // tokens is read back from the file.
+      seek(0);
+      checksum_ = 0;
+      for (uint64_t left = count * header_.bytes_per_token; left > 0;) {
+        const size_t got = std::fread(buffer_.data(), 1, std::min<uint64_t>(left, buffer_.size()), file_);
+        if (got == 0) fail();
+        checksum_ = crc32(buffer_.data(), got, checksum_);
+        left -= got;
+      }
+      used_ = 0;
+      seek(count);
+      flushed_ = count;
+    }
+    count_ = count;
+  }
+  void finish(uint64_t documents) {
+    flush();
+    header_.num_tokens = count_;
+    header_.num_documents = documents;
+    header_.checksum = checksum_;
+    const uint64_t size = sizeof(TokenFileHeader) + count_ * header_.bytes_per_token;
+    // A rollback to before the end may have left bytes past the kept tokens.
+    if (std::fflush(file_) != 0 || ::ftruncate(::fileno(file_), static_cast<off_t>(size)) != 0) fail();
+    if (std::fseek(file_, 0, SEEK_SET) != 0 || std::fwrite(&header_, sizeof(header_), 1, file_) != 1 || std::fclose(file_) != 0) {
+      file_ = nullptr;
+      fs::remove(temporary_);
+      fail();
+    }
+    file_ = nullptr;
+    fs::rename(temporary_, target_);
+  }
+
+ private:
+  [[noreturn]] void fail() const { throw Error("writing '" + temporary_.string() + "' failed (disk full?)"); }
+  void seek(uint64_t token) {
+    if (std::fseek(file_, static_cast<long>(sizeof(TokenFileHeader) + token * header_.bytes_per_token), SEEK_SET) != 0) fail();
+  }
+  void flush() {
+    if (used_ > 0 && std::fwrite(buffer_.data(), 1, used_, file_) != used_) fail();
+    checksum_ = crc32(buffer_.data(), used_, checksum_);  // of every token in the file, as it grows
+    flushed_ += used_ / header_.bytes_per_token;
+    used_ = 0;
+  }
+
+  fs::path target_, temporary_;
+  TokenFileHeader header_{};
+  std::FILE* file_ = nullptr;
+  std::vector<unsigned char> buffer_;
+  size_t used_ = 0;
+  uint64_t count_ = 0, flushed_ = 0;  // tokens put (minus those taken back), tokens in the file
+  uint64_t checksum_ = 0;             // CRC-32 of the flushed tokens
+};
+
+bool blank(const std::string& text) { return text.find_first_not_of(" \t\r\n") == std::string::npos; }
 
 }  // namespace
 
 void write_token_file(const std::string& output, const std::vector<uint32_t>& tokens, uint64_t vocab_size,
                       uint32_t tokenizer_id, uint64_t documents) {
-  TokenFileHeader header{};
-  std::memcpy(header.magic, "PTTOKENS", 8);
-  header.format_version = 1;
-  header.bytes_per_token = vocab_size <= 65536 ? 2 : 4;
-  header.vocab_size = static_cast<uint32_t>(vocab_size);
-  header.tokenizer = tokenizer_id;
-  header.num_tokens = tokens.size();
-  header.num_documents = documents;
-  std::vector<unsigned char> bytes(tokens.size() * header.bytes_per_token);
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (header.bytes_per_token == 2) {
-      uint16_t value = static_cast<uint16_t>(tokens[i]);
-      std::memcpy(bytes.data() + i * 2, &value, 2);
-    } else {
-      std::memcpy(bytes.data() + i * 4, &tokens[i], 4);
-    }
-  }
-  header.checksum = crc32(bytes.data(), bytes.size());
-  fs::path target(output);
-  if (target.has_parent_path()) fs::create_directories(target.parent_path());
-  fs::path temporary = target.string() + ".tmp";
-  {
-    std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error("cannot write '" + temporary.string() + "': check the folder exists and is writable");
-    out.write(reinterpret_cast<const char*>(&header), sizeof(header));
-    out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    if (!out) throw Error("writing '" + temporary.string() + "' failed (disk full?)");
-  }
-  fs::rename(temporary, target);
+  TokenWriter writer(output, vocab_size, tokenizer_id);
+  for (const uint32_t token : tokens) writer.put(token);
+  writer.finish(documents);
 }
 
 ConvertStats convert_text(const std::vector<std::string>& inputs, const std::string& format,
@@ -142,36 +175,32 @@ ConvertStats convert_text(const std::vector<std::string>& inputs, const std::str
     throw Error("tokenizer '" + tokenizer.kind + "' is unknown; use bytes or sentencepiece (Hugging Face "
                 "tokenizer.json files go through scripts/tokenize_hf.py, docs/data.md)");
   const auto files = list_inputs(inputs);
+  uint64_t total_bytes = 0;
+  for (const auto& file : files) {
+    compression_of(file);  // a Parquet (or .xz, ...) file is refused before any work, with the step it needs
+    total_bytes += fs::file_size(file);
+  }
   ConvertStats stats;
-  // Reads every document once, in order; the SentencePiece trainer needs a first pass over them.
-  auto read_documents = [&](const std::function<void(const std::string&)>& emit) {
-    uint64_t bytes_read = 0, next_report = 64ull << 20;
+  // Streams every file once, in order: `start_file` before each, `drop_file` when it proves not to be
+  // text (a NUL byte), taking back what the sink got from it. The SentencePiece trainer needs a first pass.
+  auto read_files = [&](const std::string& label, const DocumentSink& sink, const std::function<void()>& start_file,
+                        const std::function<void()>& drop_file) {
+    ByteProgress meter(total_bytes, label, progress);
+    uint64_t done = 0;
     for (const auto& file : files) {
-      std::ifstream stream(file, std::ios::binary);
-      std::stringstream buffer;
-      buffer << stream.rdbuf();
-      std::string content = buffer.str();
-      if (content.find('\0') != std::string::npos) continue;  // not text
-      for_each_document(file, content, format_of(file, format), [&](const std::string& document) {
-        if (document.find_first_not_of(" \t\r\n") != std::string::npos) emit(document);
-      });
-      bytes_read += content.size();
-      if (progress && bytes_read >= next_report) {
-        std::fprintf(stderr, "[data] %.0f MiB read, %s\n", bytes_read / 1048576.0, file.c_str());
-        next_report += 64ull << 20;
-      }
+      start_file();
+      const bool text = stream_documents(file, format_of(file, format), sink,
+                                         [&](const InputFile& input) { meter.update(done + input.disk_bytes_read(), file); });
+      if (!text) drop_file();
+      done += fs::file_size(file);
     }
+    meter.finish(done);
   };
 
-  std::vector<uint32_t> tokens;
   uint32_t tokenizer_id = 1;
+  std::unique_ptr<SentencePieceEncoder> encoder;
   if (tokenizer.kind == "bytes") {
     stats.vocab_size = kByteVocabSize;
-    read_documents([&](const std::string& document) {
-      for (unsigned char byte : document) tokens.push_back(byte);
-      tokens.push_back(kEndOfDocument);
-      ++stats.documents;
-    });
   } else {
     tokenizer_id = 2;
     stats.tokenizer_model = tokenizer.model.empty() ? output + ".model" : tokenizer.model;
@@ -179,12 +208,22 @@ ConvertStats convert_text(const std::vector<std::string>& inputs, const std::str
       // One document per line: SentencePiece trains on lines, and treats newlines as whitespace anyway.
       const std::string corpus = output + ".corpus.tmp";
       {
-        std::ofstream out(corpus);
-        read_documents([&](const std::string& document) {
-          std::string line = document;
-          std::replace(line.begin(), line.end(), '\n', ' ');
-          out << line << "\n";
-        });
+        std::ofstream out(corpus, std::ios::binary | std::ios::trunc);
+        std::string document;
+        std::streamoff file_start = 0;
+        read_files("tokenizer training pass: ", {[&](const char* bytes, size_t count) { document.append(bytes, count); },
+                                                 [&] {
+                                                   if (!blank(document)) {
+                                                     std::replace(document.begin(), document.end(), '\n', ' ');
+                                                     out << document << "\n";
+                                                   }
+                                                   document.clear();
+                                                 }},
+                   [&] { file_start = out.tellp(), document.clear(); }, [&] { out.seekp(file_start); });
+        const std::streamoff end = out.tellp();
+        out.close();
+        if (!out) throw Error("writing '" + corpus + "' failed (disk full?)");
+        fs::resize_file(corpus, static_cast<uintmax_t>(end));  // a dropped last file may have left bytes beyond
       }
       std::string prefix = stats.tokenizer_model.substr(0, stats.tokenizer_model.size() -
                                                             (stats.tokenizer_model.size() > 6 &&
@@ -194,17 +233,49 @@ ConvertStats convert_text(const std::vector<std::string>& inputs, const std::str
       train_sentencepiece(corpus, prefix, tokenizer.train_vocab);
       fs::remove(corpus);
     }
-    SentencePieceEncoder encoder(stats.tokenizer_model);
-    stats.vocab_size = encoder.vocab_size();
-    read_documents([&](const std::string& document) {
-      encoder.encode(document, tokens);
-      tokens.push_back(encoder.end_of_document());
-      ++stats.documents;
-    });
+    encoder = std::make_unique<SentencePieceEncoder>(stats.tokenizer_model);
+    stats.vocab_size = encoder->vocab_size();
   }
+
+  TokenWriter writer(output, stats.vocab_size, tokenizer_id);
+  uint64_t document_start = 0, file_start = 0, file_documents = 0;
+  bool has_text = false;     // bytes: the current document holds more than whitespace
+  std::string document;      // SentencePiece encodes whole documents: one is held at a time
+  std::vector<uint32_t> ids;
+  DocumentSink sink;
+  if (!encoder) {
+    // Bytes stream straight to the file; a blank document is taken back at its end.
+    sink.append = [&](const char* bytes, size_t count) {
+      for (size_t i = 0; i < count; ++i) {
+        const auto byte = static_cast<unsigned char>(bytes[i]);
+        has_text = has_text || (byte != ' ' && byte != '\t' && byte != '\r' && byte != '\n');
+        writer.put(byte);
+      }
+    };
+    sink.end = [&] {
+      if (has_text) writer.put(kEndOfDocument), ++stats.documents;
+      else writer.rollback(document_start);
+      document_start = writer.count(), has_text = false;
+    };
+  } else {
+    sink.append = [&](const char* bytes, size_t count) { document.append(bytes, count); };
+    sink.end = [&] {
+      if (!blank(document)) {
+        ids.clear();
+        encoder->encode(document, ids);
+        for (const uint32_t id : ids) writer.put(id);
+        writer.put(encoder->end_of_document());
+        ++stats.documents;
+      }
+      document.clear();
+    };
+  }
+  read_files(encoder && tokenizer.train_vocab > 0 ? "encoding pass: " : "", sink,
+             [&] { file_start = document_start = writer.count(), file_documents = stats.documents, has_text = false, document.clear(); },
+             [&] { writer.rollback(file_start), stats.documents = file_documents; });
   stats.files = files.size();
-  stats.tokens = tokens.size();
-  write_token_file(output, tokens, stats.vocab_size, tokenizer_id, stats.documents);
+  stats.tokens = writer.count();
+  writer.finish(stats.documents);
   return stats;
 }
 

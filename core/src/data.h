@@ -46,8 +46,10 @@ struct TokenizerSpec {
 // Converts text files (or folders of them) to one token file, an end-of-document token after each
 // document. format "text": a file is a document; "fortune": documents are separated by lines holding
 // only '%'; "jsonl": one JSON object per line, its "text" field a document; "auto": jsonl for *.jsonl
-// files, text otherwise. Writes to a temporary file and renames it over `output` only when complete,
-// so a failure never leaves a partial file. `progress` prints a line every 64 MiB of input.
+// files, text otherwise. *.gz and *.zst files are decompressed as they are read (a.jsonl.zst is jsonl).
+// Streams: files in chunks, tokens to the file as they come (SentencePiece holds one document at a
+// time). Writes to a temporary file and renames it over `output` only when complete, so a failure never
+// leaves a partial file. `progress` prints a line every 2 s: bytes read, rate, time left.
 ConvertStats convert_text(const std::vector<std::string>& inputs, const std::string& format,
                           const std::string& output, const TokenizerSpec& tokenizer = {}, bool progress = false);
 

@@ -1,7 +1,8 @@
-// The `pithtrain` command line: train (default), plugins, plugin check, data, plot, explain, convert.
+// The `pithtrain` command line: train (default), plugins, plugin check, data, eval, plot, explain, convert.
 #include <unistd.h>
 
 #include <cctype>
+#include <cmath>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include "convert.h"
 #include "data.h"
 #include "distributed.h"
+#include "eval_run.h"
 #include "explain.h"
 #include "json.h"
 #include "plot.h"
@@ -30,6 +32,7 @@ const char* kTrainHelp = R"(usage: pithtrain [--config FILE] [--plugins A.so,B.s
        pithtrain plugins [--json] [--plugins A.so,...]
        pithtrain plugin check FILE.so
        pithtrain data build --out FILE [--format auto|text|fortune|jsonl] [--tokenizer ...] INPUT...
+       pithtrain eval --run RUN_DIR [--data FILE] [--split validation|all] [--weights FILE] [--json]
        pithtrain plot RUN_DIR
        pithtrain explain [--config FILE] [--set ...]
        pithtrain convert import HF_DIR --out DIR | convert export --config F --weights W --out HF_DIR
@@ -41,7 +44,7 @@ Trains the MoE model described by the TOML config.
   --plugins LIST     comma-separated plugin files to load; a bare name is looked up on the plugin search
                      path (the build's plugin folder, $PITHTRAIN_PLUGIN_PATH, config plugins.paths)
   --set KEY=VALUE    override one config key, e.g. --set model.moe.router.plugin=aux_free (repeatable)
-  --out RUN_DIR      run directory: config.toml, metrics.jsonl, checkpoints/, model.safetensors (default
+  --out RUN_DIR      run directory: config.toml, metrics.jsonl, tensorboard/, checkpoints/, model.safetensors (default
                      runs/<run.name>); rerunning a command resumes from its newest checkpoint
   --move-aside       a new run into a RUN_DIR that holds another run first renames that run to RUN_DIR.old-N
                      (without it such a run is refused; nothing is ever deleted)
@@ -64,9 +67,10 @@ with PASS or FAIL. Exits 0 only if every check passes.
 
 const char* kDataHelp = R"(usage: pithtrain data build --out FILE [--format F] [--tokenizer T] [--tokenizer-model M] [--train-vocab N] INPUT...
 Converts text files (or folders of them) into a packed token file (docs/data.md), an end-of-document
-token after each document.
+token after each document. *.gz and *.zst files are decompressed as they are read (x.jsonl.zst is jsonl);
+Parquet goes through scripts/parquet_to_jsonl.py first. Progress (bytes/s, time left) goes to stderr.
   --out FILE              the token file to write (written to FILE.tmp, renamed when complete)
-  --format F              auto (default: jsonl for *.jsonl, else text), text (a file is a document),
+  --format F              auto (default: jsonl for *.jsonl[.gz|.zst], else text), text (a file is a document),
                           fortune (documents separated by lines holding only '%'), jsonl ("text" field per line)
   --tokenizer T           bytes (default, vocab 257) or sentencepiece
   --tokenizer-model M     sentencepiece: the .model file to use (or to write, with --train-vocab)
@@ -100,7 +104,8 @@ int64_t integer_argument(const std::string& flag, const std::string& value) {
 }
 
 struct Arguments {
-  std::string config, out, run, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
+  std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
+  std::string run, data, split;
   int64_t train_vocab = 0;
   std::vector<std::string> plugins, sets, positional;
   bool json = false, help = false, move_aside = false;
@@ -119,7 +124,6 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--move-aside") args.move_aside = true;
     else if (arg == "--config") args.config = value(arg);
     else if (arg == "--out") args.out = value(arg);
-    else if (arg == "--run") args.run = value(arg);
     else if (arg == "--format") args.format = value(arg);
     else if (arg == "--trace-routing") args.trace_routing = value(arg);
     else if (arg == "--tokenizer") args.tokenizer = value(arg);
@@ -128,6 +132,9 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--profile") args.profile = value(arg);
     else if (arg == "--init-from") args.init_from = value(arg);
     else if (arg == "--weights") args.weights = value(arg);
+    else if (arg == "--run") args.run = value(arg);
+    else if (arg == "--data") args.data = value(arg);
+    else if (arg == "--split") args.split = value(arg);
     else if (arg == "--set") args.sets.push_back(value(arg));
     else if (arg == "--plugins") for (auto& item : split_commas(value(arg))) args.plugins.push_back(item);
     else if (arg.rfind("--", 0) == 0) throw Error("unknown option '" + arg + "' (see --help)");
@@ -236,6 +243,46 @@ int command_data(const Arguments& args) {
             << stats.files << " files (" << args.tokenizer << ", vocab " << stats.vocab_size << ")";
   if (!stats.tokenizer_model.empty()) std::cout << "; tokenizer model " << stats.tokenizer_model;
   std::cout << "\n";
+  return 0;
+}
+
+const char* kEvalHelp = R"(usage: pithtrain eval --run RUN_DIR [--data FILE] [--split validation|all] [--weights FILE] [--json] [--set KEY=VALUE]...
+Scores a run's saved weights on a token file: mean cross-entropy per token (loss), perplexity (e^loss)
+and bits per byte (byte-level token files), in one process, with the run's own config.toml.
+  --run RUN_DIR      the training run (its --out folder): config.toml, model.safetensors or checkpoints/
+  --data FILE        a token file built with the run's tokenizer (default: the run's data.path)
+  --split S          validation: the held-out windows the run's validation loss uses (the default without
+                     --data; on the run's own data it prints the run's last validation loss); all: every
+                     window of train.seq_len + 1 tokens at a stride of seq_len over the whole file (the
+                     default with --data)
+  --weights FILE     a model.safetensors or checkpoint (default: RUN_DIR/model.safetensors, else the newest
+                     checkpoint)
+  --json             one JSON object: loss, perplexity, bits_per_byte, windows, targets, bytes, ...
+  --set KEY=VALUE    override a key of the run's config, e.g. --set train.device=cpu
+  --plugins LIST     plugin files the run was given with --plugins (out-of-tree plugins)
+)";
+
+int command_eval(const Arguments& args) {
+  if (args.help) return std::cout << kEvalHelp, 0;
+  if (!args.positional.empty()) throw Error("eval: unexpected argument '" + args.positional[0] + "' (see pithtrain eval --help)");
+  const EvalReport report = evaluate_run({args.run, args.data, args.weights, args.split, args.sets, args.plugins});
+  const std::string bits = std::isnan(report.bits_per_byte) ? "null" : fmt::format("{:.17g}", report.bits_per_byte);
+  if (args.json) {
+    std::cout << "{\"loss\":" << fmt::format("{:.17g}", report.loss) << ",\"perplexity\":" << fmt::format("{:.17g}", report.perplexity)
+              << ",\"bits_per_byte\":" << bits << ",\"windows\":" << report.windows << ",\"targets\":" << report.targets
+              << ",\"bytes\":" << report.bytes << ",\"seq_len\":" << report.seq_len << ",\"split\":" << json_quote(report.split)
+              << ",\"data\":" << json_quote(report.data) << ",\"weights\":" << json_quote(report.weights) << ",\"step\":" << report.step
+              << "}\n";
+    return 0;
+  }
+  std::cout << "weights " << report.weights << (report.step >= 0 ? " (step " + std::to_string(report.step) + ")" : "") << ", data "
+            << report.data << ", "
+            << (report.split == "validation" ? "the run's validation windows" : "every window of the file") << ": " << report.windows
+            << " windows of " << report.seq_len << " targets\n";
+  // The loss to 6 significant digits, as metrics.jsonl writes val_loss.
+  std::cout << fmt::format("loss {:.6g} | perplexity {:.4g} | bits per byte {}\n", report.loss, report.perplexity,
+                           std::isnan(report.bits_per_byte) ? std::string("n/a (not a byte-level token file)")
+                                                            : fmt::format("{:.4f}", report.bits_per_byte));
   return 0;
 }
 
@@ -392,13 +439,14 @@ int run_command(int argc, char** argv) {
     if (command == "plugins") return command_plugins(parse(argc, argv, 2));
     if (command == "plugin") return command_plugin_check(parse(argc, argv, 2));
     if (command == "data") return command_data(parse(argc, argv, 2));
+    if (command == "eval") return command_eval(parse(argc, argv, 2));
     if (command == "plot") return command_plot(parse(argc, argv, 2));
     if (command == "explain") return command_explain(parse(argc, argv, 2));
     if (command == "convert") return command_convert(parse(argc, argv, 2));
     if (command == "launch") return command_launch(argc, argv);
     if (!command.empty() && command[0] != '-')
       throw Error("unknown command '" + command +
-                  "'; commands: plugins, plugin check, data build, plot, explain, convert, launch (or none, to train)");
+                  "'; commands: plugins, plugin check, data build, eval, plot, explain, convert, launch (or none, to train)");
     return command_train(parse(argc, argv, 1));
   } catch (const c10::Error& error) {  // LibTorch's what() carries a C++ backtrace: the message alone
     return report_error(error.what_without_backtrace());

@@ -129,9 +129,17 @@ void StepFigures::record_routing(const ModelOutput& output, size_t first_layer, 
     for (const auto& value : values) statistics[name].first += value.item<double>(), statistics[name].second += 1;
 }
 
-MetricsLog::MetricsLog(const std::string& path, const TrainConfig& config, double flops_per_token, int64_t start_step, bool quiet)
-    : out_(path, start_step > 0 ? std::ios::app : std::ios::trunc), path_(path), config_(config), flops_per_token_(flops_per_token),
-      start_step_(start_step), quiet_(quiet) {}
+MetricsLog::MetricsLog(const std::string& path, const TrainConfig& config, double flops_per_token, int64_t start_step, bool quiet,
+                       const std::string& tensorboard_dir)
+    : path_(path), config_(config), flops_per_token_(flops_per_token), start_step_(start_step), quiet_(quiet) {
+  if (!tensorboard_dir.empty()) {
+    std::vector<std::string> kept;  // what a resume keeps of metrics.jsonl (truncate_metrics ran already)
+    std::ifstream in(start_step > 0 ? path : std::string());
+    for (std::string line; std::getline(in, line);) kept.push_back(line);
+    tensorboard_ = std::make_unique<TensorBoardWriter>(tensorboard_dir, kept);
+  }
+  out_.open(path, start_step > 0 ? std::ios::app : std::ios::trunc);
+}
 
 double MetricsLog::lifetime_peak_memory_mb() {
   lifetime_peak_ = std::max(lifetime_peak_, peak_resident_memory_mb());
@@ -179,36 +187,40 @@ void MetricsLog::write(int64_t step, const StepFigures& figures, double smoothed
                "a balancing loss or aux_free routing counters this", layer, step, stats.entropy, stats.imbalance);
   }
   router_json += "]";
-  out_ << std::setprecision(6) << "{\"step\":" << step << ",\"loss\":" << figures.result.loss
-          << ",\"cross_entropy\":" << figures.result.cross_entropy << ",\"smoothed_loss\":" << smoothed
-          << ",\"aux_loss\":" << figures.result.aux_loss << ",\"lr\":" << lr
-          << ",\"grad_norm\":" << figures.result.grad_norm << ",\"grad_norms\":{";
+  std::ostringstream record;  // the line, for metrics.jsonl and TensorBoard alike
+  record << std::setprecision(6) << "{\"step\":" << step << ",\"loss\":" << figures.result.loss
+         << ",\"cross_entropy\":" << figures.result.cross_entropy << ",\"smoothed_loss\":" << smoothed
+         << ",\"aux_loss\":" << figures.result.aux_loss << ",\"lr\":" << lr
+         << ",\"grad_norm\":" << figures.result.grad_norm << ",\"grad_norms\":{";
   for (auto it = figures.grad_norms.begin(); it != figures.grad_norms.end(); ++it)
-    out_ << (it == figures.grad_norms.begin() ? "" : ",") << json_quote(it->first) << ":" << it->second;
-  out_ << "},\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
-          << ",\"memory_mb\":" << resident_memory_mb() << ",\"peak_memory_mb\":"
-          << lifetime_peak_memory_mb();
-  if (figures.peak_memory_known) out_ << ",\"step_peak_memory_mb\":" << figures.peak_memory_mb;
-  out_ << ",\"state_mb\":" << state_mb;
+    record << (it == figures.grad_norms.begin() ? "" : ",") << json_quote(it->first) << ":" << it->second;
+  record << "},\"tokens_per_s\":" << tokens_per_second << ",\"mfu\":" << mfu
+         << ",\"memory_mb\":" << resident_memory_mb() << ",\"peak_memory_mb\":"
+         << lifetime_peak_memory_mb();
+  if (figures.peak_memory_known) record << ",\"step_peak_memory_mb\":" << figures.peak_memory_mb;
+  record << ",\"state_mb\":" << state_mb;
   if (c10::Device(config_.device).is_cuda())
-    out_ << ",\"device_memory_peak_mb\":" << device_memory_peak_mb(c10::Device(config_.device));
-  if (evaluated) out_ << ",\"val_loss\":" << validation_loss;
+    record << ",\"device_memory_peak_mb\":" << device_memory_peak_mb(c10::Device(config_.device));
+  if (evaluated) record << ",\"val_loss\":" << validation_loss;
   if (!figures.loss_terms.empty()) {
-    out_ << ",\"router_losses\":{";
+    record << ",\"router_losses\":{";
     bool first = true;
-    for (const auto& [name, value] : figures.loss_terms) out_ << (first ? "" : ",") << json_quote(name) << ":" << value, first = false;
-    out_ << "}";
+    for (const auto& [name, value] : figures.loss_terms) record << (first ? "" : ",") << json_quote(name) << ":" << value, first = false;
+    record << "}";
   }
   if (!figures.statistics.empty()) {
-    out_ << ",\"router_statistics\":{";
+    record << ",\"router_statistics\":{";
     bool first = true;
     for (const auto& [name, sum_count] : figures.statistics)
-      out_ << (first ? "" : ",") << json_quote(name) << ":" << sum_count.first / static_cast<double>(std::max<int64_t>(1, sum_count.second)), first = false;
-    out_ << "}";
+      record << (first ? "" : ",") << json_quote(name) << ":" << sum_count.first / static_cast<double>(std::max<int64_t>(1, sum_count.second)), first = false;
+    record << "}";
   }
-  out_ << ",\"router\":" << router_json << "}\n";
+  record << ",\"router\":" << router_json << "}";
+  const std::string line = record.str();
+  out_ << line << "\n";
   out_.flush();
   if (!out_) throw Error("writing '" + path_ + "' failed (disk full?); the run's checkpoints are unaffected");
+  if (tensorboard_) tensorboard_->write(step, line);
   if (!quiet_)
     log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}){} | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
              "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}{}{}{}",

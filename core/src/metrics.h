@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "distributed.h"
 #include "mesh.h"
 #include "model.h"
+#include "tensorboard.h"
 #include "train_config.h"
 
 namespace pithtrain {
@@ -51,8 +53,10 @@ bool agree_step_figures(StepFigures& figures, bool stop, bool& save_due, const P
 // metrics.jsonl and the progress line, with the warnings people otherwise notice only when the loss stalls.
 class MetricsLog {
  public:
-  // Appends to `path` when resuming (`start_step` > 0), else starts it anew.
-  MetricsLog(const std::string& path, const TrainConfig& config, double flops_per_token, int64_t start_step, bool quiet);
+  // Appends to `path` when resuming (`start_step` > 0), else starts it anew. A non-empty `tensorboard_dir`
+  // also writes each line's scalars there (tensorboard.h), rebuilt from the lines `path` keeps.
+  MetricsLog(const std::string& path, const TrainConfig& config, double flops_per_token, int64_t start_step, bool quiet,
+             const std::string& tensorboard_dir = "");
   // Every step: throughput window, the last step each expert got a token, the process's peak memory.
   void track(int64_t step, const StepFigures& figures, int64_t tokens);
   // A logged step: one metrics.jsonl line and the progress line, with validation_loss when `evaluated`.
@@ -63,6 +67,7 @@ class MetricsLog {
  private:
   std::ofstream out_;
   std::string path_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
   const TrainConfig& config_;
   double flops_per_token_;
   int64_t start_step_;

@@ -409,7 +409,8 @@ std::vector<std::string> Options::text_list(const std::string& key, const std::v
   std::vector<std::string> result = fallback;
   if (node != nullptr) {
     const toml::array* array = node->as_array();
-    if (array == nullptr || !array->is_homogeneous(toml::node_type::string))
+    // An empty array counts as one of strings (toml++ calls it not homogeneous): config.toml writes `freeze = []`.
+    if (array == nullptr || (!array->empty() && !array->is_homogeneous(toml::node_type::string)))
       throw Error(where(key) + ": '" + full_key + "' must be an array of strings, got " + type_name(*node));
     result.clear();
     for (const auto& element : *array) result.push_back(*element.value<std::string>());

@@ -1,4 +1,4 @@
-// Reads the run settings: every [train], [eval], [checkpoint], [data], [run] and [parallel] key, checked
+// Reads the run settings: every [train], [eval], [checkpoint], [metrics], [data], [run] and [parallel] key, checked
 // where it is read, before any file, dataset or process group is touched.
 #include "train_config.h"
 
@@ -94,6 +94,7 @@ TrainConfig read_train_config(Options& options, int64_t processes) {
   config.checkpoint_every_minutes = checkpoint.number("every_minutes", 15.0, Range::at_least(0));
   config.checkpoint_keep = checkpoint.integer("keep", 3, Range::at_least(1));
   config.resume = checkpoint.boolean("resume", true);
+  config.tensorboard = options.table("metrics").boolean("tensorboard", true);
   config.run_name = options.table("run").text("name", "tiny");
   Options data = options.table("data");
   config.data_path = data.required_text("path");

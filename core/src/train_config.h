@@ -1,4 +1,4 @@
-// The run's settings: the [train], [eval], [checkpoint], [data], [run] and [parallel] tables read and
+// The run's settings: the [train], [eval], [checkpoint], [metrics], [data], [run] and [parallel] tables read and
 // checked in one place, and the learning-rate schedule they describe.
 #pragma once
 #include <cstdint>
@@ -30,6 +30,7 @@ struct TrainConfig {
   int64_t checkpoint_every = 100, checkpoint_keep = 3;  // checkpoint.every: steps between saves (0: off)
   double checkpoint_every_minutes = 15;                 // checkpoint.every_minutes: wall-clock minutes between saves (0: off)
   bool resume = true;
+  bool tensorboard = true;                   // metrics.tensorboard: RUN_DIR/tensorboard/ event files
   bool deterministic = false;                // train.deterministic
   std::vector<std::string> freeze;           // train.freeze: parameter-name patterns kept fixed
   int64_t dead_expert_steps = 100;           // an expert with no tokens for this many steps is dead

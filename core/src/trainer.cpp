@@ -193,7 +193,9 @@ TrainSummary Trainer::run() {
     state_->init_from(settings_.init_from);
     if (!settings_.quiet) log.info("initialised the weights from {}", settings_.init_from);
   }
-  MetricsLog metrics(run_dir_ + "/metrics.jsonl", config_, flops_per_token_, start_step, settings_.quiet);
+  // TensorBoard files are rank 0's alone: every rank logs the same agreed figures.
+  MetricsLog metrics(run_dir_ + "/metrics.jsonl", config_, flops_per_token_, start_step, settings_.quiet,
+                     config_.tensorboard && writes_checkpoints ? run_dir_ + "/tensorboard" : "");
   std::unique_ptr<RoutingTrace> trace;
   if (!settings_.trace_routing.empty())
     trace = std::make_unique<RoutingTrace>(settings_.trace_routing, model_->num_moe_layers(), model_->dims().num_experts, start_step);

@@ -35,6 +35,14 @@ struct TrainSummary {
   std::vector<std::pair<int64_t, double>> losses;  // (step, cross-entropy) of every step this invocation ran
 };
 
+// What `pithtrain eval` scores (Trainer::evaluate_weights): the mean cross-entropy per target token, and
+// how many windows, targets and (byte-level token files only) text bytes among the targets.
+struct EvalFigures {
+  double loss = 0;
+  uint64_t windows = 0, targets = 0, bytes = 0;
+  bool bytes_known = false;  // the token file is byte-level: every target but the end-of-document is one byte
+};
+
 class Trainer {
  public:
   // Everything that can fail on bad input fails here, before any training: config keys, plugins, data.
@@ -42,9 +50,15 @@ class Trainer {
   TrainSummary run();
   Model& model() { return *model_; }
   const TrainConfig& config() const { return config_; }
+  // `pithtrain eval`: the weights of `weights` (a model.safetensors or a checkpoint) scored on the held-out
+  // windows evaluate() uses (`validation_split`), or on every window of seq_len + 1 tokens at a stride of
+  // seq_len over the whole token file.
+  EvalFigures evaluate_weights(const std::string& weights, bool validation_split);
 
  private:
   double evaluate();
+  // The held-out windows of evaluation batch `batch`, micro-batch `micro_batch`, that this data rank reads.
+  std::vector<uint64_t> validation_offsets(uint64_t batch, uint64_t micro_batch) const;
   // The plain forward with the schedule's gather_unit/release_unit around each unit (outside run_step).
   ModelOutput forward_gathered(const at::Tensor& tokens);
   // This step's micro-batch [batch_size, seq_len + 1]: this data rank's slice of the global batch.
