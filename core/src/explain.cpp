@@ -40,6 +40,10 @@ ModelReport explain_model(Options config, const std::vector<std::string>& plugin
     groups[group] += count;
   }
   for (const auto& entry : groups) report.groups.emplace_back(entry.first, entry.second);
+  for (const auto& entry : model.manifest())
+    if (!entry.layers.empty())
+      report.layer_types += (report.layer_types.empty() ? "" : "; ") + entry.config_key + " = " + entry.plugin->name() +
+                            ": layers " + entry.layers;
   report.active_parameters = report.total_parameters - report.routed_expert_parameters +
                              report.routed_expert_parameters * dims.top_k / std::max<int64_t>(1, dims.num_experts);
   report.training_flops_per_token = model.flops_per_token(seq_len);
@@ -77,6 +81,7 @@ std::string format_report(const ModelReport& report) {
       << billions(report.active_parameters) << " active per token ("
       << billions(report.active_parameters - report.embedding_parameters) << " without the embedding)\n";
   for (const auto& [group, count] : report.groups) out << "  " << group << ": " << billions(count) << "\n";
+  if (!report.layer_types.empty()) out << "attention by layer: " << report.layer_types << "\n";
   char line[160];
   std::snprintf(line, sizeof(line), "FLOPs per token: %.3g forward, %.3g training (forward + backward)\n",
                 report.forward_flops_per_token, report.training_flops_per_token);
