@@ -43,6 +43,9 @@ expect_error seq 'train.seq_len = 30 must be a multiple of 2 x parallel.context 
   --set parallel.context=2 --set train.seq_len=30 --set train.steps=1 --out "$work/bad1"
 expect_error mla "attention plugin 'mla' does not split sequences over ranks" launch --nproc 2 -- "${common[@]}" "${topk[@]}" \
   --set parallel.context=2 --set model.attention.plugin=mla --set train.steps=1 --out "$work/bad2"
+expect_error hybrid "attention plugin 'gated_deltanet' does not split sequences over ranks (model.linear_attention.plugin" \
+  launch --nproc 2 -- "${common[@]}" "${topk[@]}" --set parallel.context=2 --set model.full_attention_interval=3 \
+  --set model.linear_attention.plugin=gated_deltanet --set train.steps=1 --out "$work/bad_hybrid"
 expect_error divide 'parallel.context = 3 must divide' launch --nproc 2 -- "${common[@]}" "${topk[@]}" --set parallel.context=3 \
   --set train.steps=1 --out "$work/bad3"
 echo "context_parallel: all checks passed"

@@ -410,6 +410,9 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   Options config = Options::from_file(config_path);
   Options model = config.table("model");
   const Architecture& arch = architecture(model.required_text("hf_architecture"), config_path);
+  if (model.has("layer_types") || model.has("full_attention_interval"))
+    throw Error(config_path + ": per-layer attention (model.layer_types or model.full_attention_interval) has no "
+                "Hugging Face export yet");
   Options moe = model.table("moe"), attention = model.table("attention"), router = moe.table("router");
   const bool deepseek = arch.attention == "mla";
   Layout layout;

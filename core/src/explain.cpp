@@ -63,6 +63,10 @@ ModelReport explain_model(Options config, const std::vector<std::string>& plugin
   report.variable_experts = model.variable_experts_per_token();
   report.active_experts_measured = report.variable_experts && measured > 0;
   report.active_experts = report.active_experts_measured ? measured : static_cast<double>(dims.top_k);
+  for (const auto& entry : model.manifest())
+    if (!entry.layers.empty())
+      report.layer_types += (report.layer_types.empty() ? "" : "; ") + entry.config_key + " = " + entry.plugin->name() +
+                            ": layers " + entry.layers;
   report.active_parameters = report.total_parameters - report.routed_expert_parameters +
                              static_cast<int64_t>(static_cast<double>(report.routed_expert_parameters) * report.active_experts /
                                                   static_cast<double>(std::max<int64_t>(1, dims.num_experts)));
@@ -111,6 +115,7 @@ std::string format_report(const ModelReport& report) {
     out << line;
   }
   for (const auto& [group, count] : report.groups) out << "  " << group << ": " << billions(count) << "\n";
+  if (!report.layer_types.empty()) out << "attention by layer: " << report.layer_types << "\n";
   std::snprintf(line, sizeof(line), "FLOPs per token: %.3g forward, %.3g training (forward + backward)\n",
                 report.forward_flops_per_token, report.training_flops_per_token);
   out << line;

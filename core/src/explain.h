@@ -23,6 +23,9 @@ struct ModelReport {
   double memory_weights_gb = 0, memory_gradients_gb = 0, memory_optimizer_gb = 0, memory_activations_gb = 0;
   double memory_total_gb = 0;
   std::vector<std::pair<std::string, int64_t>> groups;  // parameter count per component
+  // With per-layer attention ([model] layer_types), which layers each attention table's plugin serves:
+  // "model.linear_attention.plugin = gated_deltanet: layers 0-2; model.attention.plugin = gqa: layers 3"; else empty.
+  std::string layer_types;
 };
 
 // Reads [model], [train] (batch_size, seq_len, dtype, micro_batches) and [optimizer].plugin.

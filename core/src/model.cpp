@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include "layer_types.h"
 #include "pithtrain/kernels.h"
 #include "pithtrain/nn.h"
 
@@ -42,11 +43,13 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
   dims.expert_hidden_size = moe.integer("expert_hidden_size", dims.hidden_size, Range::at_least(1));
   const int64_t shared_experts = shared_experts_ = moe.integer("shared_experts", 0, Range::at_least(0));
 
-  Options attention_options = options.table("attention");
   Options router_options = moe.table("router");
   Options experts_options = moe.table("experts");
-  const LoadedPlugin& attention_plugin = registry.get("attention", attention_options.text("plugin", "gqa"), attention_options.where("plugin"));
-  manifest_.push_back({"model.attention.plugin", &attention_plugin});
+  // Each layer's attention table and plugin: [model.attention] for all of them unless layer_types says otherwise.
+  LayerTypes attention_types = read_layer_types(options, registry, dims.num_layers);
+  for (const AttentionType& type : attention_types.types)
+    manifest_.push_back({"model." + type.table + ".plugin", type.plugin,
+                         attention_types.types.size() > 1 ? describe_layers(type.layers) : ""});
   const LoadedPlugin* router_plugin = nullptr;
   const LoadedPlugin* experts_plugin = nullptr;
   if (first_dense_layers < dims.num_layers) {
@@ -67,7 +70,10 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
     DecoderLayer layer;
     layer.attention_norm = ones(dims.hidden_size);
     layer.ffn_norm = ones(dims.hidden_size);
-    layer.attention = make_attention(attention_plugin, attention_options, layer_context);
+    AttentionType& attention_type = attention_types.types[attention_types.of_layer[index]];
+    layer.attention = make_attention(*attention_type.plugin, attention_type.options, layer_context);
+    layer.attention_table = attention_type.table;
+    full_attention_layers_ += attention_type.table == "attention";
     int64_t ffn_inner = 0;
     if (index < first_dense_layers) {
       ffn_inner = dense_hidden_size;
@@ -169,10 +175,12 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
   return {x + ffn_out.view({batch, seq, hidden}), aux_loss};
 }
 
-bool Model::attention_supports_context_parallel() const {
+std::pair<std::string, std::string> Model::attention_without_context_parallel() const {
   for (const auto& layer : layers_)
-    if (!layer.attention->supports_context_parallel()) return false;
-  return true;
+    if (!layer.attention->supports_context_parallel())
+      for (const auto& entry : manifest_)
+        if (entry.config_key == "model." + layer.attention_table + ".plugin") return {entry.plugin->name(), entry.config_key};
+  return {};
 }
 
 int64_t Model::moe_layer_of_unit(int64_t unit) const {
@@ -237,7 +245,7 @@ std::vector<Parameter> Model::parameters() const {
     const std::string prefix = "layers." + std::to_string(index) + ".";
     result.push_back({prefix + "attention_norm.weight", layer.attention_norm, false});
     for (auto& parameter : layer.attention->parameters())
-      result.push_back({prefix + "attention." + parameter.name, parameter.tensor, parameter.weight_decay});
+      result.push_back({prefix + layer.attention_table + "." + parameter.name, parameter.tensor, parameter.weight_decay});
     result.push_back({prefix + "ffn_norm.weight", layer.ffn_norm, false});
     if (layer.router) {
       for (auto& parameter : layer.router->parameters())
@@ -277,7 +285,7 @@ double Model::flops_per_token(int64_t seq_len) const {
     const double count = static_cast<double>(parameter.tensor.numel());
     parameters += parameter.name.find(".experts.") != std::string::npos ? count * d.top_k / d.num_experts : count;
   }
-  return 6.0 * parameters + 6.0 * d.num_layers * seq_len * d.num_heads * d.head_dim;
+  return 6.0 * parameters + 6.0 * full_attention_layers_ * seq_len * d.num_heads * d.head_dim;
 }
 
 std::vector<std::vector<NamedTensor>> Model::router_buffers() const {

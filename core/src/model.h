@@ -5,6 +5,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "pithtrain/attention.h"
@@ -19,6 +20,7 @@ namespace pithtrain {
 struct ManifestEntry {
   std::string config_key;  // "model.moe.router.plugin"
   const LoadedPlugin* plugin;
+  std::string layers = {};  // the layers it serves when not all of them ("0-2, 4-6": per-layer attention)
 };
 
 struct ModelOutput {
@@ -37,6 +39,7 @@ struct DecoderLayer {
   at::Tensor attention_norm;  // [H]
   at::Tensor ffn_norm;        // [H]
   std::unique_ptr<Attention> attention;
+  std::string attention_table = "attention";  // its table under [model], which also prefixes its parameters (layer_types)
   std::unique_ptr<Router> router;    // null on dense layers
   std::unique_ptr<Experts> experts;  // null on dense layers
   // The dense FFN on dense layers; the shared experts (fused into one SwiGLU) on MoE layers; else undefined.
@@ -65,7 +68,9 @@ class Model {
   // [tokens, vocab] logits and their gradient (output.logits then stays undefined).
   void set_loss_chunk_tokens(int64_t tokens) { loss_chunk_tokens_ = tokens; }
   at::Tensor token_positions(int64_t seq) const;
-  bool attention_supports_context_parallel() const;
+  // The first attention table whose plugin cannot split sequences over ranks, as {plugin name, config key};
+  // empty names when every layer's can (Attention::supports_context_parallel).
+  std::pair<std::string, std::string> attention_without_context_parallel() const;
   // The unit a parameter (by its name in parameters()) belongs to.
   int64_t unit_of(const std::string& parameter_name) const;
   // The MoE layer index (among MoE layers) of a decoder-layer unit; -1 for other units and dense layers.
@@ -82,7 +87,8 @@ class Model {
   void set_step_counts(const std::vector<at::Tensor>& tokens_per_expert);
 
   // Training FLOPs per token (forward + backward) for MFU: 6 x the matmul parameters a token uses
-  // (top_k of the routed experts) + 6 x layers x seq x heads x head_dim for causal attention.
+  // (top_k of the routed experts) + 6 x layers x seq x heads x head_dim for causal attention, counted on the
+  // layers of [model.attention] (a linear-attention type's recurrence is left out).
   double flops_per_token(int64_t seq_len) const;
   // Each MoE layer's router buffers (e.g. the aux_free bias), for diagnostics.
   std::vector<std::vector<NamedTensor>> router_buffers() const;
@@ -100,6 +106,7 @@ class Model {
   int64_t loss_chunk_tokens_ = 0;  // the first training forward checks each router's loss terms
   double norm_eps_ = 1e-5;
   int64_t first_dense_layers_ = 0, dense_hidden_size_ = 0, shared_experts_ = 0;
+  int64_t full_attention_layers_ = 0;  // layers of [model.attention], the ones with causal attention scores
   at::Tensor embedding_;   // [V, H]
   std::vector<DecoderLayer> layers_;
   at::Tensor final_norm_;  // [H]

@@ -83,6 +83,13 @@ std::vector<Parameter> apply_freeze(MasterWeights& weights, const std::vector<st
 std::string parameter_group(const std::string& name) {
   for (const char* group : {"router", "shared_experts", "experts", "attention", "mlp"})
     if (name.find(std::string(".") + group + ".") != std::string::npos) return group;
+  // Any other component of a layer (layers.N.<component>.x) but its norms: a layer type's attention
+  // table (layers.N.linear_attention.x, model.layer_types) is a group of its own.
+  if (name.rfind("layers.", 0) == 0) {
+    const size_t start = name.find('.', 7) + 1, end = name.find('.', start);
+    const std::string component = name.substr(start, end == std::string::npos ? std::string::npos : end - start);
+    if (end != std::string::npos && !component.ends_with("_norm")) return component;
+  }
   if (name.find("norm") != std::string::npos) return "norms";
   return name.substr(0, name.find('.'));  // embedding, lm_head
 }

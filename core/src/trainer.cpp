@@ -155,8 +155,8 @@ TrainSummary Trainer::run() {
     log.info("config: {}", options_.source());
     log.info("components:");
     for (const auto& entry : manifest_)
-      log.info("  {:<26} = {:<13} v{:<6} {}", entry.config_key, entry.plugin->name(), entry.plugin->descriptor->version,
-               entry.plugin->file.string());
+      log.info("  {:<29} = {:<14} v{:<6} {}{}", entry.config_key, entry.plugin->name(), entry.plugin->descriptor->version,
+               entry.plugin->file.string(), entry.layers.empty() ? "" : " (layers " + entry.layers + ")");
     log.info("resolved config (saved to {}/config.toml):\n{}", run_dir_, resolved);
     int64_t count = 0;
     for (const auto& [group, counts] : parameter_groups_) count += counts.second;

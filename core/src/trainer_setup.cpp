@@ -70,11 +70,11 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
   model_->set_loss_chunk_tokens(config_.loss_chunk_tokens);
   if (groups_.context) {
     model_->set_context_split(groups_.context->rank(), groups_.context->size());
-    if (!model_->attention_supports_context_parallel())
+    const auto [plugin, key] = model_->attention_without_context_parallel();
+    if (!plugin.empty())
       throw Error(parallel.where("context") + ": parallel.context = " + std::to_string(config_.context_parallel) +
-                  " but attention plugin '" + options_.table("model").table("attention").text("plugin", "gqa") +
-                  "' does not split sequences over ranks (Attention::supports_context_parallel); use \"gqa\" or "
-                  "parallel.context = 1");
+                  " but attention plugin '" + plugin + "' does not split sequences over ranks (" + key +
+                  ", Attention::supports_context_parallel); use \"gqa\" or parallel.context = 1");
   }
   manifest_ = model_->manifest();
   // bf16 compute keeps float32 master weights: the optimizer updates them, the model gets bf16 copies.

@@ -1,6 +1,6 @@
 // GroupedQueryAttention: causal multi-head / grouped-query attention with rotary position embeddings and
 // the options today's MoE models add: QK RMSNorm (Qwen3, OLMoE), projection biases, learned attention
-// sinks and sliding-window layers (GPT-OSS), YaRN-scaled RoPE.
+// sinks and sliding-window layers (GPT-OSS), YaRN-scaled RoPE, an output gate and partial rotary (Qwen3-Next).
 #include <limits>
 
 #include <ATen/ATen.h>
@@ -30,6 +30,13 @@ class GroupedQueryAttention final : public Attention {
     const int64_t layer = std::max<int64_t>(context.layer_index, 0);
     if (window_layers == "all" || (window_layers == "even") == (layer % 2 == 0)) window_ = window;
     rope_ = read_rope(options, dims_);
+    // Qwen3-Next's full attention: q_proj also yields a per-head gate, sigmoid(gate) scales the attention output.
+    output_gate_ = options.boolean("output_gate", false);
+    // Rotary embedding on the first head_dim x factor dimensions only, rounded down as transformers does.
+    const double rotary_fraction = options.number("partial_rotary_factor", 1.0, Range::left_open(0, 1));
+    rotary_dim_ = static_cast<int64_t>(static_cast<double>(head_dim) * rotary_fraction);
+    options.require("partial_rotary_factor", rotary_dim_ >= 2 && rotary_dim_ % 2 == 0,
+                    "a fraction of head_dim (" + std::to_string(head_dim) + ") that rounds down to an even number of dimensions");
     context_group_ = context.context_group;
     if (context_group_ && (window_ > 0 || sinks))
       throw Error(options.where(sinks ? "sinks" : "sliding_window") + ": attention plugin 'gqa' does not yet combine " +
@@ -40,14 +47,15 @@ class GroupedQueryAttention final : public Attention {
       q_norm_ = at::ones({qk_norm_ == "head" ? head_dim : dims_.num_heads * head_dim}, tensor_options).requires_grad_(true);
       k_norm_ = at::ones({qk_norm_ == "head" ? head_dim : dims_.num_kv_heads * head_dim}, tensor_options).requires_grad_(true);
     }
-    q_proj_ = normal_parameter({dims_.num_heads * head_dim, hidden}, dims_.init_std, context);
+    const int64_t q_rows = dims_.num_heads * head_dim * (output_gate_ ? 2 : 1);
+    q_proj_ = normal_parameter({q_rows, hidden}, dims_.init_std, context);
     k_proj_ = normal_parameter({dims_.num_kv_heads * head_dim, hidden}, dims_.init_std, context);
     v_proj_ = normal_parameter({dims_.num_kv_heads * head_dim, hidden}, dims_.init_std, context);
     o_proj_ = normal_parameter({hidden, dims_.num_heads * head_dim},
                                dims_.init_std / std::sqrt(2.0 * std::max<int64_t>(1, dims_.num_layers)), context);
     auto zeros = [&](int64_t size) { return at::zeros({size}, tensor_options).requires_grad_(true); };
     if (bias) {
-      q_bias_ = zeros(dims_.num_heads * head_dim), k_bias_ = zeros(dims_.num_kv_heads * head_dim);
+      q_bias_ = zeros(q_rows), k_bias_ = zeros(dims_.num_kv_heads * head_dim);
       v_bias_ = zeros(dims_.num_kv_heads * head_dim), o_bias_ = zeros(hidden);
     }
     if (sinks) sinks_ = zeros(dims_.num_heads);
@@ -55,15 +63,22 @@ class GroupedQueryAttention final : public Attention {
 
   at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions) override {
     const int64_t batch = hidden.size(0), seq = hidden.size(1), head_dim = dims_.head_dim;
-    at::Tensor q = pithtrain::linear(hidden, q_proj_, q_bias_);  // [B, S, h * D]
+    at::Tensor q = pithtrain::linear(hidden, q_proj_, q_bias_);  // [B, S, h * D], with the gate [B, S, h * 2D]
+    at::Tensor gate;                                              // [B, S, h * D] with output_gate
+    if (output_gate_) {
+      // Qwen3-Next's row layout: per head, its D query rows, then its D gate rows.
+      const at::Tensor per_head = q.view({batch, seq, dims_.num_heads, 2 * head_dim});
+      gate = per_head.narrow(-1, head_dim, head_dim).reshape({batch, seq, dims_.num_heads * head_dim});
+      q = per_head.narrow(-1, 0, head_dim).reshape({batch, seq, dims_.num_heads * head_dim});
+    }
     at::Tensor k = pithtrain::linear(hidden, k_proj_, k_bias_);  // [B, S, kv * D]
     if (qk_norm_ == "full") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
     q = q.view({batch, seq, dims_.num_heads, head_dim});     // [B, S, h, D]
     k = k.view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
     if (qk_norm_ == "head") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
     at::Tensor v = pithtrain::linear(hidden, v_proj_, v_bias_).view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
-    q = apply_rope(q, positions, rope_).transpose(1, 2);  // [B, h, S, D]
-    k = apply_rope(k, positions, rope_).transpose(1, 2);  // [B, kv, S, D]
+    q = rotate(q, positions).transpose(1, 2);  // [B, h, S, D]
+    k = rotate(k, positions).transpose(1, 2);  // [B, kv, S, D]
     v = v.transpose(1, 2);                                // [B, kv, S, D]
     at::Tensor out;                                       // [B, h, S, D]
     if (context_group_) {
@@ -77,7 +92,9 @@ class GroupedQueryAttention final : public Attention {
     } else {
       out = attention_with_sinks(q, k, v, positions);
     }
-    return pithtrain::linear(out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * head_dim}), o_proj_, o_bias_);  // [B, S, H]
+    out = out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * head_dim});  // [B, S, h * D]
+    if (gate.defined()) out = out * at::sigmoid(gate);
+    return pithtrain::linear(out, o_proj_, o_bias_);  // [B, S, H]
   }
 
   bool supports_context_parallel() const override { return true; }
@@ -94,6 +111,13 @@ class GroupedQueryAttention final : public Attention {
   }
 
  private:
+  // RoPE on the first rotary_dim_ dimensions of x [B, S, heads, D] (frequencies over rotary_dim_); the rest pass.
+  at::Tensor rotate(const at::Tensor& x, const at::Tensor& positions) const {
+    if (rotary_dim_ == dims_.head_dim) return apply_rope(x, positions, rope_);
+    return at::cat({apply_rope(x.narrow(-1, 0, rotary_dim_).contiguous(), positions, rope_),
+                    x.narrow(-1, rotary_dim_, dims_.head_dim - rotary_dim_)}, -1);
+  }
+
   // [S, S] bool: query i may see key j when j <= i and, with a window, i - j < window.
   at::Tensor allowed(const at::Tensor& positions) const {
     at::Tensor distance = positions.unsqueeze(1) - positions.unsqueeze(0);  // [S, S]: i - j
@@ -116,7 +140,7 @@ class GroupedQueryAttention final : public Attention {
   }
 
   ModelDims dims_;
-  at::Tensor q_proj_;  // [h * D, H]
+  at::Tensor q_proj_;  // [h * D, H]; with output_gate [h * 2D, H]
   at::Tensor k_proj_;  // [kv * D, H]
   at::Tensor v_proj_;  // [kv * D, H]
   at::Tensor o_proj_;  // [H, h * D]
@@ -126,6 +150,8 @@ class GroupedQueryAttention final : public Attention {
   double qk_norm_eps_ = 1e-6;
   at::Tensor q_norm_, k_norm_;  // [D] ("head") or [h * D], [kv * D] ("full")
   int64_t window_ = 0;          // this layer's window; 0: full causal attention
+  bool output_gate_ = false;
+  int64_t rotary_dim_ = 0;      // dimensions of each head that RoPE rotates (head_dim unless partial_rotary_factor < 1)
   std::shared_ptr<Communicator> context_group_;  // parallel.context > 1: ring attention over these ranks
   Rope rope_;
 };

@@ -1,5 +1,6 @@
 // gqa against a naive attention written element by element: explicit RoPE (plain or YaRN), repeated
-// key/value heads, biases, a causal (optionally windowed) mask and the softmax with a sink term.
+// key/value heads, biases, a causal (optionally windowed) mask, the softmax with a sink term, the output
+// gate's rows and partial rotary dimensions.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -19,6 +20,9 @@ struct Case {
   int64_t window = 0;
   std::string window_layers = "all";
   int64_t layer_index = 0;
+  bool gate = false;            // output_gate: q_proj rows per head [query D, gate D]
+  double rotary_fraction = 1.0;  // partial_rotary_factor
+  int64_t head_dim = 4;          // wider for partial rotary, so the rotated part has more than one frequency
 };
 
 // YaRN's inverse frequency of rotary pair i for head width d, from the paper's formulas one scalar at a time.
@@ -32,10 +36,12 @@ double yarn_inverse_frequency(int64_t i, int64_t d, double theta, double factor,
   return base * (1 - ramp) + base / factor * ramp;
 }
 
-// Rotates pairs (i, i + d/2) of x [B, S, heads, d] by position * inverse_frequency(i), times `scale`.
-at::Tensor naive_rope(const at::Tensor& x, const std::function<double(int64_t)>& inverse_frequency, double scale) {
+// Rotates pairs (i, i + d/2) of the first d dimensions of x [B, S, heads, D] (all D unless d given) by
+// position * inverse_frequency(i), times `scale`; dimensions from d on are left as they are.
+at::Tensor naive_rope(const at::Tensor& x, const std::function<double(int64_t)>& inverse_frequency, double scale, int64_t d = 0) {
   at::Tensor out = x.clone();
-  const int64_t seq = x.size(1), heads = x.size(2), d = x.size(3);
+  const int64_t seq = x.size(1), heads = x.size(2);
+  if (d == 0) d = x.size(3);
   for (int64_t b = 0; b < x.size(0); ++b)
     for (int64_t s = 0; s < seq; ++s)
       for (int64_t h = 0; h < heads; ++h)
@@ -50,7 +56,7 @@ at::Tensor naive_rope(const at::Tensor& x, const std::function<double(int64_t)>&
 
 void compare(const Case& c) {
   at::manual_seed(c.heads * 10 + c.kv_heads + c.window);
-  const int64_t heads = c.heads, kv_heads = c.kv_heads, batch = 2, seq = 6, d = 4;
+  const int64_t heads = c.heads, kv_heads = c.kv_heads, batch = 2, seq = 6, d = c.head_dim;
   PluginContext context;
   context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = heads, .num_kv_heads = kv_heads, .head_dim = d,
                   .rope_theta = 100.0, .init_std = 0.4};
@@ -59,6 +65,7 @@ void compare(const Case& c) {
   std::string toml = std::string("bias = ") + (c.bias ? "true" : "false") + "\nsinks = " + (c.sinks ? "true" : "false") +
                      "\nsliding_window = " + std::to_string(c.window) + "\nsliding_window_layers = \"" + c.window_layers + "\"\n";
   if (c.yarn) toml += "rope_scaling = \"yarn\"\nrope_factor = 8.0\nrope_original_max_positions = 64\nrope_beta_fast = 4.0\n";
+  toml += std::string("output_gate = ") + (c.gate ? "true" : "false") + "\npartial_rotary_factor = " + std::to_string(c.rotary_fraction) + "\n";
   Options options = Options::from_string(toml, "test.toml");
   auto attention = pithtrain_plugin()->make_attention(options, context);
   options.check_unknown_keys("attention plugin 'gqa'");
@@ -73,14 +80,17 @@ void compare(const Case& c) {
 
   auto weight = [&](size_t i) { return p[i].tensor.detach(); };
   auto bias = [&](size_t i) { return c.bias ? weight(4 + i) : at::zeros({weight(i).size(0)}, at::kDouble); };
-  std::function<double(int64_t)> inverse_frequency = [&](int64_t i) { return std::pow(100.0, -2.0 * i / d); };
+  const int64_t rotary = static_cast<int64_t>(d * c.rotary_fraction);  // rotated dimensions per head
+  std::function<double(int64_t)> inverse_frequency = [&](int64_t i) { return std::pow(100.0, -2.0 * i / rotary); };
   double scale = 1.0;
   if (c.yarn) {
-    inverse_frequency = [&](int64_t i) { return yarn_inverse_frequency(i, d, 100.0, 8.0, 64.0, 4.0, 1.0); };
+    inverse_frequency = [&](int64_t i) { return yarn_inverse_frequency(i, rotary, 100.0, 8.0, 64.0, 4.0, 1.0); };
     scale = 0.1 * std::log(8.0) + 1;
   }
-  at::Tensor q = naive_rope((at::matmul(x, weight(0).t()) + bias(0)).view({batch, seq, heads, d}), inverse_frequency, scale);
-  at::Tensor k = naive_rope((at::matmul(x, weight(1).t()) + bias(1)).view({batch, seq, kv_heads, d}), inverse_frequency, scale);
+  at::Tensor q_and_gate = (at::matmul(x, weight(0).t()) + bias(0)).view({batch, seq, heads, c.gate ? 2 * d : d});
+  at::Tensor gate = c.gate ? q_and_gate.narrow(-1, d, d) : at::Tensor();  // [B, S, h, d]: rows d..2d-1 of each head
+  at::Tensor q = naive_rope(q_and_gate.narrow(-1, 0, d), inverse_frequency, scale, rotary);
+  at::Tensor k = naive_rope((at::matmul(x, weight(1).t()) + bias(1)).view({batch, seq, kv_heads, d}), inverse_frequency, scale, rotary);
   at::Tensor v = (at::matmul(x, weight(2).t()) + bias(2)).view({batch, seq, kv_heads, d});
   const bool windowed = c.window > 0 && (c.window_layers == "all" || (c.window_layers == "even") == (c.layer_index % 2 == 0));
   at::Tensor context_out = at::zeros({batch, seq, heads, d}, at::kDouble);
@@ -101,6 +111,7 @@ void compare(const Case& c) {
         for (int64_t t = first; t <= s; ++t) context_out[b][s][h] += scores[t] / total * v[b][t][g];
       }
     }
+  if (c.gate) context_out = context_out / (1 + at::exp(-gate));
   at::Tensor expected = at::matmul(context_out.view({batch, seq, heads * d}), weight(3).t()) + bias(3);
   EXPECT_TRUE(at::allclose(out, expected, 1e-12, 1e-12)) << (out - expected).abs().max();
 }
@@ -120,6 +131,36 @@ TEST(GroupedQueryAttention, GptOssOddLayerIsFullAttention) {
   compare({.heads = 4, .kv_heads = 2, .bias = true, .sinks = true, .window = 2, .window_layers = "even", .layer_index = 1});
 }
 TEST(GroupedQueryAttention, YarnMatchesItsFormula) { compare({.heads = 4, .kv_heads = 2, .yarn = true}); }
+
+TEST(GroupedQueryAttention, OutputGateMatchesNaive) { compare({.heads = 4, .kv_heads = 2, .gate = true}); }
+TEST(GroupedQueryAttention, OutputGateWithBiasesMatchesNaive) { compare({.heads = 4, .kv_heads = 2, .bias = true, .gate = true}); }
+TEST(GroupedQueryAttention, PartialRotaryMatchesNaive) {
+  compare({.heads = 4, .kv_heads = 2, .rotary_fraction = 0.5, .head_dim = 8});  // 4 of 8 dimensions rotate
+}
+TEST(GroupedQueryAttention, Qwen3NextFullAttentionMatchesNaive) {  // gate, partial rotary (0.25 as Qwen3-Next) and YaRN
+  compare({.heads = 4, .kv_heads = 2, .yarn = true, .gate = true, .rotary_fraction = 0.25, .head_dim = 16});
+}
+
+TEST(GroupedQueryAttention, GateAndPartialRotaryDefaultOff) {
+  PluginContext context;
+  context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = 3, .num_kv_heads = 3, .head_dim = 4};
+  Options options = Options::from_string("", "test.toml");
+  auto plain = pithtrain_plugin()->make_attention(options, context);
+  EXPECT_EQ(plain->parameters().front().tensor.sizes().vec(), (std::vector<int64_t>{12, 12})) << "q_proj [h * D, H]";
+  Options gated_options = Options::from_string("output_gate = true\n", "test.toml");
+  auto gated = pithtrain_plugin()->make_attention(gated_options, context);
+  EXPECT_EQ(gated->parameters().front().tensor.sizes().vec(), (std::vector<int64_t>{24, 12})) << "q_proj [h * 2D, H]";
+  // A fraction that leaves an odd number of rotated dimensions, or none, is refused at its line.
+  for (const char* toml : {"\npartial_rotary_factor = 0.25\n", "\npartial_rotary_factor = 0.75\n", "\npartial_rotary_factor = 0\n"}) {
+    Options bad = Options::from_string(toml, "test.toml");
+    try {
+      pithtrain_plugin()->make_attention(bad, context);
+      ADD_FAILURE() << "expected an error for" << toml;
+    } catch (const Error& error) {
+      EXPECT_NE(std::string(error.what()).find("test.toml:2: partial_rotary_factor = "), std::string::npos) << error.what();
+    }
+  }
+}
 
 TEST(GroupedQueryAttention, RejectsABadWindowLayerPattern) {
   PluginContext context;
