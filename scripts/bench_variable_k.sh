@@ -40,7 +40,11 @@ for r in range(1, rounds + 1):
         rows = [json.loads(line) for line in open(f"{work}/{router}.{r}/metrics.jsonl")]
         timed = [row for row in rows if row["step"] > settle]
         speed[router] = statistics.median(row["tokens_per_s"] for row in timed)
-        active[router] = statistics.mean(statistics.mean(layer["active_experts"] for layer in row["router"]) for row in timed)
+        per_step = [statistics.mean(layer["active_experts"] for layer in row["router"]) for row in timed]
+        active[router] = statistics.mean(per_step)
+        if router == "remoe":
+            print(f"round {r}: remoe active experts per token over steps {settle + 1}-{timed[-1]['step']}: mean {active[router]:.3f}, "
+                  f"min {min(per_step):.3f}, max {max(per_step):.3f}; smoothed loss at the end {rows[-1]['smoothed_loss']:.4f}")
     ratios.append(speed["remoe"] / speed["topk_softmax"])
     print(f"round {r}: topk_softmax {speed['topk_softmax']:.0f} tok/s at {active['topk_softmax']:.2f} experts/token, "
           f"remoe {speed['remoe']:.0f} tok/s at {active['remoe']:.2f} experts/token, ratio {ratios[-1]:.2f}")
