@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <regex>
 
 #include <ATen/ATen.h>
 
@@ -45,6 +47,8 @@ TEST(Parity, LogitsLossAndGradientsMatchTransformers) {
   EXPECT_NEAR(output.loss.item<double>(), loss, 1e-5 * loss);
 
   int compared = 0;
+  double worst = 0;  // the largest gradient error relative to its tensor's largest magnitude
+  std::string worst_name;
   for (const auto& parameter : model.parameters()) {
     const at::Tensor* expected = reference.find("grad/" + parameter.name);
     ASSERT_NE(expected, nullptr) << "no reference gradient for " << parameter.name;
@@ -52,11 +56,12 @@ TEST(Parity, LogitsLossAndGradientsMatchTransformers) {
     const double grad_scale = std::max(expected->abs().max().item<double>(), 1e-12);
     const double error = (parameter.tensor.grad() - *expected).abs().max().item<double>();
     EXPECT_LT(error, 1e-4 * grad_scale) << parameter.name << ": max difference " << error << " at scale " << grad_scale;
+    if (error / grad_scale > worst) worst = error / grad_scale, worst_name = parameter.name;
     ++compared;
   }
   EXPECT_EQ(compared, static_cast<int>(reference.tensors.size()) - 3) << "every transformers parameter is compared";
-  std::printf("logits max difference %.3g (scale %.3g), loss %.8f vs %.8f, %d gradients compared\n", logit_error, scale,
-              output.loss.item<double>(), loss, compared);
+  std::printf("logits max difference %.3g (scale %.3g), loss %.8f vs %.8f, %d gradients compared (worst %.3g of its scale: %s)\n",
+              logit_error, scale, output.loss.item<double>(), loss, compared, worst, worst_name.c_str());
 }
 
 TEST(Parity, ExportRoundTripIsBitExact) {
@@ -105,6 +110,87 @@ TEST(Parity, MissingAndMisshapenTensorsAreNamed) {
   } catch (const Error& error) {
     EXPECT_NE(std::string(error.what()).find("'lm_head.weight' has shape [5, 48]"), std::string::npos) << error.what();
   }
+}
+
+// Qwen3-Next / Qwen3.5 only: the published checkpoints' multi-token prediction tensors (mtp.*) are skipped (and
+// Qwen3.5's vision tower, when the folder is its vision-language model), and
+// a config.json this model cannot hold is refused naming its key; an exported config that lacks what the
+// architecture always has is refused naming the PithTrain key.
+TEST(Parity, HybridMtpSkippedAndUnsupportedKeysNamed) {
+  ASSERT_FALSE(g_hf_dir.empty());
+  std::ifstream config_in(fs::path(g_hf_dir) / "config.json");
+  const std::string config_json((std::istreambuf_iterator<char>(config_in)), std::istreambuf_iterator<char>());
+  if (config_json.find("\"linear_num_key_heads\"") == std::string::npos) GTEST_SKIP() << "not a hybrid architecture";
+  const fs::path work = fs::path(g_hf_dir) / "hybrid_checks";
+  fs::create_directories(work);
+  SafetensorsFile original = load_safetensors((fs::path(g_hf_dir) / "model.safetensors").string());
+  // A Hugging Face folder of `json` and the reference weights (one new folder each: fs::remove_all would bind
+  // to the copy inside libtorch.so, which crashes).
+  int folders = 0;
+  fs::path folder;
+  auto write_folder = [&](const std::string& json, bool with_mtp, const std::vector<NamedTensor>& weights = {}) {
+    folder = work / ("hf" + std::to_string(folders++));
+    fs::create_directories(folder);
+    std::ofstream(folder / "config.json") << json;
+    std::vector<NamedTensor> tensors = weights.empty() ? original.tensors : weights;
+    if (with_mtp)
+      tensors.insert(tensors.end(), {{"mtp.fc.weight", at::ones({4, 4})}, {"mtp.layers.0.input_layernorm.weight", at::ones({4})}});
+    save_safetensors((folder / "model.safetensors").string(), tensors);
+  };
+  // With an MTP layer the main model imports unchanged.
+  write_folder(std::regex_replace(config_json, std::regex("\\{"), "{\n  \"mtp_num_hidden_layers\": 1,",
+                                  std::regex_constants::format_first_only), true);
+  import_hf(folder.string(), (work / "with_mtp").string());
+  import_hf(g_hf_dir, (work / "plain").string());
+  SafetensorsFile with_mtp = load_safetensors((work / "with_mtp" / "model.safetensors").string());
+  SafetensorsFile plain = load_safetensors((work / "plain" / "model.safetensors").string());
+  ASSERT_EQ(with_mtp.tensors.size(), plain.tensors.size());
+  for (const auto& tensor : plain.tensors) EXPECT_TRUE(at::equal(tensor.tensor, *with_mtp.find(tensor.name))) << tensor.name;
+
+  // Qwen3.5 as published: a vision-language folder whose language model is the same text model.
+  if (config_json.find("\"qwen3_5_moe_text\"") != std::string::npos) {
+    std::vector<NamedTensor> multimodal = {{"model.visual.patch_embed.proj.weight", at::ones({4, 3})}};
+    for (const auto& tensor : original.tensors)
+      multimodal.push_back({tensor.name.rfind("model.", 0) == 0 ? "model.language_model." + tensor.name.substr(6) : tensor.name,
+                            tensor.tensor});
+    write_folder("{\"architectures\": [\"Qwen3_5MoeForConditionalGeneration\"], \"model_type\": \"qwen3_5_moe\", "
+                 "\"tie_word_embeddings\": false, \"vision_config\": {\"depth\": 1}, \"text_config\": " + config_json + "}",
+                 true, multimodal);
+    import_hf(folder.string(), (work / "multimodal").string());
+    SafetensorsFile language_model = load_safetensors((work / "multimodal" / "model.safetensors").string());
+    ASSERT_EQ(language_model.tensors.size(), plain.tensors.size());
+    for (const auto& tensor : plain.tensors) EXPECT_TRUE(at::equal(tensor.tensor, *language_model.find(tensor.name))) << tensor.name;
+  }
+
+  auto import_error = [&](const std::string& json) {
+    write_folder(json, false);
+    try {
+      import_hf(folder.string(), (folder / "out").string());
+    } catch (const Error& error) {
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  };
+  const std::string odd_shared = std::regex_replace(config_json, std::regex("\"shared_expert_intermediate_size\": [0-9]+"),
+                                                    "\"shared_expert_intermediate_size\": 36");
+  EXPECT_NE(import_error(odd_shared).find("shared_expert_intermediate_size = 36 is not a positive multiple of moe_intermediate_size"),
+            std::string::npos) << import_error(odd_shared);
+  const std::string sliding = std::regex_replace(config_json, std::regex("\"linear_attention\""), "\"sliding_attention\"",
+                                                 std::regex_constants::format_first_only);
+  EXPECT_NE(import_error(sliding).find("layer type 'sliding_attention' is not supported"), std::string::npos) << import_error(sliding);
+
+  // Export: a config without the zero-centred norms would give transformers a different model.
+  std::ifstream toml_in(work / "plain" / "config.toml");
+  std::string toml((std::istreambuf_iterator<char>(toml_in)), std::istreambuf_iterator<char>());
+  toml = std::regex_replace(toml, std::regex("norm_zero_centered = true\n"), "", std::regex_constants::format_first_only);
+  std::ofstream(work / "plain" / "changed.toml") << toml;
+  try {
+    export_hf((work / "plain" / "changed.toml").string(), (work / "plain" / "model.safetensors").string(), (work / "exported").string());
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("model.norm_zero_centered must be true to export as"), std::string::npos) << error.what();
+  }
+  EXPECT_FALSE(fs::exists(work / "exported")) << "a refused export writes nothing";
 }
 
 int main(int argc, char** argv) {

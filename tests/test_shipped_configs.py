@@ -62,6 +62,16 @@ def shrink(config):
                        ("v_head_dim", 8)):
         if key in attention and not (key == "q_lora_rank" and attention[key] == 0):
             sets[f"model.attention.{key}"] = small
+    # Hybrids (Qwen3-Next, Qwen3.5): of the two layers, one linear_attention then one full_attention, and the
+    # linear attention's heads shrunk with the same key/value ratio kind (more value heads than key heads).
+    if "full_attention_interval" in model:
+        sets["model.full_attention_interval"] = 2
+    if "layer_types" in model:
+        sets["model.layer_types"] = '["linear_attention", "full_attention"]'
+    linear = model.get("linear_attention", {})
+    for key, small in (("num_key_heads", 2), ("num_value_heads", 4), ("key_head_dim", 8), ("value_head_dim", 8)):
+        if key in linear:
+            sets[f"model.linear_attention.{key}"] = small
     if attention.get("sliding_window", 0) > 0:
         sets["model.attention.sliding_window"] = 16  # still shorter than the 32-token sequences
     train = config.get("train", {})

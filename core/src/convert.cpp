@@ -1,8 +1,10 @@
 // Name and layout mapping between Hugging Face MoE checkpoints and PithTrain's model state.
 #include "convert.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -29,6 +31,10 @@ struct Architecture {
   std::string qk_norm;                       // gqa: "none", "head", "full"
   bool always_renormalize;                   // Mixtral renormalises the top-k weights unconditionally
   std::string attention = "gqa";             // "gqa" or "mla"
+  // Qwen3-Next and Qwen3.5: Gated DeltaNet and gated full attention by layer_types, zero-centred RMSNorms
+  // (1 + w), partial rotary embedding, and one shared expert scaled by sigmoid(shared_expert_gate).
+  bool hybrid = false;
+  bool split_linear_projections = false;  // Qwen3.5: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a (Qwen3-Next: qkvz, ba)
 };
 
 // GPT-OSS stores each layer's experts fused: gate_up_proj [E, H, 2F] with gate and up interleaved
@@ -44,13 +50,48 @@ const std::vector<Architecture> kArchitectures = {
     {"deepseek_v3", "DeepseekV3ForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "n_routed_experts", "moe_intermediate_size",
      "none", false, "mla"},
     {"gpt_oss", "GptOssForCausalLM", "mlp", "", "", "", "num_local_experts", "intermediate_size", "none", true},
+    {"qwen3_next", "Qwen3NextForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts", "moe_intermediate_size",
+     "head", false, "gqa", true},
+    {"qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts",
+     "moe_intermediate_size", "head", true, "gqa", true, true},
 };
 
 // The layout facts the tensor names depend on.
 struct Layout {
   int64_t layers = 0, first_dense = 0, experts = 0;
   bool shared_experts = false, q_lora = false, attention_bias = false;
+  std::vector<bool> linear;  // hybrid: per layer, Gated DeltaNet (true) or full attention
+  int64_t key_heads = 0, value_heads = 0, key_dim = 0, value_dim = 0;  // hybrid: the Gated DeltaNet sizes
 };
+
+// Qwen3.5 keeps the Gated DeltaNet input projections apart: in_proj_qkv rows [q of every key head | k | v of
+// every value head], in_proj_z [the value heads' z], in_proj_b and in_proj_a [one row per value head].
+// gated_deltanet groups them per key head i as Qwen3-Next does: q_i, k_i, then v and z of its r = nv / nk
+// value heads; b_i then a_i. Row permutations, so both directions are exact.
+at::Tensor group_qkvz(const at::Tensor& qkv, const at::Tensor& z, const Layout& layout) {
+  const int64_t nk = layout.key_heads, dk = layout.key_dim, vz = layout.value_heads / nk * layout.value_dim, width = qkv.size(1);
+  return at::cat({qkv.narrow(0, 0, nk * dk).view({nk, dk, width}), qkv.narrow(0, nk * dk, nk * dk).view({nk, dk, width}),
+                  qkv.narrow(0, 2 * nk * dk, nk * vz).view({nk, vz, width}), z.view({nk, vz, width})}, 1)
+      .reshape({-1, width});
+}
+
+std::pair<at::Tensor, at::Tensor> ungroup_qkvz(const at::Tensor& qkvz, const Layout& layout) {  // {in_proj_qkv, in_proj_z}
+  const int64_t nk = layout.key_heads, dk = layout.key_dim, vz = layout.value_heads / nk * layout.value_dim, width = qkvz.size(1);
+  std::vector<at::Tensor> parts = qkvz.view({nk, 2 * dk + 2 * vz, width}).split_with_sizes({dk, dk, vz, vz}, 1);
+  return {at::cat({parts[0].reshape({-1, width}), parts[1].reshape({-1, width}), parts[2].reshape({-1, width})}),
+          parts[3].reshape({-1, width})};
+}
+
+at::Tensor group_ba(const at::Tensor& b, const at::Tensor& a, const Layout& layout) {
+  const int64_t nk = layout.key_heads, r = layout.value_heads / nk, width = b.size(1);
+  return at::cat({b.view({nk, r, width}), a.view({nk, r, width})}, 1).reshape({-1, width});
+}
+
+std::pair<at::Tensor, at::Tensor> ungroup_ba(const at::Tensor& ba, const Layout& layout) {  // {in_proj_b, in_proj_a}
+  const int64_t nk = layout.key_heads, r = layout.value_heads / nk, width = ba.size(1);
+  std::vector<at::Tensor> parts = ba.view({nk, 2 * r, width}).split(r, 1);
+  return {parts[0].reshape({-1, width}), parts[1].reshape({-1, width})};
+}
 
 const Architecture& architecture(const std::string& model_type, const std::string& where) {
   for (const auto& candidate : kArchitectures)
@@ -110,7 +151,12 @@ std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layou
     names.push_back({ours + "attention_norm.weight", theirs + "input_layernorm.weight"});
     names.push_back({ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight"});
     std::vector<std::pair<std::string, std::string>> attention;
-    if (arch.attention == "mla") {
+    if (arch.hybrid && layout.linear[layer]) {  // Gated DeltaNet, named as transformers (Qwen3.5's split projections apart)
+      std::vector<std::string> weights = {"conv1d", "norm", "out_proj"};
+      if (!arch.split_linear_projections) weights.insert(weights.begin(), {"in_proj_qkvz", "in_proj_ba"});
+      for (const auto& name : weights) names.push_back({ours + "linear_attention." + name, theirs + "linear_attn." + name + ".weight"});
+      for (const char* name : {"dt_bias", "A_log"}) names.push_back({ours + "linear_attention." + name, theirs + "linear_attn." + name});
+    } else if (arch.attention == "mla") {
       if (layout.q_lora)
         attention = {{"q_a_proj", "q_a_proj"}, {"q_a_norm", "q_a_layernorm"}, {"q_b_proj", "q_b_proj"}};
       else
@@ -133,10 +179,12 @@ std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layou
       continue;
     }
     const std::string ffn = layer < layout.first_dense ? "mlp." : "shared_experts.";
-    const std::string their_ffn = theirs + "mlp." + (layer < layout.first_dense ? "" : "shared_experts.");
+    const std::string shared = arch.hybrid ? "shared_expert." : "shared_experts.";  // Qwen's one (gated) shared expert
+    const std::string their_ffn = theirs + "mlp." + (layer < layout.first_dense ? "" : shared);
     if (layer < layout.first_dense || layout.shared_experts)
       for (const char* projection : {"gate_proj", "up_proj", "down_proj"})
         names.push_back({ours + ffn + projection, their_ffn + projection + ".weight"});
+    if (arch.hybrid) names.push_back({ours + "shared_experts.gate", theirs + "mlp.shared_expert_gate.weight"});
     if (layer >= layout.first_dense) names.push_back({ours + "router.gate.weight", theirs + arch.moe_module + ".gate.weight"});
     if (layer >= layout.first_dense && arch.model_type == "deepseek_v3")  // the aux-free bias, a buffer
       names.push_back({ours + "router.expert_bias", theirs + "mlp.gate.e_score_correction_bias"});
@@ -157,9 +205,11 @@ std::string toml_number(double value) {
 }
 
 // transformers' rope_parameters for an attention table's rope_* keys.
-std::string rope_json(Options& attention, double theta) {
+// `partial`: the hybrid architectures' partial_rotary_factor, which transformers reads from here (default 0.25).
+std::string rope_json(Options& attention, double theta, std::optional<double> partial = {}) {
   std::ostringstream json;
   json << "{\"rope_theta\": " << toml_number(theta);
+  if (partial) json << ", \"partial_rotary_factor\": " << toml_number(*partial);
   if (attention.text("rope_scaling", "none") == "yarn") {
     // read_rope's defaults and ranges (core/src/nn.cpp).
     const double factor = attention.number("rope_factor", 1.0, Range::at_least(1));
@@ -184,6 +234,19 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   const fs::path config_path = fs::path(hf_dir) / "config.json";
   const std::string config_file = config_path.string();
   JsonValue config = parse_json(read_file(config_path), config_file);
+  // Qwen3.5 is published as a vision-language model (Qwen3_5MoeForConditionalGeneration): the language model's
+  // config is its text_config and its tensors are model.language_model.*; the vision tower is skipped below.
+  std::string language_model_prefix;
+  if (const JsonValue* type = config.find("model_type"); type && type->text == "qwen3_5_moe") {
+    const JsonValue* text = config.find("text_config");
+    if (text == nullptr || text->type != JsonValue::Type::Object)
+      throw Error(config_file + ": model_type 'qwen3_5_moe' has no text_config object (the language model's config)");
+    if (number(config, "tie_word_embeddings", config_file, 0.0) != 0.0)
+      throw Error(config_file + ": tie_word_embeddings = true is not supported by pithtrain convert (docs/models.md)");
+    JsonValue language_model = *text;
+    config = std::move(language_model);
+    language_model_prefix = "model.language_model.";
+  }
   const JsonValue* model_type = config.find("model_type");
   if (model_type == nullptr) throw Error(config_file + ": missing 'model_type'");
   const Architecture& arch = architecture(model_type->text, config_file);
@@ -202,7 +265,15 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   // n_routed_experts (DeepSeek); newer transformers versions write num_local_experts for the first three.
   layout.experts = config.find(arch.experts_key) ? integer(arch.experts_key) : integer("num_local_experts");
   layout.first_dense = deepseek ? integer("first_k_dense_replace", 0.0) : 0;
-  const int64_t shared = deepseek ? integer("n_shared_experts", 0.0) : 0;
+  int64_t shared = deepseek ? integer("n_shared_experts", 0.0) : 0;
+  if (arch.hybrid) {  // one shared expert of its own width, which PithTrain builds as shared_experts x expert_hidden_size
+    const int64_t width = integer("shared_expert_intermediate_size"), expert = integer(arch.expert_size_key);
+    if (width <= 0 || width % expert != 0)
+      throw Error(config_file + ": shared_expert_intermediate_size = " + std::to_string(width) + " is not a positive multiple of " +
+                  arch.expert_size_key + " = " + std::to_string(expert) +
+                  "; PithTrain's shared experts are shared_experts x expert_hidden_size wide (docs/models.md)");
+    shared = width / expert;
+  }
   layout.shared_experts = shared > 0;
   const JsonValue* q_lora = config.find("q_lora_rank");
   layout.q_lora = deepseek && q_lora && q_lora->type == JsonValue::Type::Number;
@@ -273,7 +344,8 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   unsupported(integer("decoder_sparse_step", 1.0) != 1 || integer("moe_layer_freq", 1.0) != 1, "MoE on every k-th layer");
   if (const JsonValue* clip = config.find("clip_qkv"); clip && clip->type == JsonValue::Type::Number) unsupported(true, "clip_qkv");
   const double eps = number(config, "rms_norm_eps", config_file, 1e-6);
-  const bool renormalize = arch.always_renormalize || number(config, "norm_topk_prob", config_file, 0.0) != 0.0;
+  // Without the key, transformers' default: true for Qwen3-Next, false for the others.
+  const bool renormalize = arch.always_renormalize || number(config, "norm_topk_prob", config_file, arch.hybrid ? 1.0 : 0.0) != 0.0;
   int64_t groups = 1, topk_groups = 1;
   const bool v3 = arch.model_type == "deepseek_v3";
   if (v3) {
@@ -288,6 +360,46 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     else unsupported(method && method->text != "greedy", "topk_method '" + (method ? method->text : "") + "'");
   }
 
+  // Qwen3-Next / Qwen3.5: the layer types, the gated full attention's keys and the Gated DeltaNet table.
+  std::string hybrid_model_toml;
+  std::ostringstream hybrid_attention_toml;
+  if (arch.hybrid) {
+    const JsonValue* types = config.find("layer_types");
+    if (types && static_cast<int64_t>(types->items.size()) != layout.layers)
+      throw Error(config_file + ": layer_types has " + std::to_string(types->items.size()) + " entries but num_hidden_layers = " +
+                  std::to_string(layout.layers) + "; give one type per layer");
+    const int64_t interval = integer("full_attention_interval", 4.0);  // transformers' default without layer_types
+    unsupported(!types && interval < 1, "full_attention_interval < 1");
+    hybrid_model_toml = "\nnorm_zero_centered = true\nlayer_types = [";
+    for (int64_t layer = 0; layer < layout.layers; ++layer) {
+      const std::string type = types ? types->items[layer].text : (layer + 1) % interval == 0 ? "full_attention" : "linear_attention";
+      unsupported(type != "linear_attention" && type != "full_attention", "layer type '" + type + "'");
+      layout.linear.push_back(type == "linear_attention");
+      hybrid_model_toml += std::string(layer ? ", " : "") + "\"" + type + "\"";
+    }
+    hybrid_model_toml += "]";
+    layout.key_heads = integer("linear_num_key_heads"), layout.value_heads = integer("linear_num_value_heads");
+    layout.key_dim = integer("linear_key_head_dim"), layout.value_dim = integer("linear_value_head_dim");
+    if (const JsonValue* gate = config.find("attn_output_gate"); gate && gate->type == JsonValue::Type::Bool)
+      unsupported(!gate->boolean, "attn_output_gate = false (the full attention is gated)");
+    if (const JsonValue* act = config.find("hidden_act"); act && act->type == JsonValue::Type::String)
+      unsupported(act->text != "silu", "hidden_act '" + act->text + "' (SwiGLU experts use silu)");
+    // transformers v5 keeps the factor in rope_parameters; older files at the top level; 0.25 is its default.
+    const bool in_rope = rope != nullptr && rope->type == JsonValue::Type::Object && rope->find("partial_rotary_factor");
+    const double partial = in_rope ? number(*rope, "partial_rotary_factor", config_file)
+                                   : number(config, "partial_rotary_factor", config_file, 0.25);
+    hybrid_attention_toml << "qk_norm_zero_centered = true\noutput_gate = true\npartial_rotary_factor = " << toml_number(partial)
+                          << "\n\n[model.linear_attention]\nplugin = \"gated_deltanet\"\nnum_key_heads = " << layout.key_heads
+                          << "\nnum_value_heads = " << layout.value_heads << "\nkey_head_dim = " << layout.key_dim
+                          << "\nvalue_head_dim = " << layout.value_dim << "\nconv_kernel = " << integer("linear_conv_kernel_dim")
+                          << "\nnorm_eps = " << toml_number(eps) << "\n";
+    // The published checkpoints carry multi-token prediction layers (mtp.*); PithTrain trains without them.
+    for (const char* key : {"num_nextn_predict_layers", "mtp_num_hidden_layers"})
+      if (const int64_t mtp = integer(key, 0.0); mtp > 0)
+        logger().warn("{}: {} = {}: multi-token prediction is not supported; its layers (mtp.* tensors) are skipped and the "
+                      "main model is imported (docs/models.md)", config_file, key, mtp);
+  }
+
   std::ostringstream toml;
   toml << "# Imported by `pithtrain convert import " << hf_dir << "` (" << arch.hf_class << ").\n\n"
        << "[run]\nname = \"" << fs::path(out_dir).filename().string() << "\"\n\n"
@@ -296,7 +408,7 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
        << "\nhidden_size = " << hidden << "\nnum_layers = " << layout.layers << "\nnum_heads = " << heads
        << "\nnum_kv_heads = " << (deepseek ? heads : integer("num_key_value_heads", static_cast<double>(heads)))
        << "\nhead_dim = " << head_dim << "\nrope_theta = " << toml_number(rope_theta) << "\nnorm_eps = " << toml_number(eps)
-       << "\ninit_std = " << toml_number(number(config, "initializer_range", config_file, 0.02));
+       << "\ninit_std = " << toml_number(number(config, "initializer_range", config_file, 0.02)) << hybrid_model_toml;
   if (deepseek)
     toml << "\nfirst_dense_layers = " << layout.first_dense << "\ndense_hidden_size = " << integer("intermediate_size");
   toml << "\n\n[model.attention]\nplugin = \"" << arch.attention << "\"\n" << rope_toml.str() << window_toml;
@@ -306,9 +418,10 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
          << "\nqk_nope_head_dim = " << integer("qk_nope_head_dim") << "\nqk_rope_head_dim = " << integer("qk_rope_head_dim")
          << "\nv_head_dim = " << integer("v_head_dim") << "\nnorm_eps = 1e-06\n";  // transformers' MLA norms keep 1e-6
   else
-    toml << "qk_norm = \"" << arch.qk_norm << "\"\nqk_norm_eps = " << toml_number(eps) << "\n";
+    toml << "qk_norm = \"" << arch.qk_norm << "\"\nqk_norm_eps = " << toml_number(eps) << "\n" << hybrid_attention_toml.str();
   toml << "\n[model.moe]\nnum_experts = " << layout.experts << "\ntop_k = " << top_k
-       << "\nexpert_hidden_size = " << integer(arch.expert_size_key) << "\nshared_experts = " << shared << "\n\n"
+       << "\nexpert_hidden_size = " << integer(arch.expert_size_key) << "\nshared_experts = " << shared
+       << (arch.hybrid ? "\nshared_expert_gate = true" : "") << "\n\n"
        << "[model.moe.router]\nplugin = \"" << (v3 ? "aux_free" : "topk_softmax") << "\"\nrenormalize = "
        << (renormalize ? "true" : "false");
   if (v3)
@@ -356,12 +469,30 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
                   "model folder holds its weights in one of them");
     for (const auto& tensor : load_safetensors(single).tensors) file_of[tensor.name] = single;
   }
+  // A Qwen3.5 vision-language folder: its language model's tensors go by the text model's names.
+  std::map<std::string, std::string> stored_name;  // the text model's name -> the name in the file
+  if (!language_model_prefix.empty()) {
+    std::map<std::string, std::string> renamed;
+    int64_t skipped_vision = 0;
+    for (const auto& [name, file] : file_of) {
+      if (name.rfind("model.visual.", 0) == 0) {
+        ++skipped_vision;
+        continue;
+      }
+      const bool prefixed = name.rfind(language_model_prefix, 0) == 0;
+      const std::string ours = prefixed ? "model." + name.substr(language_model_prefix.size()) : name;
+      stored_name[ours] = name, renamed[ours] = file;
+    }
+    file_of = std::move(renamed);
+    logger().warn("{}: skipped the vision tower ({} model.visual.* tensors); the language model is imported", hf_dir,
+                  skipped_vision);
+  }
   std::set<std::string> used;
   auto fetch = [&](const std::string& name, at::IntArrayRef shape) {
     auto found = file_of.find(name);
     if (found == file_of.end()) throw Error(hf_dir + ": tensor '" + name + "' is missing (no shard lists it)");
     if (!shards.count(found->second)) shards.emplace(found->second, load_safetensors(found->second));
-    const at::Tensor* tensor = shards.at(found->second).find(name);
+    const at::Tensor* tensor = shards.at(found->second).find(stored_name.count(name) ? stored_name.at(name) : name);
     if (tensor == nullptr) throw Error(found->second + ": tensor '" + name + "' is missing");
     if (tensor->sizes() != shape)
       throw Error(found->second + ": tensor '" + name + "' has shape " + c10::str(tensor->sizes()) + ", config.json implies " +
@@ -371,6 +502,15 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   };
   std::vector<NamedTensor> tensors;
   for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({ours, fetch(theirs, shape_of.at(ours))});
+  for (int64_t layer = 0; arch.split_linear_projections && layer < layout.layers; ++layer) {
+    if (!layout.linear[layer]) continue;
+    const std::string base = layer_prefix(layer) + "linear_attn.", ours = "layers." + std::to_string(layer) + ".linear_attention.";
+    const int64_t key_rows = layout.key_heads * layout.key_dim, value_rows = layout.value_heads * layout.value_dim;
+    tensors.push_back({ours + "in_proj_qkvz", group_qkvz(fetch(base + "in_proj_qkv.weight", {2 * key_rows + value_rows, hidden}),
+                                                         fetch(base + "in_proj_z.weight", {value_rows, hidden}), layout)});
+    tensors.push_back({ours + "in_proj_ba", group_ba(fetch(base + "in_proj_b.weight", {layout.value_heads, hidden}),
+                                                     fetch(base + "in_proj_a.weight", {layout.value_heads, hidden}), layout)});
+  }
   for (int64_t layer = layout.first_dense; layer < layout.layers; ++layer) {
     if (!fused_experts(arch)) {
       const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
@@ -396,10 +536,17 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     tensors.push_back({ours + "up_bias", gate_up_bias.slice(1, 1, 2 * inner, 2).contiguous()});
     tensors.push_back({ours + "down_bias", fetch(base + "down_proj_bias", {experts, width})});
   }
-  for (const auto& [name, file] : file_of)
+  int64_t skipped_mtp = 0;
+  for (const auto& [name, file] : file_of) {
+    if (arch.hybrid && name.rfind("mtp.", 0) == 0) {  // multi-token prediction: not part of the model (warned above)
+      skipped_mtp += !used.count(name);
+      continue;
+    }
     if (!used.count(name) && name.find("rotary_emb.inv_freq") == std::string::npos)
       throw Error(file + ": tensor '" + name + "' has no place in a PithTrain " + arch.model_type +
                   " model (an unsupported feature of this checkpoint)");
+  }
+  if (skipped_mtp > 0) logger().warn("{}: skipped {} multi-token prediction tensors (mtp.*)", hf_dir, skipped_mtp);
   // Written only now that every tensor is found and checked: a failed import leaves DIR as it was.
   create_output_folder(out_dir);
   save_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, {{"source", hf_dir}});
@@ -410,9 +557,6 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   Options config = Options::from_file(config_path);
   Options model = config.table("model");
   const Architecture& arch = architecture(model.required_text("hf_architecture"), config_path);
-  if (model.has("layer_types") || model.has("full_attention_interval"))
-    throw Error(config_path + ": per-layer attention (model.layer_types or model.full_attention_interval) has no "
-                "Hugging Face export yet");
   Options moe = model.table("moe"), attention = model.table("attention"), router = moe.table("router");
   const bool deepseek = arch.attention == "mla";
   Layout layout;
@@ -425,8 +569,68 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   const bool gpt_oss = arch.model_type == "gpt_oss";
   layout.attention_bias = gpt_oss && attention.boolean("bias", false);
   const int64_t layers = layout.layers, experts = layout.experts;
-  if (!deepseek && (layout.shared_experts || layout.first_dense != 0))
-    throw Error(config_path + ": shared experts and dense layers have no place in " + arch.model_type);
+  if (layout.first_dense != 0 && !deepseek) throw Error(config_path + ": dense layers have no place in " + arch.model_type);
+  if (layout.shared_experts && !deepseek && !arch.hybrid)
+    throw Error(config_path + ": shared experts have no place in " + arch.model_type);
+  Options linear = model.table("linear_attention");
+  if (arch.hybrid) {
+    // Each layer's type, and the options the Hugging Face model always has.
+    std::vector<std::string> types(layers, "full_attention");  // without either key (core/src/layer_types.cpp)
+    if (model.has("layer_types")) {
+      types = model.text_list("layer_types", {});
+    } else if (model.has("full_attention_interval")) {
+      const int64_t interval = model.integer("full_attention_interval", 4, Range::closed(1, static_cast<double>(layers)));
+      for (int64_t layer = 0; layer < layers; ++layer) types[layer] = (layer + 1) % interval ? "linear_attention" : "full_attention";
+    }
+    if (static_cast<int64_t>(types.size()) != layers)
+      throw Error(config_path + ": model.layer_types has " + std::to_string(types.size()) + " entries but model.num_layers = " +
+                  std::to_string(layers));
+    for (const auto& type : types) {
+      if (type != "linear_attention" && type != "full_attention")
+        throw Error(config_path + ": layer type '" + type + "' has no place in " + arch.model_type +
+                    " (linear_attention, full_attention)");
+      layout.linear.push_back(type == "linear_attention");
+    }
+    const bool any_linear = std::count(layout.linear.begin(), layout.linear.end(), true) > 0;
+    auto need = [&](bool ok, const std::string& key, const std::string& value) {
+      if (!ok)
+        throw Error(config_path + ": " + key + " must be " + value + " to export as " + arch.model_type +
+                    " (its Hugging Face model has no other; docs/models.md)");
+    };
+    const double eps = model.number("norm_eps", 1e-5, Range::above(0));
+    need(model.boolean("norm_zero_centered", false), "model.norm_zero_centered", "true");
+    need(attention.text("plugin", "gqa") == "gqa", "model.attention.plugin", "\"gqa\"");
+    need(attention.text("qk_norm", "none") == "head", "model.attention.qk_norm", "\"head\"");
+    need(attention.boolean("qk_norm_zero_centered", false), "model.attention.qk_norm_zero_centered", "true");
+    need(attention.boolean("output_gate", false), "model.attention.output_gate", "true");
+    need(attention.number("qk_norm_eps", 1e-6, Range::above(0)) == eps, "model.attention.qk_norm_eps",
+         "model.norm_eps (one rms_norm_eps)");
+    need(layout.shared_experts && moe.boolean("shared_expert_gate", false), "model.moe.shared_expert_gate",
+         "true, with shared_experts >= 1");
+    if (arch.always_renormalize) need(router.boolean("renormalize", true), "model.moe.router.renormalize", "true");
+    if (any_linear) {
+      need(linear.text("plugin", "") == "gated_deltanet", "model.linear_attention.plugin", "\"gated_deltanet\"");
+      need(linear.number("norm_eps", 1e-6, Range::above(0)) == eps, "model.linear_attention.norm_eps",
+           "model.norm_eps (one rms_norm_eps)");
+    }
+    // gated_deltanet's defaults (plugins/attention/gated_deltanet/README.md).
+    const int64_t heads = model.required_integer("num_heads", Range::at_least(1));
+    const int64_t head_dim =
+        model.integer("head_dim", model.required_integer("hidden_size", Range::at_least(1)) / heads, Range::at_least(2));
+    layout.key_heads = linear.integer("num_key_heads", heads, Range::at_least(1));
+    layout.value_heads = linear.integer("num_value_heads", layout.key_heads, Range::at_least(1));
+    layout.key_dim = linear.integer("key_head_dim", head_dim, Range::at_least(1));
+    layout.value_dim = linear.integer("value_head_dim", layout.key_dim, Range::at_least(1));
+  } else {
+    if (model.has("layer_types") || model.has("full_attention_interval"))
+      throw Error(config_path + ": per-layer attention (model.layer_types or model.full_attention_interval) has no place in " +
+                  arch.model_type + " (qwen3_next and qwen3_5_moe_text have it)");
+    if (model.boolean("norm_zero_centered", false) || attention.boolean("qk_norm_zero_centered", false) ||
+        moe.boolean("shared_expert_gate", false))
+      throw Error(config_path + ": zero-centred norms (model.norm_zero_centered, model.attention.qk_norm_zero_centered) and a "
+                  "gated shared expert (model.moe.shared_expert_gate) have no place in " + arch.model_type +
+                  " (qwen3_next and qwen3_5_moe_text have them)");
+  }
   SafetensorsFile source = load_safetensors(weights);
   // Checkpoints prefix model tensors with "model/"; model.safetensors files do not.
   const std::string prefix = source.find("embedding.weight") ? "" : "model/";
@@ -437,6 +641,14 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   };
   std::vector<NamedTensor> tensors;
   for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({theirs, get(ours)});
+  for (int64_t layer = 0; arch.split_linear_projections && layer < layers; ++layer) {
+    if (!layout.linear[layer]) continue;
+    const std::string ours = "layers." + std::to_string(layer) + ".linear_attention.", base = layer_prefix(layer) + "linear_attn.";
+    auto [qkv, z] = ungroup_qkvz(get(ours + "in_proj_qkvz"), layout);
+    auto [b, a] = ungroup_ba(get(ours + "in_proj_ba"), layout);
+    tensors.insert(tensors.end(), {{base + "in_proj_qkv.weight", qkv}, {base + "in_proj_z.weight", z},
+                                   {base + "in_proj_b.weight", b}, {base + "in_proj_a.weight", a}});
+  }
   for (int64_t layer = layout.first_dense; layer < layers; ++layer) {
     const std::string ours = "layers." + std::to_string(layer) + ".experts.";
     if (!fused_experts(arch)) {  // one tensor per expert and projection
@@ -468,7 +680,9 @@ void export_hf(const std::string& config_path, const std::string& weights, const
        << ",\n  \"num_key_value_heads\": " << model.integer("num_kv_heads", num_heads, Range::at_least(1))
        << ",\n  \"head_dim\": " << model.integer("head_dim", hidden_size / num_heads, Range::at_least(2))
        << ",\n  \"rms_norm_eps\": " << toml_number(eps)
-       << ",\n  \"rope_parameters\": " << rope_json(attention, model.number("rope_theta", 10000.0, Range::above(0)));
+       << ",\n  \"rope_parameters\": "
+       << rope_json(attention, model.number("rope_theta", 10000.0, Range::above(0)),
+                    arch.hybrid ? std::optional(attention.number("partial_rotary_factor", 1.0, Range::left_open(0, 1))) : std::nullopt);
   if (attention.text("rope_scaling", "none") == "yarn")  // the context YaRN extends to, as transformers expects it
     json << ",\n  \"max_position_embeddings\": "
          << static_cast<int64_t>(attention.integer("rope_original_max_positions", 4096, Range::at_least(1)) *
@@ -511,6 +725,17 @@ void export_hf(const std::string& config_path, const std::string& weights, const
     Options experts_table = moe.table("experts");
     json << "],\n  \"swiglu_alpha\": " << toml_number(experts_table.number("swiglu_alpha", 1.702, Range::above(0)))
          << ",\n  \"swiglu_limit\": " << toml_number(experts_table.number("swiglu_limit", 7.0, Range::above(0)));
+  }
+  if (arch.hybrid) {
+    json << ",\n  \"layer_types\": [";
+    for (int64_t layer = 0; layer < layers; ++layer)
+      json << (layer ? ", " : "") << (layout.linear[layer] ? "\"linear_attention\"" : "\"full_attention\"");
+    json << "],\n  \"shared_expert_intermediate_size\": "
+         << moe.integer("shared_experts", 0, Range::at_least(0)) * moe.integer("expert_hidden_size", hidden_size, Range::at_least(1))
+         << ",\n  \"linear_num_key_heads\": " << layout.key_heads << ",\n  \"linear_num_value_heads\": " << layout.value_heads
+         << ",\n  \"linear_key_head_dim\": " << layout.key_dim << ",\n  \"linear_value_head_dim\": " << layout.value_dim
+         << ",\n  \"linear_conv_kernel_dim\": " << linear.integer("conv_kernel", 4, Range::at_least(1))
+         << ",\n  \"decoder_sparse_step\": 1,\n  \"mlp_only_layers\": []";
   }
   json << "\n}\n";
   create_output_folder(out_dir);

@@ -322,8 +322,8 @@ import: a Hugging Face model folder (config.json, model.safetensors or shards wi
         DIR/config.toml and DIR/model.safetensors; train from it with --config DIR/config.toml
         --init-from DIR/model.safetensors.
 export: PithTrain weights (a model.safetensors or a checkpoint) become config.json + model.safetensors.
-Architectures: qwen3_moe, mixtral, olmoe, deepseek_v2, deepseek_v3, gpt_oss (docs/models.md). The round
-trip is bit-exact.
+Architectures: qwen3_moe, mixtral, olmoe, deepseek_v2, deepseek_v3, gpt_oss, qwen3_next, qwen3_5_moe_text
+(docs/models.md). The round trip is bit-exact.
 )";
 
 int command_convert(const Arguments& args) {

@@ -31,6 +31,9 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
   dims.rope_theta = options.number("rope_theta", 10000.0, Range::above(0));
   dims.init_std = options.number("init_std", 0.02, Range::above(0));
   norm_eps_ = options.number("norm_eps", 1e-5, Range::above(0));
+  // Qwen3-Next stores its norm weights zero-centred (x_hat * (1 + w)); kept as stored, so a converted
+  // checkpoint round-trips bit-exactly and a small w keeps its precision in bf16.
+  norm_zero_centered_ = options.boolean("norm_zero_centered", false);
   options.text("hf_architecture", "");  // where the weights came from; read by `pithtrain convert export` only
   const int64_t dense_hidden_size = dense_hidden_size_ =
       options.integer("dense_hidden_size", 4 * dims.hidden_size, Range::at_least(1));
@@ -42,6 +45,9 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
   dims.top_k = moe.integer("top_k", 2, Range::closed(1, static_cast<double>(dims.num_experts)));
   dims.expert_hidden_size = moe.integer("expert_hidden_size", dims.hidden_size, Range::at_least(1));
   const int64_t shared_experts = shared_experts_ = moe.integer("shared_experts", 0, Range::at_least(0));
+  // Qwen2-MoE / Qwen3-Next: a [1, H] linear whose sigmoid scales the shared experts' output per token.
+  const bool shared_expert_gate = moe.boolean("shared_expert_gate", false);
+  moe.require("shared_expert_gate", !shared_expert_gate || shared_experts > 0, "false without shared experts (shared_experts = 0)");
 
   Options router_options = moe.table("router");
   Options experts_options = moe.table("experts");
@@ -60,8 +66,9 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
   }
 
   const double std = dims.init_std;
-  auto ones = [&](int64_t size) {
-    return at::ones({size}, at::TensorOptions().dtype(context_.dtype).device(context_.device)).requires_grad_(true);
+  auto ones = [&](int64_t size) {  // a norm weight: the identity scale, zeros when zero-centred
+    const auto options = at::TensorOptions().dtype(context_.dtype).device(context_.device);
+    return (norm_zero_centered_ ? at::zeros({size}, options) : at::ones({size}, options)).requires_grad_(true);
   };
   embedding_ = normal_parameter({dims.vocab_size, dims.hidden_size}, std, context_);
   for (int64_t index = 0; index < dims.num_layers; ++index) {
@@ -87,6 +94,7 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
       layer.ffn_up_proj = normal_parameter({ffn_inner, dims.hidden_size}, std, context_);
       // Output projections are scaled down with depth (GPT-2 style) so the residual stream stays O(1).
       layer.ffn_down_proj = normal_parameter({dims.hidden_size, ffn_inner}, std / std::sqrt(2.0 * dims.num_layers), context_);
+      if (shared_expert_gate && layer.router) layer.shared_expert_gate = normal_parameter({1, dims.hidden_size}, std, context_);
     }
     layers_.push_back(std::move(layer));
   }
@@ -138,10 +146,10 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
   if (unit == num_units() - 1) {
     at::Tensor targets = mine(1);  // [B, S]
     if (loss_chunk_tokens_ > 0) {
-      const at::Tensor normed = rms_norm(input, final_norm_, norm_eps_).reshape({batch * seq, hidden});  // [T, H]
+      const at::Tensor normed = norm(input, final_norm_).reshape({batch * seq, hidden});  // [T, H]
       output.cross_entropy = kernels::chunked_cross_entropy(normed, lm_head_, targets.reshape(-1), loss_chunk_tokens_);
     } else {
-      output.logits = pithtrain::linear(rms_norm(input, final_norm_, norm_eps_), lm_head_);  // [B, S, V]
+      output.logits = pithtrain::linear(norm(input, final_norm_), lm_head_);  // [B, S, V]
       output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
     }
     if (at::GradMode::is_enabled()) router_checked_ = true;
@@ -149,8 +157,8 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
   }
   DecoderLayer& layer = layers_[unit - 1];
   at::Tensor positions = local.to(context_.device);  // [S]
-  at::Tensor x = input + layer.attention->forward(rms_norm(input, layer.attention_norm, norm_eps_), positions);
-  at::Tensor normed = rms_norm(x, layer.ffn_norm, norm_eps_).reshape({batch * seq, hidden});  // [T, H]
+  at::Tensor x = input + layer.attention->forward(norm(input, layer.attention_norm), positions);
+  at::Tensor normed = norm(x, layer.ffn_norm).reshape({batch * seq, hidden});  // [T, H]
   at::Tensor ffn_out;                                                                          // [T, H]
   at::Tensor aux_loss;
   if (layer.router) {
@@ -170,9 +178,14 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
   }
   if (layer.ffn_gate_proj.defined()) {
     at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);
+    if (layer.shared_expert_gate.defined()) dense = dense * at::sigmoid(pithtrain::linear(normed, layer.shared_expert_gate));  // [T, 1]
     ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
   }
   return {x + ffn_out.view({batch, seq, hidden}), aux_loss};
+}
+
+at::Tensor Model::norm(const at::Tensor& x, const at::Tensor& weight) const {
+  return norm_zero_centered_ ? zero_centered_rms_norm(x, weight, norm_eps_) : rms_norm(x, weight, norm_eps_);
 }
 
 std::pair<std::string, std::string> Model::attention_without_context_parallel() const {
@@ -258,6 +271,7 @@ std::vector<Parameter> Model::parameters() const {
       result.push_back({ffn + "gate_proj", layer.ffn_gate_proj, true});
       result.push_back({ffn + "up_proj", layer.ffn_up_proj, true});
       result.push_back({ffn + "down_proj", layer.ffn_down_proj, true});
+      if (layer.shared_expert_gate.defined()) result.push_back({ffn + "gate", layer.shared_expert_gate, true});
     }
   }
   result.push_back({"final_norm.weight", final_norm_, false});

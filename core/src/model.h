@@ -44,6 +44,7 @@ struct DecoderLayer {
   std::unique_ptr<Experts> experts;  // null on dense layers
   // The dense FFN on dense layers; the shared experts (fused into one SwiGLU) on MoE layers; else undefined.
   at::Tensor ffn_gate_proj, ffn_up_proj, ffn_down_proj;  // [inner, H], [inner, H], [H, inner]
+  at::Tensor shared_expert_gate;  // [1, H] with [model.moe] shared_expert_gate: sigmoid(x g^T) scales the shared experts
 };
 
 class Model {
@@ -99,12 +100,15 @@ class Model {
 
  private:
   void check_router_loss(const Routing& routing, int64_t layer) const;
+  // The layer and final RMSNorm: x_hat * weight, or x_hat * (1 + weight) with norm_zero_centered.
+  at::Tensor norm(const at::Tensor& x, const at::Tensor& weight) const;
 
   PluginContext context_;
   bool router_checked_ = false;
   int64_t context_rank_ = 0, context_size_ = 1;
   int64_t loss_chunk_tokens_ = 0;  // the first training forward checks each router's loss terms
   double norm_eps_ = 1e-5;
+  bool norm_zero_centered_ = false;  // the layer and final norms scale by 1 + weight (Qwen3-Next)
   int64_t first_dense_layers_ = 0, dense_hidden_size_ = 0, shared_experts_ = 0;
   int64_t full_attention_layers_ = 0;  // layers of [model.attention], the ones with causal attention scores
   at::Tensor embedding_;   // [V, H]

@@ -171,6 +171,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return kernels::rms_norm(x, weight, eps);  // fused on the CPU in float32/float64 (pithtrain/kernels.h)
 }
 
+at::Tensor zero_centered_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  // 1 + weight is formed in the compute dtype: in bf16 it would round the stored offset to 2^-7 steps.
+  const at::ScalarType compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return rms_norm(x.to(compute), weight.to(compute) + 1.0, eps).to(x.scalar_type());
+}
+
 at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
                   const at::Tensor& down_proj) {
   return pithtrain::linear(kernels::swiglu(pithtrain::linear(x, gate_proj), pithtrain::linear(x, up_proj)), down_proj);

@@ -57,6 +57,20 @@ elif arch == "gpt_oss":
                                                         "beta_fast": 8.0, "beta_slow": 1.0, "truncate": False,
                                                         "original_max_position_embeddings": 64})
     model_class = transformers.GptOssForCausalLM
+elif arch in ("qwen3_next", "qwen3_5_moe"):
+    # Hybrid: three Gated DeltaNet layers, then gated full attention (head_dim 32, a quarter rotated: 8 dims),
+    # with more value than key heads and dv != dk so a misgrouped projection row shows. Qwen3-Next's shared
+    # expert is two routed experts wide (shared_experts = 2); Qwen3.5 always renormalises its top-k.
+    hybrid = dict(common, num_hidden_layers=4, head_dim=32, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=2,
+                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=12,
+                  linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    if arch == "qwen3_next":
+        config = transformers.Qwen3NextConfig(**hybrid, shared_expert_intermediate_size=48, norm_topk_prob=True)
+        model_class = transformers.Qwen3NextForCausalLM
+    else:
+        config = transformers.Qwen3_5MoeTextConfig(**hybrid, shared_expert_intermediate_size=24)
+        model_class = transformers.Qwen3_5MoeForCausalLM
 else:
     sys.exit(f"unknown architecture {arch}")
 config.pad_token_id = config.bos_token_id = config.eos_token_id = None
@@ -70,21 +84,26 @@ with torch.no_grad():  # a non-zero aux-free bias, so the test covers how it ste
     for name, parameter in model.named_parameters():  # GPT-OSS biases start at zero; make them matter
         if name.endswith("bias") or name.endswith("sinks"):
             parameter.copy_(torch.randn_like(parameter) * 0.5)
+        if arch in ("qwen3_next", "qwen3_5_moe") and name.endswith("norm.weight"):  # zero-centred (1 + w): start at 0
+            parameter.copy_(torch.randn_like(parameter) * 0.3)
 model.save_pretrained(out)
 tokens = torch.randint(0, config.vocab_size, (2, 17))
 result = model(input_ids=tokens, labels=tokens)  # the loss excludes the router loss (output_router_logits is off)
 result.loss.backward()
 
+split_projections = {}  # Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b, in_proj_a gradients, by PithTrain-style name
 reference = {"tokens": tokens, "logits": result.logits[:, :-1].detach().contiguous(), "loss": result.loss.detach().reshape(1)}
 for name, parameter in model.named_parameters():
     ours = (name.replace("model.embed_tokens.weight", "embedding.weight").replace("model.norm.weight", "final_norm.weight")
             .replace("model.layers.", "layers.").replace("self_attn.", "attention.").replace("input_layernorm", "attention_norm")
             .replace("post_attention_layernorm", "ffn_norm").replace("block_sparse_moe.", "mlp.").replace("mlp.gate.", "router.gate.").replace("mlp.router.", "router.gate.")
             .replace("mlp.experts.", "experts.").replace("mlp.shared_experts.", "shared_experts.")
-            .replace("kv_a_proj_with_mqa", "kv_a_proj").replace("kv_a_layernorm", "kv_a_norm").replace("q_a_layernorm", "q_a_norm"))
+            .replace("kv_a_proj_with_mqa", "kv_a_proj").replace("kv_a_layernorm", "kv_a_norm").replace("q_a_layernorm", "q_a_norm")
+            .replace("mlp.shared_expert_gate.", "shared_experts.gate.").replace("mlp.shared_expert.", "shared_experts.")
+            .replace("linear_attn.", "linear_attention."))
     if ".mlp." in ours or ".shared_experts." in ours:  # dense FFN and shared experts: PithTrain names drop ".weight"
         ours = ours[: -len(".weight")]
-    if ours.startswith("layers.") and ".attention." in ours and ours.endswith(".weight"):
+    if ours.startswith("layers.") and (".attention." in ours or ".linear_attention." in ours) and ours.endswith(".weight"):
         ours = ours[: -len(".weight")]
     if ".attention." in ours and ours.endswith(".bias"):  # PithTrain: attention.q_proj_bias
         ours = ours[: -len(".bias")] + "_bias"
@@ -103,8 +122,26 @@ for name, parameter in model.named_parameters():
         half = grad.shape[1] // 2
         reference["grad/" + ours.replace("gate_up_proj", "gate_proj")] = grad[:, :half].contiguous()
         reference["grad/" + ours.replace("gate_up_proj", "up_proj")] = grad[:, half:].contiguous()
+    elif ours.endswith("linear_attention.in_proj_qkv") or ours.endswith("linear_attention.in_proj_b"):
+        split_projections[ours] = grad  # Qwen3.5: regrouped below, with their partners in_proj_z and in_proj_a
+    elif ours.endswith("linear_attention.in_proj_z") or ours.endswith("linear_attention.in_proj_a"):
+        split_projections[ours] = grad
     else:
         reference["grad/" + ours] = grad.contiguous()
+# Qwen3.5's separate Gated DeltaNet projections, in gated_deltanet's per-key-head grouping (Qwen3-Next's):
+# for key head i its q rows, k rows, then v and z rows of its value heads; b then a rows of its value heads.
+nk, nv = getattr(config, "linear_num_key_heads", 1), getattr(config, "linear_num_value_heads", 1)
+dk, dv, r = getattr(config, "linear_key_head_dim", 1), getattr(config, "linear_value_head_dim", 1), nv // nk
+for name in [n for n in split_projections if n.endswith("in_proj_qkv")]:
+    prefix, qkv = name[: -len("in_proj_qkv")], split_projections[name]
+    z, b, a = (split_projections[prefix + part] for part in ("in_proj_z", "in_proj_b", "in_proj_a"))
+    rows = []
+    for i in range(nk):
+        rows += [qkv[i * dk:(i + 1) * dk], qkv[nk * dk + i * dk:nk * dk + (i + 1) * dk],
+                 qkv[2 * nk * dk + i * r * dv:2 * nk * dk + (i + 1) * r * dv], z[i * r * dv:(i + 1) * r * dv]]
+    reference["grad/" + prefix + "in_proj_qkvz"] = torch.cat(rows).contiguous()
+    reference["grad/" + prefix + "in_proj_ba"] = torch.cat(
+        [part for i in range(nk) for part in (b[i * r:(i + 1) * r], a[i * r:(i + 1) * r])]).contiguous()
 save_file(reference, f"{out}/reference.safetensors")
 print(f"{arch}: loss {result.loss.item():.6f}, logits scale {result.logits.abs().max().item():.3f}, "
       f"{len(reference) - 3} gradients")

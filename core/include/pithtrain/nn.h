@@ -39,6 +39,10 @@ struct ExpertWeights {
 // x * rsqrt(mean(x^2) + eps) * weight over the last dimension, computed in float32 (or double).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// The zero-centred RMSNorm of Qwen3-Next, Qwen3.5 and Gemma: x * rsqrt(mean(x^2) + eps) * (1 + weight),
+// in float32 (or double) and then cast to x's dtype, so a weight near zero keeps its precision in bf16.
+at::Tensor zero_centered_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
 // down(silu(gate(x)) * up(x)) with weights gate/up [inner, hidden], down [hidden, inner].
 at::Tensor swiglu(const at::Tensor& x, const at::Tensor& gate_proj, const at::Tensor& up_proj,
                   const at::Tensor& down_proj);

@@ -17,6 +17,10 @@ class GroupedQueryAttention final : public Attention {
     const int64_t hidden = dims_.hidden_size, head_dim = dims_.head_dim;
     qk_norm_ = options.text("qk_norm", "none");
     qk_norm_eps_ = options.number("qk_norm_eps", 1e-6, Range::above(0));
+    // Qwen3-Next stores q_norm and k_norm zero-centred: they scale by 1 + weight and start at zero.
+    qk_norm_zero_centered_ = options.boolean("qk_norm_zero_centered", false);
+    options.require("qk_norm_zero_centered", !qk_norm_zero_centered_ || qk_norm_ != "none",
+                    "false when qk_norm = \"none\" (there is no norm to centre)");
     if (qk_norm_ != "none" && qk_norm_ != "head" && qk_norm_ != "full")
       throw Error(options.where("qk_norm") + ": qk_norm must be \"none\", \"head\" (Qwen3: RMSNorm over each head) or "
                   "\"full\" (OLMoE: RMSNorm over the whole projection), got \"" + qk_norm_ + "\"");
@@ -44,8 +48,9 @@ class GroupedQueryAttention final : public Attention {
 
     auto tensor_options = at::TensorOptions().dtype(context.dtype).device(context.device);
     if (qk_norm_ != "none") {
-      q_norm_ = at::ones({qk_norm_ == "head" ? head_dim : dims_.num_heads * head_dim}, tensor_options).requires_grad_(true);
-      k_norm_ = at::ones({qk_norm_ == "head" ? head_dim : dims_.num_kv_heads * head_dim}, tensor_options).requires_grad_(true);
+      const double identity = qk_norm_zero_centered_ ? 0.0 : 1.0;  // the weight that leaves the normalised vector as it is
+      q_norm_ = at::full({qk_norm_ == "head" ? head_dim : dims_.num_heads * head_dim}, identity, tensor_options).requires_grad_(true);
+      k_norm_ = at::full({qk_norm_ == "head" ? head_dim : dims_.num_kv_heads * head_dim}, identity, tensor_options).requires_grad_(true);
     }
     const int64_t q_rows = dims_.num_heads * head_dim * (output_gate_ ? 2 : 1);
     q_proj_ = normal_parameter({q_rows, hidden}, dims_.init_std, context);
@@ -72,10 +77,10 @@ class GroupedQueryAttention final : public Attention {
       q = per_head.narrow(-1, 0, head_dim).reshape({batch, seq, dims_.num_heads * head_dim});
     }
     at::Tensor k = pithtrain::linear(hidden, k_proj_, k_bias_);  // [B, S, kv * D]
-    if (qk_norm_ == "full") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
+    if (qk_norm_ == "full") q = qk_rms_norm(q, q_norm_), k = qk_rms_norm(k, k_norm_);
     q = q.view({batch, seq, dims_.num_heads, head_dim});     // [B, S, h, D]
     k = k.view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
-    if (qk_norm_ == "head") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
+    if (qk_norm_ == "head") q = qk_rms_norm(q, q_norm_), k = qk_rms_norm(k, k_norm_);
     at::Tensor v = pithtrain::linear(hidden, v_proj_, v_bias_).view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
     q = rotate(q, positions).transpose(1, 2);  // [B, h, S, D]
     k = rotate(k, positions).transpose(1, 2);  // [B, kv, S, D]
@@ -111,6 +116,10 @@ class GroupedQueryAttention final : public Attention {
   }
 
  private:
+  at::Tensor qk_rms_norm(const at::Tensor& x, const at::Tensor& weight) const {
+    return qk_norm_zero_centered_ ? zero_centered_rms_norm(x, weight, qk_norm_eps_) : rms_norm(x, weight, qk_norm_eps_);
+  }
+
   // RoPE on the first rotary_dim_ dimensions of x [B, S, heads, D] (frequencies over rotary_dim_); the rest pass.
   at::Tensor rotate(const at::Tensor& x, const at::Tensor& positions) const {
     if (rotary_dim_ == dims_.head_dim) return apply_rope(x, positions, rope_);
@@ -148,6 +157,7 @@ class GroupedQueryAttention final : public Attention {
   at::Tensor sinks_;                              // [h] with sinks = true
   std::string qk_norm_ = "none";
   double qk_norm_eps_ = 1e-6;
+  bool qk_norm_zero_centered_ = false;
   at::Tensor q_norm_, k_norm_;  // [D] ("head") or [h * D], [kv * D] ("full")
   int64_t window_ = 0;          // this layer's window; 0: full causal attention
   bool output_gate_ = false;

@@ -173,3 +173,43 @@ TEST(GroupedQueryAttention, RejectsABadWindowLayerPattern) {
     EXPECT_NE(std::string(error.what()).find("test.toml:2"), std::string::npos) << error.what();
   }
 }
+
+TEST(GroupedQueryAttention, ZeroCenteredQkNormScalesByOnePlusWeight) {
+  // Qwen3-Next's q_norm / k_norm: a zero-centred weight w must act as a plain norm weight 1 + w, forward and
+  // backward, and start at zero (the identity), for both norm shapes.
+  for (const char* shape : {"head", "full"}) {
+    PluginContext context;
+    context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = 4, .num_kv_heads = 2, .head_dim = 8, .init_std = 0.4};
+    context.dtype = at::kDouble;
+    const std::string common = std::string("qk_norm = \"") + shape + "\"\noutput_gate = true\npartial_rotary_factor = 0.25\n";
+    Options centred_options = Options::from_string(common + "qk_norm_zero_centered = true\n", "test.toml");
+    Options plain_options = Options::from_string(common, "test.toml");
+    auto centred = pithtrain_plugin()->make_attention(centred_options, context);
+    auto plain = pithtrain_plugin()->make_attention(plain_options, context);
+    auto c = centred->parameters(), p = plain->parameters();
+    ASSERT_EQ(c.size(), 6u);
+    ASSERT_EQ(c[4].name, "q_norm");
+    EXPECT_TRUE(at::equal(c[4].tensor, at::zeros_like(c[4].tensor))) << "zero-centred norms start at zero";
+    {
+      at::NoGradGuard no_grad;
+      for (size_t i = 0; i < 4; ++i) p[i].tensor.copy_(c[i].tensor);
+      for (size_t i = 4; i < 6; ++i) c[i].tensor.normal_(0.0, 0.5), p[i].tensor.copy_(c[i].tensor + 1.0);
+    }
+    at::manual_seed(7);
+    at::Tensor x = at::randn({2, 5, 12}, at::kDouble);
+    at::Tensor out_centred = centred->forward(x, at::arange(5, at::kLong)), out_plain = plain->forward(x, at::arange(5, at::kLong));
+    EXPECT_TRUE(at::allclose(out_centred, out_plain, 1e-13, 1e-13)) << shape << ": " << (out_centred - out_plain).abs().max();
+    (out_centred.square().sum() + out_plain.square().sum()).backward();
+    for (size_t i = 4; i < 6; ++i)
+      EXPECT_TRUE(at::allclose(c[i].tensor.grad(), p[i].tensor.grad(), 1e-12, 1e-12)) << shape << " " << c[i].name;
+  }
+  PluginContext context;
+  context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = 3, .num_kv_heads = 3, .head_dim = 4};
+  Options bad = Options::from_string("qk_norm_zero_centered = true\n", "test.toml");
+  try {
+    pithtrain_plugin()->make_attention(bad, context);
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("test.toml:1: qk_norm_zero_centered"), std::string::npos) << error.what();
+  }
+}
