@@ -38,7 +38,7 @@ class ExpertChoiceRouter final : public Router {
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
-    routing.tokens_per_expert = at::bincount(expert_ids.reshape(-1), {}, experts);       // every slot is computed
+    routing.tokens_per_expert = count_used_pairs(expert_ids, routing.weights, experts);  // the used slots
     routing.aux_loss = at::zeros({}, probs.options());
     return routing;
   }

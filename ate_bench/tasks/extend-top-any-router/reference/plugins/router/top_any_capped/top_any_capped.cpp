@@ -38,7 +38,7 @@ class TopAnyRouter final : public Router {
     Routing routing;
     routing.expert_ids = expert_ids;
     routing.weights = weights.to(hidden.scalar_type());
-    routing.tokens_per_expert = at::bincount(expert_ids.reshape(-1), {}, dims_.num_experts);  // every slot is computed
+    routing.tokens_per_expert = count_used_pairs(expert_ids, routing.weights, dims_.num_experts);  // the used slots
     routing.aux_loss = at::zeros({}, score.options());
     return routing;
   }
@@ -53,7 +53,7 @@ class TopAnyRouter final : public Router {
 
 }  // namespace
 
-std::unique_ptr<Router> make_top_any_router(Options& options, const PluginContext& context) {
+std::unique_ptr<Router> make_top_any_capped_router(Options& options, const PluginContext& context) {
   return std::make_unique<TopAnyRouter>(options, context);
 }
 
