@@ -23,7 +23,9 @@ namespace pithtrain {
 // 4: Communicator reduce_scatter_sum/start_send/receive; StepFunctions the unit chain and the stage;
 //    Schedule shard/gather_unit/release_unit/runs_pipeline_stages; PluginContext the pipeline and context
 //    groups; Attention::supports_context_parallel; the balance losses take the context group.
-inline constexpr uint32_t kPluginAbiVersion = 5;
+// 6: Attention gained supports_cache/forward_cached (the incremental-decoding path of `pithtrain
+//    generate`, after supports_context_parallel in the vtable) and attention.h the AttentionCache.
+inline constexpr uint32_t kPluginAbiVersion = 6;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.
 inline constexpr const char* kTorchVersion = TORCH_VERSION;
