@@ -2,6 +2,7 @@
 // the options today's MoE models add: QK RMSNorm (Qwen3, OLMoE), projection biases, learned attention
 // sinks and sliding-window layers (GPT-OSS), YaRN-scaled RoPE.
 #include <limits>
+#include <tuple>
 
 #include <ATen/ATen.h>
 
@@ -82,6 +83,35 @@ class GroupedQueryAttention final : public Attention {
 
   bool supports_context_parallel() const override { return true; }
 
+  // The cache holds each layer's keys and values after RoPE, {k, v} [B, kv, T, D]. With a sliding
+  // window only the last window - 1 are kept: no later query can see an older key.
+  bool supports_cache() const override { return true; }
+
+  at::Tensor forward_cached(const at::Tensor& hidden, const at::Tensor& positions, AttentionCache& cache) override {
+    const int64_t batch = hidden.size(0), seq = hidden.size(1);
+    auto [q, k, v] = project(hidden, positions);  // [B, h, S, D], [B, kv, S, D], [B, kv, S, D]
+    if (!cache.tensors.empty()) k = at::cat({cache.tensors[0], k}, 2), v = at::cat({cache.tensors[1], v}, 2);  // [B, kv, T, D]
+    const int64_t keys = k.size(2), end = cache.length + seq;
+    // Query i (position p_i) sees key j (position p_j) when 0 <= p_i - p_j (< window); the keys held are
+    // positions end - T .. end - 1.
+    at::Tensor key_positions = at::arange(end - keys, end, positions.options());  // [T]
+    at::Tensor distance = positions.unsqueeze(1) - key_positions.unsqueeze(0);    // [S, T]
+    at::Tensor mask = distance >= 0;
+    if (window_ > 0) mask = mask & (distance < window_);
+    at::Tensor out;  // [B, h, S, D]
+    if (sinks_.defined()) {
+      out = sink_attention(q, k, v, mask);
+    } else {
+      std::optional<at::Tensor> sdpa_mask;  // one new token sees every key held (the window trims the rest)
+      if (seq > 1) sdpa_mask = mask;
+      out = at::scaled_dot_product_attention(q, k, v, sdpa_mask, 0.0, /*is_causal=*/false, std::nullopt,
+                                             /*enable_gqa=*/dims_.num_kv_heads != dims_.num_heads);
+    }
+    const int64_t kept = window_ > 0 ? std::min(keys, window_ - 1) : keys;
+    cache.tensors = {k.narrow(2, keys - kept, kept), v.narrow(2, keys - kept, kept)};
+    return pithtrain::linear(out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * dims_.head_dim}), o_proj_, o_bias_);  // [B, S, H]
+  }
+
   std::vector<Parameter> parameters() override {
     std::vector<Parameter> result = {{"q_proj", q_proj_, true}, {"k_proj", k_proj_, true}, {"v_proj", v_proj_, true},
                                      {"o_proj", o_proj_, true}};
@@ -113,6 +143,33 @@ class GroupedQueryAttention final : public Attention {
     at::Tensor sink = sinks_.to(compute).view({1, -1, 1, 1}).expand({batch, dims_.num_heads, seq, 1});        // [B, h, S, 1]
     at::Tensor probs = at::softmax(at::cat({scores, sink}, -1), -1).narrow(-1, 0, seq);                       // [B, h, S, S]
     return at::matmul(probs.to(v.scalar_type()), v);                                                         // [B, h, S, D]
+  }
+
+  // forward_cached's queries, keys and values: the same projections, norms and RoPE as forward() (an
+  // option added there belongs here too; test_gqa's cache tests run every option through both).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> project(const at::Tensor& hidden, const at::Tensor& positions) const {
+    const int64_t batch = hidden.size(0), seq = hidden.size(1), head_dim = dims_.head_dim;
+    at::Tensor q = pithtrain::linear(hidden, q_proj_, q_bias_);  // [B, S, h * D]
+    at::Tensor k = pithtrain::linear(hidden, k_proj_, k_bias_);  // [B, S, kv * D]
+    if (qk_norm_ == "full") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
+    q = q.view({batch, seq, dims_.num_heads, head_dim});
+    k = k.view({batch, seq, dims_.num_kv_heads, head_dim});
+    if (qk_norm_ == "head") q = rms_norm(q, q_norm_, qk_norm_eps_), k = rms_norm(k, k_norm_, qk_norm_eps_);
+    at::Tensor v = pithtrain::linear(hidden, v_proj_, v_bias_).view({batch, seq, dims_.num_kv_heads, head_dim});
+    return {apply_rope(q, positions, rope_).transpose(1, 2), apply_rope(k, positions, rope_).transpose(1, 2), v.transpose(1, 2)};
+  }
+
+  // attention_with_sinks for queries [B, h, S, D] over other keys [B, kv, T, D] (the cache's): `mask`
+  // [S, T] says which key each query may see.
+  at::Tensor sink_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, const at::Tensor& mask) const {
+    const int64_t batch = q.size(0), seq = q.size(2), groups = dims_.num_heads / dims_.num_kv_heads;
+    if (groups > 1) k = k.repeat_interleave(groups, 1), v = v.repeat_interleave(groups, 1);  // [B, h, T, D]
+    const auto compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)).to(compute) / std::sqrt(static_cast<double>(dims_.head_dim));
+    scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity());           // [B, h, S, T]
+    at::Tensor sink = sinks_.to(compute).view({1, -1, 1, 1}).expand({batch, dims_.num_heads, seq, 1});  // [B, h, S, 1]
+    at::Tensor probs = at::softmax(at::cat({scores, sink}, -1), -1).narrow(-1, 0, k.size(2));           // [B, h, S, T]
+    return at::matmul(probs.to(v.scalar_type()), v);                                                   // [B, h, S, D]
   }
 
   ModelDims dims_;
