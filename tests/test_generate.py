@@ -8,6 +8,7 @@ model data build wrote beside their tokens. Bad input exits non-zero with one li
 
 Args: PITHTRAIN_BIN SOURCE_DIR TEST_PLUGIN_DIR FORTUNES_DIR."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,8 +26,12 @@ def check(condition, message):
         print("FAIL:", message)
 
 
+# One intra-op thread: these models are tiny, and on a busy 2-core machine a second thread mostly waits.
+ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def pithtrain(*args, expect_ok=True):
-    result = subprocess.run([binary, *map(str, args)], capture_output=True)
+    result = subprocess.run([binary, *map(str, args)], capture_output=True, env=ENVIRONMENT)
     result.stdout, result.stderr = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
     if expect_ok and result.returncode != 0:
         sys.exit(f"FAIL: pithtrain {' '.join(map(str, args))} exited {result.returncode}:\n{result.stdout}{result.stderr}")
@@ -152,6 +157,7 @@ with tempfile.TemporaryDirectory() as scratch:
         lines = result.stderr.strip().splitlines()
         check(result.returncode != 0 and lines and lines[-1].startswith("pithtrain: error:") and all(w in lines[-1] for w in words),
               f"generate {' '.join(map(str, args))}: expected an error naming {words}, got {result.returncode}: {result.stderr.strip()}")
+        check(result.stdout == "", f"generate {' '.join(map(str, args))}: failed but printed {result.stdout!r} on stdout")
     # With the tokenizer named, the run still generates without its token file.
     named = generate("--run", run, "--prompt", prompt, "--temperature", "0", "--tokenizer", "bytes")
     check(named["tokens"] == greedy["tokens"], "--tokenizer bytes without the token file gives other tokens")

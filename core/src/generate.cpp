@@ -361,6 +361,7 @@ GenerateReport generate_text(const GenerateRequest& request, const std::function
     return whole.compare(0, prompt_text.size(), prompt_text) == 0 ? whole.substr(prompt_text.size()) : whole;
   };
   int64_t length = static_cast<int64_t>(report.prompt_tokens.size());
+  if (on_text) on_text(request.prompt);  // only now: a failed load prints nothing on stdout
   report.generation = generate_tokens(model, report.prompt_tokens, sampling, [&](int64_t token) {
     if (++length == train.seq_len + 1 && on_note)
       on_note("the text is now longer than the " + std::to_string(train.seq_len) +

@@ -70,8 +70,9 @@ struct GenerateReport {
 
 // Loads, then generates. `on_note` gets each remark once: before generation, that every token
 // recomputes the prefix (no cache path, or --no-cache); during it, that the text has grown past the
-// train.seq_len tokens the model was trained on. `on_text` gets the new text as it is decoded. Throws
-// Error naming the flag or file and the fix on bad input.
+// train.seq_len tokens the model was trained on. `on_text` gets what a reader sees: the prompt once
+// everything is loaded, then the new text as it is decoded. Throws Error naming the flag or file and
+// the fix on bad input.
 GenerateReport generate_text(const GenerateRequest& request, const std::function<void(const std::string&)>& on_note = {},
                              const std::function<void(const std::string&)>& on_text = {});
 

@@ -356,7 +356,6 @@ int command_generate(const Arguments& args) {
     notes.push_back(text);
     std::cerr << "note: " << text << std::endl;
   };
-  if (!args.json) std::cout << args.prompt << std::flush;
   auto text = [&](const std::string& piece) {
     if (!args.json) std::cout << piece << std::flush;
   };
