@@ -336,6 +336,8 @@ CASES = [
          r"launch: --nproc takes an integer, got '2x'"),
     Case("cli_launch_master_without_port", ["launch", "--nproc", "1", "--master", "localhost"], {},
          r"launch: --master takes ADDR:PORT.*got 'localhost'"),
+    Case("cli_generate_flag_in_training", **train(args=["--device", "cuda"]),
+         expect=r"--device is a flag of `pithtrain generate`; for training set train\.device \(--set train\.device=\.\.\.\)"),
     Case("cli_convert_without_out", ["convert", "import", "hf"], hf_folder(), r"convert: needs --out DIR"),
     Case("data_train_vocab_not_integer",
          ["data", "build", "--tokenizer", "sentencepiece", "--train-vocab", "abc", "--out", "o.tokens", "in.txt"],

@@ -125,6 +125,7 @@ struct Arguments {
   std::vector<std::string> plugins, sets, positional;
   bool json = false, help = false, move_aside = false, has_prompt = false;
   SamplingSettings sampling;  // generate: --max-tokens, --temperature, --top-p, --seed, --no-cache
+  std::vector<std::string> generate_flags;  // which of generate's own flags were given (training refuses them)
 };
 
 Arguments parse(int argc, char** argv, int first) {
@@ -165,6 +166,8 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--plugins") for (auto& item : split_commas(value(arg))) args.plugins.push_back(item);
     else if (arg.rfind("--", 0) == 0) throw Error("unknown option '" + arg + "' (see --help)");
     else args.positional.push_back(arg);
+    for (const char* flag : {"--prompt", "--device", "--max-tokens", "--temperature", "--top-p", "--seed", "--no-cache"})
+      if (arg == flag) args.generate_flags.push_back(arg);
   }
   return args;
 }
@@ -486,6 +489,12 @@ int command_launch(int argc, char** argv) {
 int command_train(const Arguments& args) {
   if (args.help) return std::cout << kTrainHelp << default_config_help(), 0;
   if (!args.positional.empty()) throw Error("unexpected argument '" + args.positional[0] + "' (see --help)");
+  if (!args.generate_flags.empty()) {  // `pithtrain --device cuda` would otherwise train on train.device, silently
+    const std::string& flag = args.generate_flags.front();
+    const std::string key = flag == "--device" ? "train.device" : flag == "--seed" ? "train.seed" : "";
+    throw Error(flag + " is a flag of `pithtrain generate`" +
+                (key.empty() ? std::string(" (see pithtrain generate --help)") : "; for training set " + key + " (--set " + key + "=...)"));
+  }
   RunSettings settings;
   settings.plugin_files = args.plugins;
   settings.out_dir = args.out;
