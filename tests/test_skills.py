@@ -48,7 +48,7 @@ for skill in skills:
                 if word.endswith("bin/pithtrain") or word == "pithtrain":
                     rest = words[index + 1:]
                     subcommand = ""
-                    if rest and rest[0] in ("plugins", "explain", "plot", "launch"):
+                    if rest and rest[0] in ("plugins", "explain", "plot", "launch", "eval", "generate"):
                         subcommand = rest[0]
                     elif rest and rest[0] in ("plugin", "data", "convert"):
                         subcommand = rest[0]

@@ -329,6 +329,26 @@ Checks attention_checks(const PluginDescriptor& descriptor) {
          check_gradient(function, attention->parameters().front().tensor, attention->parameters().front().name, detail);
          return detail;
        }},
+      {"cache path equals forward", [=] {
+         // Optional (Attention::supports_cache): a plugin without one still generates, by recomputing.
+         auto [attention, hidden, positions] = setup(at::kDouble, 6);
+         if (!attention->supports_cache()) return std::string("no cache path: generation recomputes the prefix with forward()");
+         at::NoGradGuard no_grad;
+         const at::Tensor x = hidden.detach();
+         const at::Tensor whole = attention->forward(x, positions);  // [B, S, H]
+         AttentionCache cache;
+         std::vector<at::Tensor> pieces;
+         for (int64_t start = 0; start < x.size(1);) {  // a prompt of 2 tokens, then one at a time
+           const int64_t piece = start == 0 ? 2 : 1;
+           pieces.push_back(attention->forward_cached(x.narrow(1, start, piece), positions.narrow(0, start, piece), cache));
+           expect(pieces.back().sizes() == x.narrow(1, start, piece).sizes(),
+                  "forward_cached returned " + describe_shape(pieces.back()) + " for " + std::to_string(piece) + " new tokens");
+           cache.length = start += piece;
+         }
+         const double error = (at::cat(pieces, 1) - whole).abs().max().item<double>();
+         expect(error < 1e-10, "forward_cached token by token differs from forward() on the whole sequence by " + number(error));
+         return "token by token equals forward() to " + number(error);
+       }},
   };
 }
 

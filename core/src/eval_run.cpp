@@ -19,17 +19,15 @@
 namespace pithtrain {
 namespace fs = std::filesystem;
 
-namespace {
-
 // The run's config.toml for one process. A run of several processes (parallel.* > 1) is evaluated in one:
 // its mesh and schedule go, and each micro-batch takes the batch_size x parallel.data windows that all
 // data ranks took together, so the validation windows are the same ones (Trainer::validation_offsets).
-std::string one_process_config(const fs::path& config_path) {
+std::string one_process_config(const std::string& config_path) {
   toml::table config;
   try {
-    config = toml::parse_file(config_path.string());
+    config = toml::parse_file(config_path);
   } catch (const toml::parse_error& error) {
-    throw Error("'" + config_path.string() + "' is not a valid config (" + std::string(error.description()) +
+    throw Error("'" + config_path + "' is not a valid config (" + std::string(error.description()) +
                 "); it is the run's resolved config as training wrote it: restore it, or pass the run directory of another run");
   }
   int64_t processes = 1, data_parallel = config["parallel"]["data"].value_or<int64_t>(1);
@@ -47,15 +45,14 @@ std::string one_process_config(const fs::path& config_path) {
   return text.str();
 }
 
-// The step a safetensors file says it was saved at (its metadata "step"), -1 when it does not say.
-int64_t saved_step(const fs::path& file) {
+int64_t saved_step(const std::string& file) {
   std::ifstream in(file, std::ios::binary);
   uint64_t length = 0;
   if (!in.read(reinterpret_cast<char*>(&length), 8) || length > (64u << 20)) return -1;
   std::string header(length, '\0');
   if (!in.read(header.data(), static_cast<std::streamsize>(length))) return -1;
   try {
-    const JsonValue root = parse_json(header, file.string());
+    const JsonValue root = parse_json(header, file);
     const JsonValue* metadata = root.find("__metadata__");
     const JsonValue* step = metadata ? metadata->find("step") : nullptr;
     return step && step->type == JsonValue::Type::String ? std::stoll(step->text) : -1;
@@ -63,6 +60,33 @@ int64_t saved_step(const fs::path& file) {
     return -1;  // the loader names what is wrong with the file
   }
 }
+
+std::string run_config_path(const std::string& command, const std::string& run_dir) {
+  if (run_dir.empty()) throw Error(command + ": needs --run RUN_DIR, the directory of a training run (see --help)");
+  if (!fs::is_directory(run_dir))
+    throw Error(command + ": run directory '" + run_dir + "' does not exist; pass the --out folder of a training run (default runs/<run.name>)");
+  const fs::path config_path = fs::path(run_dir) / "config.toml";
+  if (!fs::is_regular_file(config_path))
+    throw Error(command + ": '" + run_dir + "' holds no config.toml, so it is not a run directory; pass the --out folder of a training run");
+  return config_path.string();
+}
+
+std::string run_weights(const std::string& command, const std::string& run_dir, const std::string& weights) {
+  if (!weights.empty()) {
+    if (!fs::is_regular_file(weights))
+      throw Error(command + ": --weights '" + weights + "': no such file; pass a model.safetensors or a checkpoint of this run");
+    return weights;
+  }
+  const fs::path final_weights = fs::path(run_dir) / "model.safetensors";
+  if (fs::is_regular_file(final_weights)) return final_weights.string();
+  const auto checkpoints = CheckpointFolder(fs::path(run_dir) / "checkpoints", 1).list();
+  if (checkpoints.empty())
+    throw Error(command + ": '" + run_dir + "' holds no weights (neither model.safetensors nor checkpoints/step_*.safetensors); "
+                "train it first, or pass --weights FILE");
+  return checkpoints.front().string();
+}
+
+namespace {
 
 std::string toml_string(const std::string& text) {
   std::string quoted = "\"";
@@ -73,35 +97,18 @@ std::string toml_string(const std::string& text) {
 }  // namespace
 
 EvalReport evaluate_run(const EvalRequest& request) {
-  if (request.run_dir.empty()) throw Error("eval: needs --run RUN_DIR, the directory of a training run (see --help)");
-  const fs::path run_dir(request.run_dir), config_path = run_dir / "config.toml";
-  if (!fs::is_directory(run_dir))
-    throw Error("eval: run directory '" + request.run_dir + "' does not exist; pass the --out folder of a training run (default runs/<run.name>)");
-  if (!fs::is_regular_file(config_path))
-    throw Error("eval: '" + request.run_dir + "' holds no config.toml, so it is not a run directory; pass the --out folder of a training run");
+  const fs::path config_path = run_config_path("eval", request.run_dir);
   EvalReport report;
   report.split = request.split.empty() ? (request.data.empty() ? "validation" : "all") : request.split;
   if (report.split != "validation" && report.split != "all")
     throw Error("eval: --split is 'validation' (the run's held-out windows) or 'all' (every window of the file), got '" + request.split + "'");
 
-  Options options = Options::from_string(one_process_config(config_path), config_path.string());
+  Options options = Options::from_string(one_process_config(config_path.string()), config_path.string());
   if (!request.data.empty()) options.set_override("data.path=" + toml_string(request.data));
   for (const auto& assignment : request.sets) options.set_override(assignment);
 
   // The weights: named, or the run's final model.safetensors, or its newest checkpoint.
-  fs::path weights = request.weights;
-  if (weights.empty()) {
-    weights = run_dir / "model.safetensors";
-    if (!fs::is_regular_file(weights)) {
-      const auto checkpoints = CheckpointFolder(run_dir / "checkpoints", 1).list();
-      if (checkpoints.empty())
-        throw Error("eval: '" + request.run_dir + "' holds no weights (neither model.safetensors nor checkpoints/step_*.safetensors); "
-                    "train it first, or pass --weights FILE");
-      weights = checkpoints.front();
-    }
-  } else if (!fs::is_regular_file(weights)) {
-    throw Error("eval: --weights '" + request.weights + "': no such file; pass a model.safetensors or a checkpoint of this run");
-  }
+  const fs::path weights = run_weights("eval", request.run_dir, request.weights);
 
   // A token file of another tokenizer gets the fix for eval, not the trainer's "raise model.vocab_size".
   const toml::table config = toml::parse_file(config_path.string());
@@ -124,7 +131,7 @@ EvalReport evaluate_run(const EvalRequest& request) {
   report.seq_len = trainer.config().seq_len;
   const EvalFigures figures = trainer.evaluate_weights(weights.string(), report.split == "validation");
   report.weights = weights.string();
-  report.step = saved_step(weights);
+  report.step = saved_step(weights.string());
   report.loss = figures.loss;
   report.perplexity = std::exp(figures.loss);
   report.windows = figures.windows, report.targets = figures.targets, report.bytes = figures.bytes;

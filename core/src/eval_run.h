@@ -26,4 +26,15 @@ struct EvalReport {
 // Throws Error naming the run directory, weights or token file and the fix on bad input.
 EvalReport evaluate_run(const EvalRequest& request);
 
+// What `pithtrain generate` (generate.cpp) loads the same way; `command` ("eval", "generate") starts
+// each error message.
+// RUN_DIR/config.toml, after checking that RUN_DIR is a run directory.
+std::string run_config_path(const std::string& command, const std::string& run_dir);
+// A run's config.toml rewritten for one process: a multi-process run's mesh and schedule dropped.
+std::string one_process_config(const std::string& config_path);
+// The weights to load: `weights` when given, else RUN_DIR/model.safetensors, else the newest checkpoint.
+std::string run_weights(const std::string& command, const std::string& run_dir, const std::string& weights);
+// The step a safetensors file says it was saved at (its metadata "step"), -1 when it does not say.
+int64_t saved_step(const std::string& file);
+
 }  // namespace pithtrain

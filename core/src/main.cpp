@@ -1,4 +1,4 @@
-// The `pithtrain` command line: train (default), plugins, plugin check, data, eval, plot, explain, convert.
+// The `pithtrain` command line: train (default), plugins, plugin check, data, eval, generate, plot, explain, convert.
 #include <unistd.h>
 
 #include <cctype>
@@ -18,6 +18,7 @@
 #include "distributed.h"
 #include "eval_run.h"
 #include "explain.h"
+#include "generate.h"
 #include "json.h"
 #include "plot.h"
 #include "pithtrain/conformance.h"
@@ -33,6 +34,7 @@ const char* kTrainHelp = R"(usage: pithtrain [--config FILE] [--plugins A.so,B.s
        pithtrain plugin check FILE.so
        pithtrain data build --out FILE [--format auto|text|fortune|jsonl] [--tokenizer ...] INPUT...
        pithtrain eval --run RUN_DIR [--data FILE] [--split validation|all] [--weights FILE] [--json]
+       pithtrain generate --run RUN_DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P] [--seed S]
        pithtrain plot RUN_DIR
        pithtrain explain [--config FILE] [--set ...]
        pithtrain convert import HF_DIR --out DIR | convert export --config F --weights W --out HF_DIR
@@ -89,6 +91,19 @@ std::vector<std::string> split_commas(const std::string& text) {
   return items;
 }
 
+// The whole of `value` as a number, or an Error naming the flag ("0.9x" and "hot" are refused).
+double number_argument(const std::string& flag, const std::string& value) {
+  size_t used = 0;
+  double result = 0;
+  try {
+    result = std::stod(value, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != value.size()) throw Error(flag + " takes a number, got '" + value + "' (see --help)");
+  return result;
+}
+
 // The whole of `value` as an integer, or an Error naming the flag (std::stoll alone would accept "2x" as 2
 // and say only "stoll" for "abc").
 int64_t integer_argument(const std::string& flag, const std::string& value) {
@@ -104,11 +119,13 @@ int64_t integer_argument(const std::string& flag, const std::string& value) {
 }
 
 struct Arguments {
-  std::string config, out, format = "auto", trace_routing, profile, tokenizer = "bytes", tokenizer_model, init_from, weights;
-  std::string run, data, split;
+  std::string config, out, format = "auto", trace_routing, profile, tokenizer, tokenizer_model, init_from, weights;
+  std::string run, data, split, prompt, device;
   int64_t train_vocab = 0;
   std::vector<std::string> plugins, sets, positional;
-  bool json = false, help = false, move_aside = false;
+  bool json = false, help = false, move_aside = false, has_prompt = false;
+  SamplingSettings sampling;  // generate: --max-tokens, --temperature, --top-p, --seed, --no-cache
+  std::vector<std::string> generate_flags;  // which of generate's own flags were given (training refuses them)
 };
 
 Arguments parse(int argc, char** argv, int first) {
@@ -135,10 +152,22 @@ Arguments parse(int argc, char** argv, int first) {
     else if (arg == "--run") args.run = value(arg);
     else if (arg == "--data") args.data = value(arg);
     else if (arg == "--split") args.split = value(arg);
+    else if (arg == "--prompt") args.prompt = value(arg), args.has_prompt = true;
+    else if (arg == "--device") args.device = value(arg);
+    else if (arg == "--max-tokens") args.sampling.max_tokens = integer_argument(arg, value(arg));
+    else if (arg == "--temperature") args.sampling.temperature = number_argument(arg, value(arg));
+    else if (arg == "--top-p") args.sampling.top_p = number_argument(arg, value(arg));
+    else if (arg == "--seed") {
+      const int64_t seed = integer_argument(arg, value(arg));
+      if (seed < 0) throw Error("--seed takes an integer >= 0, got " + std::to_string(seed));
+      args.sampling.seed = static_cast<uint64_t>(seed);
+    } else if (arg == "--no-cache") args.sampling.use_cache = false;
     else if (arg == "--set") args.sets.push_back(value(arg));
     else if (arg == "--plugins") for (auto& item : split_commas(value(arg))) args.plugins.push_back(item);
     else if (arg.rfind("--", 0) == 0) throw Error("unknown option '" + arg + "' (see --help)");
     else args.positional.push_back(arg);
+    for (const char* flag : {"--prompt", "--device", "--max-tokens", "--temperature", "--top-p", "--seed", "--no-cache"})
+      if (arg == flag) args.generate_flags.push_back(arg);
   }
   return args;
 }
@@ -237,10 +266,11 @@ int command_data(const Arguments& args) {
   if (args.positional.empty() || args.positional[0] != "build") return std::cout << kDataHelp, 2;
   std::vector<std::string> inputs(args.positional.begin() + 1, args.positional.end());
   if (args.out.empty() || inputs.empty()) throw Error("data build: needs --out FILE and at least one INPUT (see --help)");
-  TokenizerSpec tokenizer{args.tokenizer, args.tokenizer_model, args.train_vocab};
+  const std::string kind = args.tokenizer.empty() ? "bytes" : args.tokenizer;
+  TokenizerSpec tokenizer{kind, args.tokenizer_model, args.train_vocab};
   ConvertStats stats = convert_text(inputs, args.format, args.out, tokenizer, /*progress=*/true);
   std::cout << "wrote " << args.out << ": " << stats.tokens << " tokens, " << stats.documents << " documents from "
-            << stats.files << " files (" << args.tokenizer << ", vocab " << stats.vocab_size << ")";
+            << stats.files << " files (" << kind << ", vocab " << stats.vocab_size << ")";
   if (!stats.tokenizer_model.empty()) std::cout << "; tokenizer model " << stats.tokenizer_model;
   std::cout << "\n";
   return 0;
@@ -283,6 +313,84 @@ int command_eval(const Arguments& args) {
   std::cout << fmt::format("loss {:.6g} | perplexity {:.4g} | bits per byte {}\n", report.loss, report.perplexity,
                            std::isnan(report.bits_per_byte) ? std::string("n/a (not a byte-level token file)")
                                                             : fmt::format("{:.4f}", report.bits_per_byte));
+  return 0;
+}
+
+const char* kGenerateHelp = R"(usage: pithtrain generate --run RUN_DIR --prompt TEXT [--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--json]
+       pithtrain generate --config FILE --weights FILE --prompt TEXT [...]
+Continues TEXT with a run's model, in one process. The prompt, read as the start of a document, goes
+through the model once; then each new token is drawn from the model's next-token distribution and fed
+back through every attention layer's key/value cache (an attention plugin without a cache path
+recomputes the whole prefix for each token instead, and generate says so). It stops after --max-tokens
+or at the end-of-document token. The text goes to stdout as it comes; the speed and what was loaded go
+to stderr.
+  --run RUN_DIR      the training run (its --out folder): config.toml, and model.safetensors or the newest checkpoint
+  --config FILE      a config instead of a run (a run's config.toml, or one from `convert import`), with --weights
+  --weights FILE     a model.safetensors or checkpoint (with --run, default: RUN_DIR/model.safetensors, else the
+                     newest checkpoint)
+  --prompt TEXT      the text to continue ('' starts a document from nothing)
+  --max-tokens N     new tokens at most, N >= 1 (default 128; a byte-level token is one byte)
+  --temperature T    0: greedy, the most likely token each time, deterministic; T > 0: a draw from
+                     softmax(logits / T), lower is more conservative (default 1: the model's own distribution)
+  --top-p P          nucleus sampling: draw only among the most likely tokens whose probabilities reach P
+                     together, 0 < P <= 1 (default 1: every token)
+  --seed S           the sampler's seed, S >= 0 (default 0): the same command gives the same text
+  --tokenizer T      bytes, or a SentencePiece .model file (default: the tokenizer the run's token file,
+                     data.path, names; a SentencePiece model is looked for at DATA_PATH.model, where data build
+                     writes it)
+  --device D         cpu, cuda or cuda:N (default: the run's train.device)
+  --no-cache         recompute the whole prefix for every token instead of using the caches (to check or time them)
+  --json             one JSON object: text, tokens, prompt_tokens, stop, cached, tokens_per_second, notes, ...
+  --set KEY=VALUE    override a key of the config, e.g. --set train.dtype=float32
+  --plugins LIST     plugin files the run was given with --plugins (out-of-tree plugins)
+)";
+
+int command_generate(const Arguments& args) {
+  if (args.help) return std::cout << kGenerateHelp, 0;
+  if (!args.positional.empty())
+    throw Error("generate: unexpected argument '" + args.positional[0] + "' (a prompt goes after --prompt; see pithtrain generate --help)");
+  GenerateRequest request;
+  request.run_dir = args.run, request.config = args.config, request.weights = args.weights, request.tokenizer = args.tokenizer;
+  request.device = args.device, request.prompt = args.prompt, request.has_prompt = args.has_prompt;
+  request.sampling = args.sampling, request.sets = args.sets, request.plugins = args.plugins;
+  g_device = args.device.empty() ? g_device : args.device;
+  std::vector<std::string> notes;
+  auto note = [&](const std::string& text) {
+    notes.push_back(text);
+    std::cerr << "note: " << text << std::endl;
+  };
+  auto text = [&](const std::string& piece) {
+    if (!args.json) std::cout << piece << std::flush;
+  };
+  const GenerateReport report = generate_text(request, note, text);
+  const Generation& generation = report.generation;
+  g_device = report.device;
+  const double per_second = generation.seconds > 0 ? static_cast<double>(generation.tokens.size()) / generation.seconds : 0;
+  if (args.json) {
+    auto ids = [](const std::vector<int64_t>& tokens) {
+      std::string list = "[";
+      for (size_t i = 0; i < tokens.size(); ++i) list += (i ? "," : "") + std::to_string(tokens[i]);
+      return list + "]";
+    };
+    std::string note_list = "[";
+    for (size_t i = 0; i < notes.size(); ++i) note_list += (i ? "," : "") + json_quote(notes[i]);
+    std::cout << "{\"text\":" << json_quote(valid_utf8(report.text)) << ",\"prompt\":" << json_quote(valid_utf8(args.prompt))
+              << ",\"tokens\":" << ids(generation.tokens) << ",\"prompt_tokens\":" << ids(report.prompt_tokens)
+              << ",\"stop\":" << json_quote(generation.stopped ? "end_of_document" : "max_tokens")
+              << ",\"cached\":" << (generation.cached ? "true" : "false") << ",\"attention\":" << json_quote(report.attention)
+              << ",\"tokens_per_second\":" << fmt::format("{:.6g}", per_second) << ",\"seconds\":" << fmt::format("{:.6g}", generation.seconds)
+              << ",\"prompt_seconds\":" << fmt::format("{:.6g}", generation.prompt_seconds) << ",\"weights\":" << json_quote(report.weights)
+              << ",\"step\":" << report.step << ",\"tokenizer\":" << json_quote(report.tokenizer) << ",\"device\":" << json_quote(report.device)
+              << ",\"dtype\":" << json_quote(report.dtype) << ",\"notes\":" << note_list << "]}\n";
+    return 0;
+  }
+  std::cout << "\n" << std::flush;
+  std::cerr << fmt::format("{} tokens in {:.3g} s: {:.4g} tokens/s ({}; the prompt, {} tokens, took {:.3g} s), {}\n", generation.tokens.size(),
+                           generation.seconds, per_second, generation.cached ? "with the attention caches" : "recomputing the prefix",
+                           report.prompt_tokens.size(), generation.prompt_seconds,
+                           generation.stopped ? "ended at the end of document" : "ended at --max-tokens")
+            << "weights " << report.weights << (report.step >= 0 ? " (step " + std::to_string(report.step) + ")" : "") << ", tokenizer "
+            << report.tokenizer << ", " << report.device << " " << report.dtype << ", attention " << report.attention << "\n";
   return 0;
 }
 
@@ -387,6 +495,12 @@ int command_launch(int argc, char** argv) {
 int command_train(const Arguments& args) {
   if (args.help) return std::cout << kTrainHelp << default_config_help(), 0;
   if (!args.positional.empty()) throw Error("unexpected argument '" + args.positional[0] + "' (see --help)");
+  if (!args.generate_flags.empty()) {  // `pithtrain --device cuda` would otherwise train on train.device, silently
+    const std::string& flag = args.generate_flags.front();
+    const std::string key = flag == "--device" ? "train.device" : flag == "--seed" ? "train.seed" : "";
+    throw Error(flag + " is a flag of `pithtrain generate`" +
+                (key.empty() ? std::string(" (see pithtrain generate --help)") : "; for training set " + key + " (--set " + key + "=...)"));
+  }
   RunSettings settings;
   settings.plugin_files = args.plugins;
   settings.out_dir = args.out;
@@ -440,13 +554,14 @@ int run_command(int argc, char** argv) {
     if (command == "plugin") return command_plugin_check(parse(argc, argv, 2));
     if (command == "data") return command_data(parse(argc, argv, 2));
     if (command == "eval") return command_eval(parse(argc, argv, 2));
+    if (command == "generate") return command_generate(parse(argc, argv, 2));
     if (command == "plot") return command_plot(parse(argc, argv, 2));
     if (command == "explain") return command_explain(parse(argc, argv, 2));
     if (command == "convert") return command_convert(parse(argc, argv, 2));
     if (command == "launch") return command_launch(argc, argv);
     if (!command.empty() && command[0] != '-')
       throw Error("unknown command '" + command +
-                  "'; commands: plugins, plugin check, data build, eval, plot, explain, convert, launch (or none, to train)");
+                  "'; commands: plugins, plugin check, data build, eval, generate, plot, explain, convert, launch (or none, to train)");
     return command_train(parse(argc, argv, 1));
   } catch (const c10::Error& error) {  // LibTorch's what() carries a C++ backtrace: the message alone
     return report_error(error.what_without_backtrace());

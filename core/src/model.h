@@ -87,6 +87,14 @@ class Model {
   bool variable_experts_per_token() const;
   void set_step_counts(const std::vector<at::Tensor>& tokens_per_expert);
 
+  // Generation (defined in generate.cpp): the logits [B, V] of the token after tokens [B, S], which
+  // follow the caches' tokens (one cache per layer, every layer's Attention::forward_cached), or, with
+  // caches null, are the whole prefix (every layer's forward() from position 0). No gradients; the
+  // caches' lengths advance by S.
+  at::Tensor next_token_logits(const at::Tensor& tokens, std::vector<AttentionCache>* caches);
+  // Whether every layer's attention has a cache path (Attention::supports_cache).
+  bool attention_supports_cache() const;
+
   // Training FLOPs per token (forward + backward) for MFU: 6 x the matmul parameters a token uses
   // (top_k of the routed experts) + 6 x layers x seq x heads x head_dim for causal attention, counted on the
   // layers of [model.attention] (a linear-attention type's recurrence is left out).

@@ -1,4 +1,4 @@
-// SentencePiece training and encoding (Debian's libsentencepiece).
+// SentencePiece training, encoding and decoding (Debian's libsentencepiece).
 #include "sentencepiece_tokenizer.h"
 
 #include <sentencepiece_processor.h>
@@ -41,5 +41,15 @@ void SentencePieceEncoder::encode(const std::string& text, std::vector<uint32_t>
 
 uint32_t SentencePieceEncoder::end_of_document() const { return static_cast<uint32_t>(impl_->processor.eos_id()); }
 uint64_t SentencePieceEncoder::vocab_size() const { return static_cast<uint64_t>(impl_->processor.GetPieceSize()); }
+
+std::string SentencePieceEncoder::decode(const std::vector<uint32_t>& ids) const {
+  std::vector<int> pieces(ids.begin(), ids.end());
+  std::string text;
+  auto status = impl_->processor.Decode(pieces, &text);
+  if (!status.ok()) throw Error("SentencePiece decoding failed: " + status.ToString());
+  return text;
+}
+
+int64_t SentencePieceEncoder::unknown() const { return impl_->processor.unk_id(); }
 
 }  // namespace pithtrain

@@ -18,6 +18,10 @@ class SentencePieceEncoder {
   void encode(const std::string& text, std::vector<uint32_t>& out) const;  // appends ids
   uint32_t end_of_document() const;  // the model's </s> id
   uint64_t vocab_size() const;
+  // For `pithtrain generate`: ids back to text, and the <unk> id (-1 when the model has none) that
+  // marks text the model cannot encode.
+  std::string decode(const std::vector<uint32_t>& ids) const;
+  int64_t unknown() const;
 
  private:
   struct Impl;

@@ -28,6 +28,8 @@ namespace pithtrain {
 // 6: the routing contract for a varying number of experts per token (unused slots of weight 0; Routing
 //    gained statistics, Router variable_experts_per_token and straight_through, the balance losses the weights);
 //    PluginContext gained `shared`, the model-wide SharedState.
+//    Attention gained supports_cache/forward_cached (the incremental-decoding path of `pithtrain
+//    generate`, after supports_context_parallel in the vtable) and attention.h the AttentionCache.
 inline constexpr uint32_t kPluginAbiVersion = 6;
 // The LibTorch version the including code is built against; the loader refuses a plugin whose
 // string differs from the core's, because tensors cross the boundary as C++ objects.

@@ -2,6 +2,7 @@
 // the options today's MoE models add: QK RMSNorm (Qwen3, OLMoE), projection biases, learned attention
 // sinks and sliding-window layers (GPT-OSS), YaRN-scaled RoPE, an output gate and partial rotary (Qwen3-Next).
 #include <limits>
+#include <tuple>
 
 #include <ATen/ATen.h>
 
@@ -68,23 +69,7 @@ class GroupedQueryAttention final : public Attention {
 
   at::Tensor forward(const at::Tensor& hidden, const at::Tensor& positions) override {
     const int64_t batch = hidden.size(0), seq = hidden.size(1), head_dim = dims_.head_dim;
-    at::Tensor q = pithtrain::linear(hidden, q_proj_, q_bias_);  // [B, S, h * D], with the gate [B, S, h * 2D]
-    at::Tensor gate;                                              // [B, S, h * D] with output_gate
-    if (output_gate_) {
-      // Qwen3-Next's row layout: per head, its D query rows, then its D gate rows.
-      const at::Tensor per_head = q.view({batch, seq, dims_.num_heads, 2 * head_dim});
-      gate = per_head.narrow(-1, head_dim, head_dim).reshape({batch, seq, dims_.num_heads * head_dim});
-      q = per_head.narrow(-1, 0, head_dim).reshape({batch, seq, dims_.num_heads * head_dim});
-    }
-    at::Tensor k = pithtrain::linear(hidden, k_proj_, k_bias_);  // [B, S, kv * D]
-    if (qk_norm_ == "full") q = qk_rms_norm(q, q_norm_), k = qk_rms_norm(k, k_norm_);
-    q = q.view({batch, seq, dims_.num_heads, head_dim});     // [B, S, h, D]
-    k = k.view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
-    if (qk_norm_ == "head") q = qk_rms_norm(q, q_norm_), k = qk_rms_norm(k, k_norm_);
-    at::Tensor v = pithtrain::linear(hidden, v_proj_, v_bias_).view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
-    q = rotate(q, positions).transpose(1, 2);  // [B, h, S, D]
-    k = rotate(k, positions).transpose(1, 2);  // [B, kv, S, D]
-    v = v.transpose(1, 2);                                // [B, kv, S, D]
+    auto [q, k, v, gate] = project(hidden, positions);  // [B, h, S, D], [B, kv, S, D] twice, [B, S, h * D] or undefined
     at::Tensor out;                                       // [B, h, S, D]
     if (context_group_) {
       // The sequence is split over the context group: this rank's queries against every rank's keys.
@@ -103,6 +88,37 @@ class GroupedQueryAttention final : public Attention {
   }
 
   bool supports_context_parallel() const override { return true; }
+
+  // The cache holds each layer's keys and values after RoPE, {k, v} [B, kv, T, D]. With a sliding
+  // window only the last window - 1 are kept: no later query can see an older key.
+  bool supports_cache() const override { return true; }
+
+  at::Tensor forward_cached(const at::Tensor& hidden, const at::Tensor& positions, AttentionCache& cache) override {
+    const int64_t batch = hidden.size(0), seq = hidden.size(1);
+    auto [q, k, v, gate] = project(hidden, positions);  // [B, h, S, D], [B, kv, S, D] twice, [B, S, h * D] or undefined
+    if (!cache.tensors.empty()) k = at::cat({cache.tensors[0], k}, 2), v = at::cat({cache.tensors[1], v}, 2);  // [B, kv, T, D]
+    const int64_t keys = k.size(2), end = cache.length + seq;
+    // Query i (position p_i) sees key j (position p_j) when 0 <= p_i - p_j (< window); the keys held are
+    // positions end - T .. end - 1.
+    at::Tensor key_positions = at::arange(end - keys, end, positions.options());  // [T]
+    at::Tensor distance = positions.unsqueeze(1) - key_positions.unsqueeze(0);    // [S, T]
+    at::Tensor mask = distance >= 0;
+    if (window_ > 0) mask = mask & (distance < window_);
+    at::Tensor out;  // [B, h, S, D]
+    if (sinks_.defined()) {
+      out = sink_attention(q, k, v, mask);
+    } else {
+      std::optional<at::Tensor> sdpa_mask;  // one new token sees every key held (the window trims the rest)
+      if (seq > 1) sdpa_mask = mask;
+      out = at::scaled_dot_product_attention(q, k, v, sdpa_mask, 0.0, /*is_causal=*/false, std::nullopt,
+                                             /*enable_gqa=*/dims_.num_kv_heads != dims_.num_heads);
+    }
+    const int64_t kept = window_ > 0 ? std::min(keys, window_ - 1) : keys;
+    cache.tensors = {k.narrow(2, keys - kept, kept), v.narrow(2, keys - kept, kept)};
+    out = out.transpose(1, 2).reshape({batch, seq, dims_.num_heads * dims_.head_dim});  // [B, S, h * D]
+    if (gate.defined()) out = out * at::sigmoid(gate);
+    return pithtrain::linear(out, o_proj_, o_bias_);  // [B, S, H]
+  }
 
   std::vector<Parameter> parameters() override {
     std::vector<Parameter> result = {{"q_proj", q_proj_, true}, {"k_proj", k_proj_, true}, {"v_proj", v_proj_, true},
@@ -146,6 +162,43 @@ class GroupedQueryAttention final : public Attention {
     at::Tensor sink = sinks_.to(compute).view({1, -1, 1, 1}).expand({batch, dims_.num_heads, seq, 1});        // [B, h, S, 1]
     at::Tensor probs = at::softmax(at::cat({scores, sink}, -1), -1).narrow(-1, 0, seq);                       // [B, h, S, S]
     return at::matmul(probs.to(v.scalar_type()), v);                                                         // [B, h, S, D]
+  }
+
+  // The projections, norms and RoPE shared by forward() and forward_cached(): queries [B, h, S, D], keys
+  // and values [B, kv, S, D], and with output_gate the gate [B, S, h * D].
+  struct Projected {
+    at::Tensor q, k, v, gate;
+  };
+  Projected project(const at::Tensor& hidden, const at::Tensor& positions) const {
+    const int64_t batch = hidden.size(0), seq = hidden.size(1), head_dim = dims_.head_dim;
+    at::Tensor q = pithtrain::linear(hidden, q_proj_, q_bias_);  // [B, S, h * D], with the gate [B, S, h * 2D]
+    at::Tensor gate;
+    if (output_gate_) {
+      // Qwen3-Next's row layout: per head, its D query rows, then its D gate rows.
+      const at::Tensor per_head = q.view({batch, seq, dims_.num_heads, 2 * head_dim});
+      gate = per_head.narrow(-1, head_dim, head_dim).reshape({batch, seq, dims_.num_heads * head_dim});
+      q = per_head.narrow(-1, 0, head_dim).reshape({batch, seq, dims_.num_heads * head_dim});
+    }
+    at::Tensor k = pithtrain::linear(hidden, k_proj_, k_bias_);  // [B, S, kv * D]
+    if (qk_norm_ == "full") q = qk_rms_norm(q, q_norm_), k = qk_rms_norm(k, k_norm_);
+    q = q.view({batch, seq, dims_.num_heads, head_dim});     // [B, S, h, D]
+    k = k.view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
+    if (qk_norm_ == "head") q = qk_rms_norm(q, q_norm_), k = qk_rms_norm(k, k_norm_);
+    at::Tensor v = pithtrain::linear(hidden, v_proj_, v_bias_).view({batch, seq, dims_.num_kv_heads, head_dim});  // [B, S, kv, D]
+    return {rotate(q, positions).transpose(1, 2), rotate(k, positions).transpose(1, 2), v.transpose(1, 2), gate};
+  }
+
+  // attention_with_sinks for queries [B, h, S, D] over other keys [B, kv, T, D] (the cache's): `mask`
+  // [S, T] says which key each query may see.
+  at::Tensor sink_attention(const at::Tensor& q, at::Tensor k, at::Tensor v, const at::Tensor& mask) const {
+    const int64_t batch = q.size(0), seq = q.size(2), groups = dims_.num_heads / dims_.num_kv_heads;
+    if (groups > 1) k = k.repeat_interleave(groups, 1), v = v.repeat_interleave(groups, 1);  // [B, h, T, D]
+    const auto compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)).to(compute) / std::sqrt(static_cast<double>(dims_.head_dim));
+    scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity());           // [B, h, S, T]
+    at::Tensor sink = sinks_.to(compute).view({1, -1, 1, 1}).expand({batch, dims_.num_heads, seq, 1});  // [B, h, S, 1]
+    at::Tensor probs = at::softmax(at::cat({scores, sink}, -1), -1).narrow(-1, 0, k.size(2));           // [B, h, S, T]
+    return at::matmul(probs.to(v.scalar_type()), v);                                                   // [B, h, S, D]
   }
 
   ModelDims dims_;

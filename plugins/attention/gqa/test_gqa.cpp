@@ -213,3 +213,58 @@ TEST(GroupedQueryAttention, ZeroCenteredQkNormScalesByOnePlusWeight) {
     EXPECT_NE(std::string(error.what()).find("test.toml:1: qk_norm_zero_centered"), std::string::npos) << error.what();
   }
 }
+
+// The cache path (pithtrain generate): the sequence fed in pieces through forward_cached gives, row for
+// row, what forward() gives on the whole sequence, for every option; with a window, over more tokens
+// than the window, so the trimmed cache is exercised.
+namespace {
+
+void compare_cached(const std::string& toml, int64_t heads, int64_t kv_heads, int64_t layer_index = 0) {
+  at::manual_seed(heads * 7 + kv_heads);
+  PluginContext context;
+  context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = heads, .num_kv_heads = kv_heads, .head_dim = 4,
+                  .rope_theta = 100.0, .init_std = 0.4};
+  context.dtype = at::kDouble;
+  context.layer_index = layer_index;
+  Options options = Options::from_string(toml, "test.toml");
+  auto attention = pithtrain_plugin()->make_attention(options, context);
+  options.check_unknown_keys("attention plugin 'gqa'");
+  ASSERT_TRUE(attention->supports_cache());
+  at::NoGradGuard no_grad;
+  for (auto& parameter : attention->parameters())  // norms, biases and sinks start at 1 or 0: give them values that matter
+    if (parameter.tensor.dim() == 1) parameter.tensor.normal_(0.5, 1.0);
+  const int64_t batch = 2, seq = 9;
+  at::Tensor x = at::randn({batch, seq, 12}, at::kDouble);
+  at::Tensor whole = attention->forward(x, at::arange(seq, at::kLong));  // [B, S, H]
+  AttentionCache cache;
+  std::vector<at::Tensor> pieces;
+  for (int64_t start = 0; int64_t piece : {3, 1, 1, 2, 1, 1}) {  // a prompt of 3, then single tokens and a pair
+    pieces.push_back(attention->forward_cached(x.narrow(1, start, piece), at::arange(start, start + piece, at::kLong), cache));
+    cache.length = start += piece;
+  }
+  at::Tensor cached = at::cat(pieces, 1);
+  EXPECT_TRUE(at::allclose(cached, whole, 1e-12, 1e-12)) << toml << ": " << (cached - whole).abs().max();
+}
+
+}  // namespace
+
+TEST(GroupedQueryAttention, CacheMatchesForwardMultiHead) { compare_cached("", 3, 3); }
+TEST(GroupedQueryAttention, CacheMatchesForwardGroupedQuery) { compare_cached("", 4, 2); }
+TEST(GroupedQueryAttention, CacheMatchesForwardWithQkNorms) {
+  compare_cached("qk_norm = \"head\"\n", 4, 2);
+  compare_cached("qk_norm = \"full\"\n", 4, 1);
+}
+TEST(GroupedQueryAttention, CacheMatchesForwardQwen3NextLayers) {  // the output gate, partial rotary, zero-centred norms
+  compare_cached("output_gate = true\npartial_rotary_factor = 0.5\nqk_norm = \"head\"\nqk_norm_zero_centered = true\n", 4, 2);
+  compare_cached("output_gate = true\npartial_rotary_factor = 0.5\n", 4, 1);
+}
+TEST(GroupedQueryAttention, CacheMatchesForwardWithSlidingWindow) {
+  compare_cached("sliding_window = 3\n", 4, 2);
+  compare_cached("sliding_window = 1\n", 4, 2);
+}
+TEST(GroupedQueryAttention, CacheMatchesForwardGptOssLayers) {
+  const std::string gpt_oss = "bias = true\nsinks = true\nsliding_window = 2\nsliding_window_layers = \"even\"\n"
+                              "rope_scaling = \"yarn\"\nrope_factor = 8.0\nrope_original_max_positions = 64\n";
+  compare_cached(gpt_oss, 4, 2, /*layer_index=*/0);  // windowed
+  compare_cached(gpt_oss, 4, 2, /*layer_index=*/1);  // full attention with sinks
+}

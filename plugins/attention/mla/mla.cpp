@@ -1,7 +1,7 @@
 // MultiHeadLatentAttention: DeepSeek-V2's MLA (arXiv:2405.04434, section 2.1). Keys and values come from
 // a shared low-rank latent c = RMSNorm(W_dkv x) [kv_lora_rank]; each head's key is [W_uk c ; RoPE(k_rope)]
 // with one rotary key k_rope shared by all heads, its value W_uv c; queries are [q_nope ; RoPE(q_rope)],
-// optionally through their own low-rank bottleneck (q_lora_rank).
+// optionally through their own low-rank bottleneck (q_lora_rank). Generation caches only c and the rotary key.
 #include <ATen/ATen.h>
 
 #include "pithtrain/attention.h"
@@ -60,6 +60,41 @@ class MultiHeadLatentAttention final : public Attention {
     at::Tensor value = kv.narrow(-1, nope_dim_, v_dim_).transpose(1, 2);                         // [B, h, S, v]
     at::Tensor out = at::scaled_dot_product_attention(query, key, value, {}, 0.0, /*is_causal=*/true, softmax_scale_);  // [B, h, S, v]
     return pithtrain::linear(out.transpose(1, 2).reshape({batch, seq, heads * v_dim_}), o_proj_);     // [B, S, H]
+  }
+
+  // The cache is what makes MLA cheap to decode: per token only the latent c [kv_lora_rank] and the
+  // shared rotary key [qk_rope_head_dim], {latent [B, T, c], k_rope [B, T, r]}, never per-head keys and
+  // values. Attention runs in the latent space ("absorbed" W_uk and W_uv): q_nope . (W_uk c) =
+  // (W_uk^T q_nope) . c and sum_t p_t W_uv c_t = W_uv sum_t p_t c_t, so the cached latents are never
+  // expanded to heads.
+  bool supports_cache() const override { return true; }
+
+  at::Tensor forward_cached(const at::Tensor& hidden, const at::Tensor& positions, AttentionCache& cache) override {
+    const int64_t batch = hidden.size(0), seq = hidden.size(1), heads = dims_.num_heads;
+    at::Tensor q = (q_lora_rank_ == 0 ? pithtrain::linear(hidden, q_proj_)
+                                      : pithtrain::linear(rms_norm(pithtrain::linear(hidden, q_a_proj_), q_a_norm_, norm_eps_), q_b_proj_))
+                       .view({batch, seq, heads, nope_dim_ + rope_dim_});                                          // [B, S, h, n + r]
+    at::Tensor compressed = pithtrain::linear(hidden, kv_a_proj_);                                                  // [B, S, c + r]
+    at::Tensor latent = rms_norm(compressed.narrow(-1, 0, kv_lora_rank_), kv_a_norm_, norm_eps_);                   // [B, S, c]
+    at::Tensor k_rope = apply_rope_interleaved(compressed.narrow(-1, kv_lora_rank_, rope_dim_).unsqueeze(2), positions, rope_)
+                            .squeeze(2);                                                                           // [B, S, r]
+    if (!cache.tensors.empty()) latent = at::cat({cache.tensors[0], latent}, 1), k_rope = at::cat({cache.tensors[1], k_rope}, 1);
+    cache.tensors = {latent, k_rope};                                                                               // [B, T, c], [B, T, r]
+    const at::Tensor up = kv_b_proj_.view({heads, nope_dim_ + v_dim_, kv_lora_rank_});                              // [h, n + v, c]
+    at::Tensor q_latent = at::einsum("bshn,hnc->bhsc", {q.narrow(-1, 0, nope_dim_), up.narrow(1, 0, nope_dim_)});  // [B, h, S, c]
+    at::Tensor q_rope = apply_rope_interleaved(q.narrow(-1, nope_dim_, rope_dim_), positions, rope_).transpose(1, 2);  // [B, h, S, r]
+    at::Tensor query = at::cat({q_latent, q_rope}, -1);                                                              // [B, h, S, c + r]
+    at::Tensor key = at::cat({latent, k_rope}, -1).unsqueeze(1);                                                     // [B, 1, T, c + r]
+    // Query i (position cache.length + i) sees keys 0 .. cache.length + i; one new token sees them all.
+    std::optional<at::Tensor> mask;
+    if (seq > 1) {
+      at::Tensor key_positions = at::arange(latent.size(1), positions.options());  // [T]
+      mask = key_positions.unsqueeze(0) <= positions.unsqueeze(1);                  // [S, T]
+    }
+    at::Tensor out = at::scaled_dot_product_attention(query, key, latent.unsqueeze(1), mask, 0.0, /*is_causal=*/false, softmax_scale_,
+                                                      /*enable_gqa=*/true);                                        // [B, h, S, c]
+    out = at::einsum("bhsc,hvc->bshv", {out, up.narrow(1, nope_dim_, v_dim_)});                                    // [B, S, h, v]
+    return pithtrain::linear(out.reshape({batch, seq, heads * v_dim_}), o_proj_);                                    // [B, S, H]
   }
 
   std::vector<Parameter> parameters() override {

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 
 #include "pithtrain/attention.h"
 
@@ -75,3 +76,44 @@ void compare(int64_t q_lora_rank) {
 
 TEST(MultiHeadLatentAttention, WithoutQueryCompressionMatchesNaive) { compare(0); }
 TEST(MultiHeadLatentAttention, WithQueryCompressionMatchesNaive) { compare(7); }
+
+// The cache path (pithtrain generate, attention in the latent space): the sequence fed in pieces through
+// forward_cached gives, row for row, what forward() gives on the whole sequence.
+namespace {
+
+void compare_cached(int64_t q_lora_rank, const std::string& extra = "") {
+  at::manual_seed(q_lora_rank + 11);
+  PluginContext context;
+  context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = 3, .num_kv_heads = 3, .head_dim = 4, .rope_theta = 50.0, .init_std = 0.3};
+  context.dtype = at::kDouble;
+  Options options = Options::from_string("q_lora_rank = " + std::to_string(q_lora_rank) +
+                                             "\nkv_lora_rank = 6\nqk_nope_head_dim = 4\nqk_rope_head_dim = 2\nv_head_dim = 5\n" + extra,
+                                         "test.toml");
+  auto attention = pithtrain_plugin()->make_attention(options, context);
+  options.check_unknown_keys("attention plugin 'mla'");
+  ASSERT_TRUE(attention->supports_cache());
+  at::NoGradGuard no_grad;
+  for (auto& parameter : attention->parameters())  // the norms start at 1: give them values that matter
+    if (parameter.tensor.dim() == 1) parameter.tensor.normal_(1.0, 0.5);
+  const int64_t batch = 2, seq = 8;
+  at::Tensor x = at::randn({batch, seq, 12}, at::kDouble);
+  at::Tensor whole = attention->forward(x, at::arange(seq, at::kLong));  // [B, S, H]
+  AttentionCache cache;
+  std::vector<at::Tensor> pieces;
+  for (int64_t start = 0; int64_t piece : {3, 1, 2, 1, 1}) {
+    pieces.push_back(attention->forward_cached(x.narrow(1, start, piece), at::arange(start, start + piece, at::kLong), cache));
+    cache.length = start += piece;
+  }
+  ASSERT_EQ(cache.tensors.size(), 2u);
+  EXPECT_EQ(cache.tensors[0].sizes(), at::IntArrayRef({batch, seq, 6}));  // the latent, not per-head keys
+  at::Tensor cached = at::cat(pieces, 1);
+  EXPECT_TRUE(at::allclose(cached, whole, 1e-12, 1e-12)) << (cached - whole).abs().max();
+}
+
+}  // namespace
+
+TEST(MultiHeadLatentAttention, CacheMatchesForwardWithoutQueryCompression) { compare_cached(0); }
+TEST(MultiHeadLatentAttention, CacheMatchesForwardWithQueryCompression) { compare_cached(7); }
+TEST(MultiHeadLatentAttention, CacheMatchesForwardWithYarn) {
+  compare_cached(7, "rope_scaling = \"yarn\"\nrope_factor = 4.0\nrope_original_max_positions = 4\nrope_mscale_all_dim = 1.0\n");
+}
