@@ -87,6 +87,21 @@ TEST_P(EveryArchitecture, CachedGenerationEqualsRecomputingThePrefix) {
   std::printf("%s: %s logits differ by at most %.3g\n", GetParam().c_str(),
               has_cache ? "cached and recomputed" : "two recomputed (no cache path)", difference);
 
+  // Teacher forcing through the training forward gives the same logits: generation runs the model that
+  // trains (its norms, gates and shared experts), not a copy of it. 1e-5: the same sums at a different
+  // batch shape; a missing gate or a plain norm where a zero-centred one belongs moves them by ~1e-1.
+  {
+    std::vector<int64_t> sequence = prompt;
+    sequence.insert(sequence.end(), cached.tokens.begin(), cached.tokens.end());
+    at::NoGradGuard no_grad;
+    const at::Tensor logits = model.forward(at::tensor(sequence, at::kLong).unsqueeze(0)).logits;  // [1, S, V]
+    ASSERT_TRUE(logits.defined());
+    double forced = 0;  // row i predicts token i + 1; generated token j came from row prompt + j - 1
+    for (size_t j = 0; j < cached.logits.size(); ++j)
+      forced = std::max(forced, (cached.logits[j] - logits[0][static_cast<int64_t>(prompt.size() + j) - 1]).abs().max().item<double>());
+    EXPECT_LT(forced, 1e-5) << GetParam() << ": generation's logits differ from the training forward's";
+  }
+
   // Sampling: the same seed draws the same tokens on both paths and again; the tokens depend on the seed.
   SamplingSettings sampled;
   sampled.temperature = 0.9, sampled.top_p = 0.95, sampled.seed = 5, sampled.max_tokens = 16;

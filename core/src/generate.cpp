@@ -41,21 +41,18 @@ at::Tensor Model::next_token_logits(const at::Tensor& tokens, std::vector<Attent
   at::Tensor x = at::embedding(embedding_, tokens.to(context_.device));  // [B, S, H]
   for (size_t index = 0; index < layers_.size(); ++index) {
     DecoderLayer& layer = layers_[index];
-    const at::Tensor normed = rms_norm(x, layer.attention_norm, norm_eps_);
+    const at::Tensor normed = norm(x, layer.attention_norm);
     x = x + (caches ? layer.attention->forward_cached(normed, positions, (*caches)[index]) : layer.attention->forward(normed, positions));
     // The FFN half of forward_unit's decoder layer, without the training statistics.
-    const at::Tensor flat = rms_norm(x, layer.ffn_norm, norm_eps_).reshape({batch * seq, hidden});  // [T, H]
-    at::Tensor ffn_out;                                                                             // [T, H]
+    const at::Tensor flat = norm(x, layer.ffn_norm).reshape({batch * seq, hidden});  // [T, H]
+    at::Tensor ffn_out;                                                              // [T, H]
     if (layer.router) ffn_out = layer.experts->forward(flat, layer.router->route(flat));
-    if (layer.ffn_gate_proj.defined()) {
-      const at::Tensor dense = swiglu(flat, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);
-      ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
-    }
+    if (at::Tensor dense = dense_ffn(layer, flat); dense.defined()) ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
     x = x + ffn_out.view({batch, seq, hidden});
   }
   if (caches)
     for (auto& cache : *caches) cache.length += seq;
-  return pithtrain::linear(rms_norm(x.select(1, seq - 1), final_norm_, norm_eps_), lm_head_);  // [B, V]
+  return pithtrain::linear(norm(x.select(1, seq - 1), final_norm_), lm_head_);  // [B, V]
 }
 
 bool Model::attention_supports_cache() const {

@@ -176,12 +176,15 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
     output.routed_tokens.push_back(normed.size(0));
     for (const auto& statistic : routing.statistics) output.router_statistics[statistic.name].push_back(statistic.tensor.detach());
   }
-  if (layer.ffn_gate_proj.defined()) {
-    at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);
-    if (layer.shared_expert_gate.defined()) dense = dense * at::sigmoid(pithtrain::linear(normed, layer.shared_expert_gate));  // [T, 1]
-    ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
-  }
+  if (at::Tensor dense = dense_ffn(layer, normed); dense.defined()) ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
   return {x + ffn_out.view({batch, seq, hidden}), aux_loss};
+}
+
+at::Tensor Model::dense_ffn(const DecoderLayer& layer, const at::Tensor& normed) const {
+  if (!layer.ffn_gate_proj.defined()) return {};
+  at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);  // [T, H]
+  if (layer.shared_expert_gate.defined()) dense = dense * at::sigmoid(pithtrain::linear(normed, layer.shared_expert_gate));  // [T, 1]
+  return dense;
 }
 
 at::Tensor Model::norm(const at::Tensor& x, const at::Tensor& weight) const {

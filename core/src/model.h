@@ -110,6 +110,9 @@ class Model {
   void check_router_loss(const Routing& routing, int64_t layer) const;
   // The layer and final RMSNorm: x_hat * weight, or x_hat * (1 + weight) with norm_zero_centered.
   at::Tensor norm(const at::Tensor& x, const at::Tensor& weight) const;
+  // A layer's dense FFN (dense layers, shared experts; with shared_expert_gate scaled by its sigmoid gate)
+  // on normed [T, H], or undefined when the layer has none. Training and generation both call it.
+  at::Tensor dense_ffn(const DecoderLayer& layer, const at::Tensor& normed) const;
 
   PluginContext context_;
   bool router_checked_ = false;
