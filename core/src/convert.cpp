@@ -504,7 +504,8 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   // headers and gives each output's dtype and shape (the output's header comes first), then with the data,
   // each output written as soon as it is made.
   bool planning = true;
-  auto fetch = [&](const std::string& name, at::IntArrayRef shape) {
+  // The file and header entry of `name`, checked against the shape the model needs.
+  auto locate = [&](const std::string& name, at::IntArrayRef shape) -> std::pair<const SafetensorsReader*, const TensorEntry*> {
     auto found = file_of.find(name);
     if (found == file_of.end()) throw Error(hf_dir + ": tensor '" + name + "' is missing (no shard lists it)");
     auto opened = shards.find(found->second);
@@ -517,7 +518,28 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
       throw Error(found->second + ": tensor '" + name + "' has shape " + c10::str(at::IntArrayRef(tensor->shape)) +
                   ", config.json implies " + c10::str(shape));
     used.insert(name);
-    return planning ? at::empty(shape, at::TensorOptions().dtype(tensor->dtype).device(c10::kMeta)) : shard.read(*tensor);
+    return {&shard, tensor};
+  };
+  auto fetch = [&](const std::string& name, at::IntArrayRef shape) {
+    auto [shard, tensor] = locate(name, shape);
+    return planning ? at::empty(shape, at::TensorOptions().dtype(tensor->dtype).device(c10::kMeta)) : shard->read(*tensor);
+  };
+  // Tensors of one shape stacked into [N, ...] (one layer's experts), each read straight into its slice: the
+  // stack is in memory once. Mixed dtypes are promoted, as at::stack would.
+  auto fetch_stacked = [&](const std::vector<std::string>& names, at::IntArrayRef shape) {
+    std::vector<std::pair<const SafetensorsReader*, const TensorEntry*>> parts;
+    for (const auto& name : names) parts.push_back(locate(name, shape));
+    at::ScalarType dtype = parts.front().second->dtype;
+    for (const auto& part : parts) dtype = c10::promoteTypes(dtype, part.second->dtype);
+    std::vector<int64_t> sizes = shape.vec();
+    sizes.insert(sizes.begin(), static_cast<int64_t>(names.size()));
+    if (planning) return at::empty(sizes, at::TensorOptions().dtype(dtype).device(c10::kMeta));
+    at::Tensor stacked = at::empty(sizes, at::TensorOptions().dtype(dtype));  // [N, ...]
+    for (size_t i = 0; i < parts.size(); ++i) {
+      if (parts[i].second->dtype == dtype) parts[i].first->read_into(*parts[i].second, stacked[i]);
+      else stacked[i].copy_(parts[i].first->read(*parts[i].second));
+    }
+    return stacked;
   };
   std::vector<TensorEntry> planned;  // the output's tensors, in file order
   std::optional<SafetensorsWriter> writer;
@@ -546,10 +568,10 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
         for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
           const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
           std::vector<int64_t> shape(shape_of.at(our_name).begin() + 1, shape_of.at(our_name).end());
-          std::vector<at::Tensor> per_expert;
+          std::vector<std::string> per_expert;
           for (int64_t expert = 0; expert < layout.experts; ++expert)
-            per_expert.push_back(fetch(base + std::to_string(expert) + "." + theirs + ".weight", shape));
-          tensors.push_back({our_name, at::stack(per_expert)});  // [E, ...]
+            per_expert.push_back(base + std::to_string(expert) + "." + theirs + ".weight");
+          tensors.push_back({our_name, fetch_stacked(per_expert, shape)});  // [E, ...]
         }
         continue;
       }

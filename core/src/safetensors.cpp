@@ -391,8 +391,16 @@ const TensorEntry* SafetensorsReader::find(const std::string& name) const {
 
 at::Tensor SafetensorsReader::read(const TensorEntry& entry) const {
   at::Tensor tensor = at::empty(entry.shape, at::TensorOptions().dtype(entry.dtype));
-  if (entry.end > entry.begin) read_at(fd_, path_, entry.begin, static_cast<char*>(tensor.data_ptr()), entry.end - entry.begin);
+  read_into(entry, tensor);
   return tensor;
+}
+
+void SafetensorsReader::read_into(const TensorEntry& entry, const at::Tensor& out) const {
+  if (!out.is_cpu() || !out.is_contiguous() || out.scalar_type() != entry.dtype ||
+      static_cast<uint64_t>(out.numel()) * out.element_size() != entry.end - entry.begin)
+    throw Error("cannot read tensor " + entry.name + " of '" + path_ + "' into a " + c10::toString(out.scalar_type()) + " " +
+                c10::str(out.sizes()) + " tensor: it is " + c10::toString(entry.dtype) + " " + c10::str(at::IntArrayRef(entry.shape)));
+  if (entry.end > entry.begin) read_at(fd_, path_, entry.begin, static_cast<char*>(out.data_ptr()), entry.end - entry.begin);
 }
 
 struct SafetensorsWriter::State {

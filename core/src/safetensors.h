@@ -55,6 +55,8 @@ class SafetensorsReader {
   const std::vector<TensorEntry>& tensors() const { return tensors_; }  // in header order
   const TensorEntry* find(const std::string& name) const;
   at::Tensor read(const TensorEntry& entry) const;  // a new CPU tensor
+  // Reads into `out` (a contiguous CPU tensor of the entry's dtype and element count, e.g. one slice of a stack).
+  void read_into(const TensorEntry& entry, const at::Tensor& out) const;
 
  private:
   std::string path_;
