@@ -154,6 +154,22 @@ def hf_folder(config_changes=None, drop_keys=(), tensor_changes=None, drop_tenso
     return files
 
 
+def hf_sharded_folder(shard_changes=None, move_in_index=None):
+    """Files of a good Hugging Face folder `hf/` with its tensors in two shards and model.safetensors.index.json;
+    shard_changes: {1 or 2: bytes -> bytes} spoils a shard; move_in_index: {tensor: shard} misleads the index."""
+    tensors = list(hf_tensors().items())
+    parts = {1: dict(tensors[:len(tensors) // 2]), 2: dict(tensors[len(tensors) // 2:])}
+    files, weight_map = {"hf/config.json": json.dumps(HF_CONFIG, indent=2)}, {}
+    for number, part in parts.items():
+        name = f"model-{number:05d}-of-00002.safetensors"
+        files["hf/" + name] = (shard_changes or {}).get(number, lambda data: data)(safetensors(part))
+        weight_map.update({tensor: name for tensor in part})
+    for tensor, number in (move_in_index or {}).items():
+        weight_map[tensor] = f"model-{number:05d}-of-00002.safetensors"
+    files["hf/model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map})
+    return files
+
+
 def flip_bit(data, offset, bit=0):
     data = bytearray(data)
     data[offset] ^= 1 << bit
@@ -531,6 +547,17 @@ CASES = [
          {**hf_folder(weights=False), "hf/model.safetensors.index.json":
           json.dumps({"weight_map": {name: "model-00001-of-00001.safetensors" for name in hf_tensors()}})},
          r"hf/model\.safetensors\.index\.json: lists shard 'model-00001-of-00001\.safetensors' .*does not exist"),
+    Case("hf_shard_truncated", IMPORT, hf_sharded_folder({2: lambda data: data[:-100]}),
+         r"'hf/model-00002-of-00002\.safetensors': tensor .* lies outside the file \(truncated\?\); it is damaged or not a "
+         r"safetensors file; download it again"),
+    Case("hf_shard_not_safetensors", IMPORT, hf_sharded_folder({1: lambda data: b"<html>404 Not Found</html>\n"}),
+         r"'hf/model-00001-of-00002\.safetensors' has a header larger than the file; it is damaged or not a safetensors file; "
+         r"download it again"),
+    Case("hf_shard_empty", IMPORT, hf_sharded_folder({2: lambda data: b""}),
+         r"'hf/model-00002-of-00002\.safetensors' is too short; it is damaged or not a safetensors file; download it again"),
+    Case("hf_shard_lacks_tensor", IMPORT, hf_sharded_folder(move_in_index={Q_PROJ: 2}),
+         r"hf/model-00002-of-00002\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' is missing "
+         r"\(model\.safetensors\.index\.json lists it in this shard: download the shard again\)"),
     Case("hf_out_is_a_file", ["convert", "import", "hf", "--out", "afile"], {**hf_folder(), "afile": "not a folder\n"},
          r"--out afile: cannot create the folder"),
     Case("hf_failed_import_keeps_out", IMPORT,
@@ -542,6 +569,7 @@ CASES = [
 # Good inputs that must work, so that each family's bad cases fail for the reason they name.
 CONTROLS = [
     Case("control_hf_import", IMPORT, hf_folder(), ""),
+    Case("control_hf_sharded_import", IMPORT, hf_sharded_folder(), ""),
     Case("control_data_build", ["data", "build", "--out", "o.tokens", "in.jsonl"],
          {"in.jsonl": '{"text": "one"}\n{"text": "two"}\n'}, ""),
     Case("control_init_from", **train(args=[*INIT, "--set", "train.steps=1"], files={"ck.safetensors": ck()}), expect=""),

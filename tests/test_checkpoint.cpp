@@ -1,6 +1,6 @@
 // Checkpoint files on their own: the whole-file checksum against every flipped bit, files of the older
-// tensor-bytes-only checksum, Python's safetensors reading what we write, and the checkpoint folder's
-// handling of unfinished and failed saves.
+// tensor-bytes-only checksum, the streaming reader and writer against the whole-file ones, Python's
+// safetensors reading what we write, and the checkpoint folder's handling of unfinished and failed saves.
 #include <gtest/gtest.h>
 
 #include <signal.h>
@@ -195,6 +195,82 @@ TEST(Safetensors, FilesOfTheOlderTensorBytesChecksumStillLoadAndVerify) {
   write_bytes(dir / "foreign.safetensors",
               std::string(reinterpret_cast<const char*>(&size), 8) + foreign + std::string(reinterpret_cast<const char*>(&one), 4));
   EXPECT_EQ(load_safetensors((dir / "foreign.safetensors").string()).find("w")->item<float>(), 1.0f);
+}
+
+std::string reader_error(const fs::path& path) {
+  try {
+    SafetensorsReader reader(path.string());
+    for (const auto& entry : reader.tensors()) reader.read(entry);
+  } catch (const Error& error) {
+    return error.what();
+  }
+  return "(no error)";
+}
+
+// SafetensorsWriter and SafetensorsReader (convert import, tensor by tensor) against the whole-file functions:
+// the same bytes, the same tensors, the same refusals.
+TEST(Safetensors, TheStreamingWriterAndReaderMatchTheWholeFileOnes) {
+  const fs::path dir = fresh_dir("streaming");
+  const auto tensors = small_tensors();
+  save_safetensors((dir / "whole.safetensors").string(), tensors, kMetadata);
+  std::vector<TensorEntry> layout;
+  for (const auto& item : tensors) layout.push_back({item.name, item.tensor.scalar_type(), item.tensor.sizes().vec()});
+  {
+    SafetensorsWriter writer((dir / "streamed.safetensors").string(), layout, kMetadata);
+    for (const auto& item : tensors) writer.write(item.name, item.tensor);
+    writer.commit();
+  }
+  const std::string bytes = read_bytes(dir / "whole.safetensors");
+  EXPECT_EQ(read_bytes(dir / "streamed.safetensors"), bytes) << "the streamed file differs from save_safetensors'";
+
+  SafetensorsReader reader((dir / "streamed.safetensors").string());
+  ASSERT_EQ(reader.tensors().size(), tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    EXPECT_EQ(reader.tensors()[i].name, tensors[i].name);
+    EXPECT_TRUE(at::equal(reader.read(*reader.find(tensors[i].name)), tensors[i].tensor)) << tensors[i].name;
+  }
+  EXPECT_EQ(reader.metadata().at("model_config"), kMetadata.at("model_config"));
+  // read_into fills one slice of a stack in place.
+  at::Tensor stacked = at::zeros({2, 5, 3});
+  reader.read_into(*reader.find("model/embedding.weight"), stacked[1]);
+  EXPECT_TRUE(at::equal(stacked[1], tensors[0].tensor));
+  EXPECT_TRUE(at::equal(stacked[0], at::zeros({5, 3})));
+  EXPECT_THROW(reader.read_into(*reader.find("model/embedding.weight"), at::zeros({5, 3}, at::kDouble)), Error);
+
+  // The reader refuses every flipped bit, as load_safetensors does, naming the file.
+  const fs::path flipped = dir / "flipped.safetensors";
+  for (size_t byte = 0; byte < bytes.size(); ++byte)
+    for (int bit = 0; bit < 8; ++bit) {
+      std::string damaged = bytes;
+      damaged[byte] = static_cast<char>(damaged[byte] ^ (1 << bit));
+      write_bytes(flipped, damaged);
+      const std::string error = reader_error(flipped);
+      const bool named = error.find("'" + flipped.string() + "'") != std::string::npos && error.find("damaged") != std::string::npos;
+      ASSERT_TRUE(named) << "byte " << byte << " bit " << bit << ": " << error;
+    }
+  for (size_t length : {size_t{0}, size_t{5}, size_t{40}, bytes.size() - 1}) {
+    write_bytes(flipped, bytes.substr(0, length));
+    EXPECT_NE(reader_error(flipped).find("damaged"), std::string::npos) << "truncated to " << length;
+  }
+  // Files of the older checksum verify (and a flipped data bit is refused) when streamed too.
+  write_bytes(flipped, old_format_file());
+  EXPECT_EQ(reader_error(flipped), "(no error)");
+  std::string old = old_format_file();
+  old[old.size() - 3] = static_cast<char>(old[old.size() - 3] ^ 0x10);
+  write_bytes(flipped, old);
+  EXPECT_NE(reader_error(flipped).find("checksum mismatch (stored"), std::string::npos) << reader_error(flipped);
+
+  // A writer given tensors out of its plan, or committed short, throws and leaves no file behind.
+  const fs::path partial = dir / "partial.safetensors";
+  {
+    SafetensorsWriter writer(partial.string(), layout);
+    EXPECT_THROW(writer.write(tensors[1].name, tensors[1].tensor), Error);
+    writer.write(tensors[0].name, tensors[0].tensor);
+    EXPECT_THROW(writer.write(tensors[1].name, tensors[1].tensor.to(at::kFloat)), Error);  // planned as double
+    EXPECT_THROW(writer.commit(), Error);
+  }
+  EXPECT_FALSE(fs::exists(partial));
+  EXPECT_FALSE(fs::exists(partial.string() + ".tmp"));
 }
 
 TEST(Safetensors, PythonSafetensorsReadsANewFileAndRecomputesItsChecksum) {

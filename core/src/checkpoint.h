@@ -1,5 +1,5 @@
-// Safetensors files with a checksum, and the run's checkpoint folder: atomic saves, keep-last-K,
-// newest-valid-first loading.
+// The run's checkpoint folder (atomic saves, keep-last-K, newest-valid-first loading) and copying a
+// file's tensors into a model. The safetensors files themselves: safetensors.h.
 #pragma once
 #include <filesystem>
 #include <map>
@@ -9,27 +9,9 @@
 #include <vector>
 
 #include "pithtrain/plugin.h"
+#include "safetensors.h"
 
 namespace pithtrain {
-
-struct SafetensorsFile {
-  std::map<std::string, std::string> metadata;
-  std::vector<NamedTensor> tensors;  // CPU tensors, in file order
-  const at::Tensor* find(const std::string& name) const;
-};
-
-// Writes `tensors` (copied to CPU, contiguous) and `metadata` as safetensors. The metadata gains
-// "producer", "checksum_scheme" = "fnv1a64-whole-file" and, first in the header, "file_checksum":
-// FNV-1a 64 over the whole file read with those 16 hex digits as zeros (docs/training.md). Crash-safe:
-// writes PATH.tmp, fsyncs it, renames it to PATH and fsyncs the folder, so PATH is always either the
-// old file or the complete new one. Throws Error naming PATH (and "disk full" on ENOSPC/EDQUOT) on any
-// failed write, flush, close or rename, after removing PATH.tmp.
-void save_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
-                      std::map<std::string, std::string> metadata = {});
-// Reads a safetensors file and verifies its checksum: the whole file for the scheme above, the tensor
-// bytes for files with the older metadata "checksum" (written before the whole-file scheme), nothing
-// for foreign files without either. Throws Error naming the file, saying it is damaged.
-SafetensorsFile load_safetensors(const std::string& path);
 
 // Copies `source` into each tensor of `targets` by name; throws Error naming `file`, the tensor and
 // the fix when one is missing or its shape differs. The file always holds full tensors: a target in

@@ -448,11 +448,23 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   std::map<std::string, std::vector<int64_t>> shape_of;
   for (const auto& item : model.state()) shape_of[item.name] = item.tensor.sizes().vec();
 
-  // Tensors: one model.safetensors, or shards listed by model.safetensors.index.json.
+  // Tensors: one model.safetensors, or shards listed by model.safetensors.index.json. Each file's header is
+  // read once (SafetensorsReader) and each tensor when it is converted, so memory holds a few tensors, never a
+  // shard (docs/models.md).
   std::map<std::string, std::string> file_of;  // HF name -> shard path
-  std::map<std::string, SafetensorsFile> shards;
+  std::map<std::string, SafetensorsReader> shards;  // shard path -> its header, opened on first use
+  auto open_shard = [&](const std::string& path) -> const SafetensorsReader& {
+    try {
+      return shards.emplace(path, SafetensorsReader(path)).first->second;
+    } catch (const Error& error) {  // a damaged or cut-short download: say what to do
+      const std::string what = error.what();
+      if (what.ends_with("not a safetensors file")) throw Error(what + "; download it again");
+      throw;
+    }
+  };
   const fs::path index = fs::path(hf_dir) / "model.safetensors.index.json";
-  if (fs::exists(index)) {
+  const bool sharded = fs::exists(index);
+  if (sharded) {
     JsonValue map = parse_json(read_file(index), index.string());
     const JsonValue* weight_map = map.find("weight_map");
     if (weight_map == nullptr) throw Error(index.string() + ": missing 'weight_map'");
@@ -467,7 +479,7 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     if (!fs::exists(single))
       throw Error(hf_dir + ": has neither model.safetensors nor model.safetensors.index.json (with its shards); a Hugging Face "
                   "model folder holds its weights in one of them");
-    for (const auto& tensor : load_safetensors(single).tensors) file_of[tensor.name] = single;
+    for (const auto& tensor : open_shard(single).tensors()) file_of[tensor.name] = single;
   }
   // A Qwen3.5 vision-language folder: its language model's tensors go by the text model's names.
   std::map<std::string, std::string> stored_name;  // the text model's name -> the name in the file
@@ -488,54 +500,95 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
                   skipped_vision);
   }
   std::set<std::string> used;
-  auto fetch = [&](const std::string& name, at::IntArrayRef shape) {
+  // The tensors are converted twice: first on the meta device, which checks every name and shape against the
+  // headers and gives each output's dtype and shape (the output's header comes first), then with the data,
+  // each output written as soon as it is made.
+  bool planning = true;
+  // The file and header entry of `name`, checked against the shape the model needs.
+  auto locate = [&](const std::string& name, at::IntArrayRef shape) -> std::pair<const SafetensorsReader*, const TensorEntry*> {
     auto found = file_of.find(name);
     if (found == file_of.end()) throw Error(hf_dir + ": tensor '" + name + "' is missing (no shard lists it)");
-    if (!shards.count(found->second)) shards.emplace(found->second, load_safetensors(found->second));
-    const at::Tensor* tensor = shards.at(found->second).find(stored_name.count(name) ? stored_name.at(name) : name);
-    if (tensor == nullptr) throw Error(found->second + ": tensor '" + name + "' is missing");
-    if (tensor->sizes() != shape)
-      throw Error(found->second + ": tensor '" + name + "' has shape " + c10::str(tensor->sizes()) + ", config.json implies " +
-                  c10::str(shape));
+    auto opened = shards.find(found->second);
+    const SafetensorsReader& shard = opened != shards.end() ? opened->second : open_shard(found->second);
+    const TensorEntry* tensor = shard.find(stored_name.count(name) ? stored_name.at(name) : name);
+    if (tensor == nullptr)
+      throw Error(found->second + ": tensor '" + name + "' is missing" +
+                  (sharded ? " (model.safetensors.index.json lists it in this shard: download the shard again)" : ""));
+    if (at::IntArrayRef(tensor->shape) != shape)
+      throw Error(found->second + ": tensor '" + name + "' has shape " + c10::str(at::IntArrayRef(tensor->shape)) +
+                  ", config.json implies " + c10::str(shape));
     used.insert(name);
-    return *tensor;
+    return {&shard, tensor};
   };
-  std::vector<NamedTensor> tensors;
-  for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({ours, fetch(theirs, shape_of.at(ours))});
-  for (int64_t layer = 0; arch.split_linear_projections && layer < layout.layers; ++layer) {
-    if (!layout.linear[layer]) continue;
-    const std::string base = layer_prefix(layer) + "linear_attn.", ours = "layers." + std::to_string(layer) + ".linear_attention.";
-    const int64_t key_rows = layout.key_heads * layout.key_dim, value_rows = layout.value_heads * layout.value_dim;
-    tensors.push_back({ours + "in_proj_qkvz", group_qkvz(fetch(base + "in_proj_qkv.weight", {2 * key_rows + value_rows, hidden}),
-                                                         fetch(base + "in_proj_z.weight", {value_rows, hidden}), layout)});
-    tensors.push_back({ours + "in_proj_ba", group_ba(fetch(base + "in_proj_b.weight", {layout.value_heads, hidden}),
-                                                     fetch(base + "in_proj_a.weight", {layout.value_heads, hidden}), layout)});
-  }
-  for (int64_t layer = layout.first_dense; layer < layout.layers; ++layer) {
-    if (!fused_experts(arch)) {
-      const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
-      for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
-        const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
-        std::vector<int64_t> shape(shape_of.at(our_name).begin() + 1, shape_of.at(our_name).end());
-        std::vector<at::Tensor> per_expert;
-        for (int64_t expert = 0; expert < layout.experts; ++expert)
-          per_expert.push_back(fetch(base + std::to_string(expert) + "." + theirs + ".weight", shape));
-        tensors.push_back({our_name, at::stack(per_expert)});  // [E, ...]
-      }
-      continue;
+  auto fetch = [&](const std::string& name, at::IntArrayRef shape) {
+    auto [shard, tensor] = locate(name, shape);
+    return planning ? at::empty(shape, at::TensorOptions().dtype(tensor->dtype).device(c10::kMeta)) : shard->read(*tensor);
+  };
+  // Tensors of one shape stacked into [N, ...] (one layer's experts), each read straight into its slice: the
+  // stack is in memory once. Mixed dtypes are promoted, as at::stack would.
+  auto fetch_stacked = [&](const std::vector<std::string>& names, at::IntArrayRef shape) {
+    std::vector<std::pair<const SafetensorsReader*, const TensorEntry*>> parts;
+    for (const auto& name : names) parts.push_back(locate(name, shape));
+    at::ScalarType dtype = parts.front().second->dtype;
+    for (const auto& part : parts) dtype = c10::promoteTypes(dtype, part.second->dtype);
+    std::vector<int64_t> sizes = shape.vec();
+    sizes.insert(sizes.begin(), static_cast<int64_t>(names.size()));
+    if (planning) return at::empty(sizes, at::TensorOptions().dtype(dtype).device(c10::kMeta));
+    at::Tensor stacked = at::empty(sizes, at::TensorOptions().dtype(dtype));  // [N, ...]
+    for (size_t i = 0; i < parts.size(); ++i) {
+      if (parts[i].second->dtype == dtype) parts[i].first->read_into(*parts[i].second, stacked[i]);
+      else stacked[i].copy_(parts[i].first->read(*parts[i].second));
     }
-    const std::string base = layer_prefix(layer) + "mlp.experts.", ours = "layers." + std::to_string(layer) + ".experts.";
-    const std::vector<int64_t>& gate = shape_of.at(ours + "gate_proj");  // [E, F, H]
-    const int64_t experts = gate[0], inner = gate[1], width = gate[2];
-    at::Tensor gate_up = fetch(base + "gate_up_proj", {experts, width, 2 * inner});     // [E, H, 2F]
-    at::Tensor gate_up_bias = fetch(base + "gate_up_proj_bias", {experts, 2 * inner});  // [E, 2F]
-    tensors.push_back({ours + "gate_proj", gate_up.slice(2, 0, 2 * inner, 2).transpose(1, 2).contiguous()});
-    tensors.push_back({ours + "up_proj", gate_up.slice(2, 1, 2 * inner, 2).transpose(1, 2).contiguous()});
-    tensors.push_back({ours + "down_proj", fetch(base + "down_proj", {experts, inner, width}).transpose(1, 2).contiguous()});
-    tensors.push_back({ours + "gate_bias", gate_up_bias.slice(1, 0, 2 * inner, 2).contiguous()});
-    tensors.push_back({ours + "up_bias", gate_up_bias.slice(1, 1, 2 * inner, 2).contiguous()});
-    tensors.push_back({ours + "down_bias", fetch(base + "down_proj_bias", {experts, width})});
-  }
+    return stacked;
+  };
+  std::vector<TensorEntry> planned;  // the output's tensors, in file order
+  std::optional<SafetensorsWriter> writer;
+  struct Output {  // where the conversion below puts each PithTrain tensor: the plan, then the file
+    std::vector<TensorEntry>& planned;
+    std::optional<SafetensorsWriter>& writer;
+    void push_back(const NamedTensor& item) {
+      if (writer) writer->write(item.name, item.tensor);
+      else planned.push_back({item.name, item.tensor.scalar_type(), item.tensor.sizes().vec()});
+    }
+  } tensors{planned, writer};
+  auto convert = [&] {
+    for (const auto& [ours, theirs] : plain_names(layout, arch)) tensors.push_back({ours, fetch(theirs, shape_of.at(ours))});
+    for (int64_t layer = 0; arch.split_linear_projections && layer < layout.layers; ++layer) {
+      if (!layout.linear[layer]) continue;
+      const std::string base = layer_prefix(layer) + "linear_attn.", ours = "layers." + std::to_string(layer) + ".linear_attention.";
+      const int64_t key_rows = layout.key_heads * layout.key_dim, value_rows = layout.value_heads * layout.value_dim;
+      tensors.push_back({ours + "in_proj_qkvz", group_qkvz(fetch(base + "in_proj_qkv.weight", {2 * key_rows + value_rows, hidden}),
+                                                           fetch(base + "in_proj_z.weight", {value_rows, hidden}), layout)});
+      tensors.push_back({ours + "in_proj_ba", group_ba(fetch(base + "in_proj_b.weight", {layout.value_heads, hidden}),
+                                                       fetch(base + "in_proj_a.weight", {layout.value_heads, hidden}), layout)});
+    }
+    for (int64_t layer = layout.first_dense; layer < layout.layers; ++layer) {
+      if (!fused_experts(arch)) {
+        const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
+        for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
+          const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
+          std::vector<int64_t> shape(shape_of.at(our_name).begin() + 1, shape_of.at(our_name).end());
+          std::vector<std::string> per_expert;
+          for (int64_t expert = 0; expert < layout.experts; ++expert)
+            per_expert.push_back(base + std::to_string(expert) + "." + theirs + ".weight");
+          tensors.push_back({our_name, fetch_stacked(per_expert, shape)});  // [E, ...]
+        }
+        continue;
+      }
+      const std::string base = layer_prefix(layer) + "mlp.experts.", ours = "layers." + std::to_string(layer) + ".experts.";
+      const std::vector<int64_t>& gate = shape_of.at(ours + "gate_proj");  // [E, F, H]
+      const int64_t experts = gate[0], inner = gate[1], width = gate[2];
+      at::Tensor gate_up = fetch(base + "gate_up_proj", {experts, width, 2 * inner});     // [E, H, 2F]
+      at::Tensor gate_up_bias = fetch(base + "gate_up_proj_bias", {experts, 2 * inner});  // [E, 2F]
+      tensors.push_back({ours + "gate_proj", gate_up.slice(2, 0, 2 * inner, 2).transpose(1, 2).contiguous()});
+      tensors.push_back({ours + "up_proj", gate_up.slice(2, 1, 2 * inner, 2).transpose(1, 2).contiguous()});
+      tensors.push_back({ours + "down_proj", fetch(base + "down_proj", {experts, inner, width}).transpose(1, 2).contiguous()});
+      tensors.push_back({ours + "gate_bias", gate_up_bias.slice(1, 0, 2 * inner, 2).contiguous()});
+      tensors.push_back({ours + "up_bias", gate_up_bias.slice(1, 1, 2 * inner, 2).contiguous()});
+      tensors.push_back({ours + "down_bias", fetch(base + "down_proj_bias", {experts, width})});
+    }
+  };
+  convert();  // the plan: every name and shape checked against the headers, no data read
   int64_t skipped_mtp = 0;
   for (const auto& [name, file] : file_of) {
     if (arch.hybrid && name.rfind("mtp.", 0) == 0) {  // multi-token prediction: not part of the model (warned above)
@@ -549,7 +602,10 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   if (skipped_mtp > 0) logger().warn("{}: skipped {} multi-token prediction tensors (mtp.*)", hf_dir, skipped_mtp);
   // Written only now that every tensor is found and checked: a failed import leaves DIR as it was.
   create_output_folder(out_dir);
-  save_safetensors((fs::path(out_dir) / "model.safetensors").string(), tensors, {{"source", hf_dir}});
+  writer.emplace((fs::path(out_dir) / "model.safetensors").string(), planned, std::map<std::string, std::string>{{"source", hf_dir}});
+  planning = false;
+  convert();  // the data: each tensor read, converted and written, then freed
+  writer->commit();
   write_text_file(fs::path(out_dir) / "config.toml", toml.str());
 }
 

@@ -7,7 +7,8 @@ namespace pithtrain {
 
 // Writes OUT/config.toml (a complete training config) and OUT/model.safetensors (PithTrain names).
 // Throws Error naming the tensor and file for missing, unexpected or mis-shaped tensors, and the key for
-// unsupported architectures or features.
+// unsupported architectures or features. Reads and writes one tensor at a time: memory for the largest
+// (stacked) tensor, not for a shard or the model.
 void import_hf(const std::string& hf_dir, const std::string& out_dir);
 
 // Writes OUT/config.json and OUT/model.safetensors in the Hugging Face layout of `config`'s
