@@ -193,6 +193,44 @@ TEST(Parity, HybridMtpSkippedAndUnsupportedKeysNamed) {
   EXPECT_FALSE(fs::exists(work / "exported")) << "a refused export writes nothing";
 }
 
+// GLM-4.5 and MiniMax-M2 only: the multi-token prediction layers their published checkpoints carry after the main
+// layers (model.layers.L.*, L = num_hidden_layers) are skipped when config.json names them, and refused otherwise.
+TEST(Parity, MtpLayersAfterTheMainLayersSkipped) {
+  ASSERT_FALSE(g_hf_dir.empty());
+  std::ifstream config_in(fs::path(g_hf_dir) / "config.json");
+  const std::string config_json((std::istreambuf_iterator<char>(config_in)), std::istreambuf_iterator<char>());
+  const bool glm = config_json.find("\"glm4_moe\"") != std::string::npos;
+  if (!glm && config_json.find("\"minimax_m2\"") == std::string::npos) GTEST_SKIP() << "not glm4_moe or minimax_m2";
+  const fs::path work = fs::path(g_hf_dir) / "mtp_checks";
+  SafetensorsFile original = load_safetensors((fs::path(g_hf_dir) / "model.safetensors").string());
+  std::vector<NamedTensor> tensors = original.tensors;  // the reference has 2 layers: its MTP layer would be layer 2
+  tensors.insert(tensors.end(), {{"model.layers.2.eh_proj.weight", at::ones({48, 96})},
+                                 {"model.layers.2.input_layernorm.weight", at::ones({48})}});
+  const std::string key = glm ? "num_nextn_predict_layers" : "num_mtp_modules";
+  auto import_with = [&](const std::string& name, int64_t mtp) {
+    const fs::path folder = work / name;
+    fs::create_directories(folder);
+    std::string json = std::regex_replace(config_json, std::regex("\"" + key + "\": [0-9]+,?"), "");
+    json = std::regex_replace(json, std::regex("\\{"), "{\n  \"" + key + "\": " + std::to_string(mtp) + ",",
+                              std::regex_constants::format_first_only);
+    std::ofstream(folder / "config.json") << json;
+    save_safetensors((folder / "model.safetensors").string(), tensors);
+    import_hf(folder.string(), (folder / "out").string());
+    return load_safetensors((folder / "out" / "model.safetensors").string());
+  };
+  SafetensorsFile with_mtp = import_with("with_mtp", 1);
+  import_hf(g_hf_dir, (work / "plain").string());
+  SafetensorsFile plain = load_safetensors((work / "plain" / "model.safetensors").string());
+  ASSERT_EQ(with_mtp.tensors.size(), plain.tensors.size());
+  for (const auto& tensor : plain.tensors) EXPECT_TRUE(at::equal(tensor.tensor, *with_mtp.find(tensor.name))) << tensor.name;
+  try {
+    import_with("without_key", 0);
+    FAIL() << "expected an error: layer 2 is no MTP layer when config.json names none";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("tensor 'model.layers.2."), std::string::npos) << error.what();
+  }
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   if (argc > 1) g_hf_dir = argv[1];
