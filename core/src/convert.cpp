@@ -1,4 +1,5 @@
-// Name and layout mapping between Hugging Face MoE checkpoints and PithTrain's model state.
+// Moves tensors between Hugging Face MoE checkpoints and PithTrain's model state; what each architecture names
+// them and how its config.json reads are in convert_architectures.cpp.
 #include "convert.h"
 
 #include <algorithm>
