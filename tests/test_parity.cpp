@@ -193,6 +193,103 @@ TEST(Parity, HybridMtpSkippedAndUnsupportedKeysNamed) {
   EXPECT_FALSE(fs::exists(work / "exported")) << "a refused export writes nothing";
 }
 
+// GLM-4.5 and MiniMax-M2 only: the multi-token prediction layers their published checkpoints carry after the main
+// layers (model.layers.L.*, L = num_hidden_layers) are skipped when config.json names them, and refused otherwise.
+TEST(Parity, MtpLayersAfterTheMainLayersSkipped) {
+  ASSERT_FALSE(g_hf_dir.empty());
+  std::ifstream config_in(fs::path(g_hf_dir) / "config.json");
+  const std::string config_json((std::istreambuf_iterator<char>(config_in)), std::istreambuf_iterator<char>());
+  const bool glm = config_json.find("\"glm4_moe\"") != std::string::npos;
+  if (!glm && config_json.find("\"minimax_m2\"") == std::string::npos) GTEST_SKIP() << "not glm4_moe or minimax_m2";
+  const fs::path work = fs::path(g_hf_dir) / "mtp_checks";
+  SafetensorsFile original = load_safetensors((fs::path(g_hf_dir) / "model.safetensors").string());
+  std::vector<NamedTensor> tensors = original.tensors;  // the reference has 2 layers: its MTP layer would be layer 2
+  tensors.insert(tensors.end(), {{"model.layers.2.eh_proj.weight", at::ones({48, 96})},
+                                 {"model.layers.2.input_layernorm.weight", at::ones({48})}});
+  const std::string key = glm ? "num_nextn_predict_layers" : "num_mtp_modules";
+  auto import_with = [&](const std::string& name, int64_t mtp) {
+    const fs::path folder = work / name;
+    fs::create_directories(folder);
+    std::string json = std::regex_replace(config_json, std::regex("\"" + key + "\": [0-9]+,?"), "");
+    json = std::regex_replace(json, std::regex("\\{"), "{\n  \"" + key + "\": " + std::to_string(mtp) + ",",
+                              std::regex_constants::format_first_only);
+    std::ofstream(folder / "config.json") << json;
+    save_safetensors((folder / "model.safetensors").string(), tensors);
+    import_hf(folder.string(), (folder / "out").string());
+    return load_safetensors((folder / "out" / "model.safetensors").string());
+  };
+  SafetensorsFile with_mtp = import_with("with_mtp", 1);
+  import_hf(g_hf_dir, (work / "plain").string());
+  SafetensorsFile plain = load_safetensors((work / "plain" / "model.safetensors").string());
+  ASSERT_EQ(with_mtp.tensors.size(), plain.tensors.size());
+  for (const auto& tensor : plain.tensors) EXPECT_TRUE(at::equal(tensor.tensor, *with_mtp.find(tensor.name))) << tensor.name;
+  try {
+    import_with("without_key", 0);
+    FAIL() << "expected an error: layer 2 is no MTP layer when config.json names none";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("tensor 'model.layers.2."), std::string::npos) << error.what();
+  }
+}
+
+// GLM-4.5 and MiniMax-M2: a config.json naming what their transformers models do not compute is refused naming the
+// key, and an export whose config would give transformers another model is refused naming the PithTrain key.
+TEST(Parity, Glm4MoeAndMiniMaxM2UnsupportedKeysNamed) {
+  ASSERT_FALSE(g_hf_dir.empty());
+  std::ifstream config_in(fs::path(g_hf_dir) / "config.json");
+  const std::string config_json((std::istreambuf_iterator<char>(config_in)), std::istreambuf_iterator<char>());
+  const bool glm = config_json.find("\"glm4_moe\"") != std::string::npos;
+  if (!glm && config_json.find("\"minimax_m2\"") == std::string::npos) GTEST_SKIP() << "not glm4_moe or minimax_m2";
+  const fs::path work = fs::path(g_hf_dir) / "refusals";
+  fs::create_directories(work);
+  int folders = 0;
+  // The reference folder with config.json's first match of `from` replaced (by default: `key` added first).
+  auto import_error = [&](const std::string& key, const std::string& from = "\\{", const std::string& to = "") {
+    const fs::path folder = work / ("hf" + std::to_string(folders++));
+    fs::create_directories(folder);
+    std::ofstream(folder / "config.json") << std::regex_replace(config_json, std::regex(from), to.empty() ? "{\n  " + key + "," : to,
+                                                                 std::regex_constants::format_first_only);
+    fs::copy_file(fs::path(g_hf_dir) / "model.safetensors", folder / "model.safetensors");
+    try {
+      import_hf(folder.string(), (folder / "out").string());
+    } catch (const Error& error) {
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  };
+  auto export_error = [&](const std::string& from, const std::string& to) {  // the import's config.toml, edited
+    const fs::path folder = work / ("export" + std::to_string(folders++));
+    import_hf(g_hf_dir, (folder / "imported").string());
+    std::ifstream toml_in(folder / "imported" / "config.toml");
+    const std::string toml((std::istreambuf_iterator<char>(toml_in)), std::istreambuf_iterator<char>());
+    EXPECT_NE(toml.find(from), std::string::npos) << from;
+    std::ofstream(folder / "changed.toml") << std::regex_replace(toml, std::regex(from), to);
+    try {
+      export_hf((folder / "changed.toml").string(), (folder / "imported" / "model.safetensors").string(), (folder / "hf").string());
+    } catch (const Error& error) {
+      EXPECT_FALSE(fs::exists(folder / "hf")) << "a refused export writes nothing";
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  };
+  std::string error = import_error("", "\"hidden_act\": \"silu\"", "\"hidden_act\": \"gelu\"");
+  EXPECT_NE(error.find("hidden_act 'gelu' (SwiGLU experts use silu) is not supported"), std::string::npos) << error;
+  error = export_error("plugin = \"aux_free\"", "plugin = \"topk_softmax\"");
+  EXPECT_NE(error.find("model.moe.router.plugin must be \"aux_free\""), std::string::npos) << error;
+  if (glm) {
+    error = export_error("qkv_bias = true", "bias = true");
+    EXPECT_NE(error.find("glm4_moe has biases on q, k and v only (model.attention.qkv_bias, not bias)"), std::string::npos) << error;
+  } else {
+    error = import_error("\"attn_type_list\": [0, 1]");
+    EXPECT_NE(error.find("attn_type_list with lightning (linear) attention layers is not supported"), std::string::npos) << error;
+    error = import_error("\"qk_norm_type\": \"per_head\"");
+    EXPECT_NE(error.find("qk_norm_type 'per_head'"), std::string::npos) << error;
+    error = import_error("\"shared_intermediate_size\": 16");
+    EXPECT_NE(error.find("a shared expert (shared_intermediate_size > 0) is not supported"), std::string::npos) << error;
+    error = export_error("qk_norm = \"full\"", "qk_norm = \"head\"");
+    EXPECT_NE(error.find("model.attention.qk_norm must be \"full\" to export as minimax_m2"), std::string::npos) << error;
+  }
+}
+
 int main(int argc, char** argv) {
   ::testing::InitGoogleTest(&argc, argv);
   if (argc > 1) g_hf_dir = argv[1];

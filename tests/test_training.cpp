@@ -559,7 +559,8 @@ TEST(Training, TrainsOnSentencePieceTokens) {
 TEST(Architectures, TinyVariantsTrain) {
   // The tests' own tiny architectures (tests/configs/), not configs/tiny_*.toml: ctest shipped_configs runs those.
   for (const char* name :
-       {"qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "tiny_qwen3_next", "tiny_qwen3_5_moe"}) {
+       {"qwen3_moe", "mixtral", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "tiny_qwen3_next", "tiny_qwen3_5_moe",
+        "tiny_glm4_moe", "tiny_minimax_m2"}) {
     Options options = Options::from_file(std::string(PITHTRAIN_SOURCE_DIR) + "/tests/configs/" + name + ".toml");
     options.set_override("data.path=\"" + fortunes_tokens() + "\"");
     for (const auto& assignment : {"train.steps=40", "train.seq_len=64", "train.batch_size=8", "eval.batches=1"})

@@ -1,5 +1,5 @@
 // `pithtrain convert`: Hugging Face model folders (config.json + safetensors) to PithTrain configs and
-// weights, and back. Architectures: kArchitectures in convert.cpp (docs/models.md).
+// weights, and back. Architectures: kArchitectures in convert_architectures.cpp (docs/models.md).
 #pragma once
 #include <string>
 

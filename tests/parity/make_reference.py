@@ -71,6 +71,23 @@ elif arch in ("qwen3_next", "qwen3_5_moe"):
     else:
         config = transformers.Qwen3_5MoeTextConfig(**hybrid, shared_expert_intermediate_size=24)
         model_class = transformers.Qwen3_5MoeForCausalLM
+elif arch == "glm4_moe":
+    # GLM-4.5: a dense first layer, one shared expert, sigmoid routing with the correction bias limited to 2 of 4
+    # groups and scaled by 2.5, q/k/v biases (none on o_proj), per-head QK-norm (GLM-4.5; -Air has none), half
+    # of each 16-dim head rotated. The MTP layer the config names (num_nextn_predict_layers = 1) is not built.
+    config = transformers.Glm4MoeConfig(**common, head_dim=16, intermediate_size=64, moe_intermediate_size=16,
+                                        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                                        first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True,
+                                        routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5})
+    model_class = transformers.Glm4MoeForCausalLM
+elif arch == "minimax_m2":
+    # MiniMax-M2: RMSNorm over the whole q and k projections, 8 of 16 dims rotated (rotary_dim as published),
+    # sigmoid routing with the correction bias, renormalised, no shared expert.
+    config = transformers.MiniMaxM2Config(**common, head_dim=16, intermediate_size=16, num_local_experts=8,
+                                          num_experts_per_tok=2, rotary_dim=8, rms_norm_eps=1e-6)
+    model_class = transformers.MiniMaxM2ForCausalLM
 else:
     sys.exit(f"unknown architecture {arch}")
 config.pad_token_id = config.bos_token_id = config.eos_token_id = None
@@ -86,6 +103,8 @@ with torch.no_grad():  # a non-zero aux-free bias, so the test covers how it ste
             parameter.copy_(torch.randn_like(parameter) * 0.5)
         if arch in ("qwen3_next", "qwen3_5_moe") and name.endswith("norm.weight"):  # zero-centred (1 + w): start at 0
             parameter.copy_(torch.randn_like(parameter) * 0.3)
+        if arch in ("glm4_moe", "minimax_m2") and name.endswith("norm.weight"):  # QK-norms start at 1: a misplaced one shows
+            parameter.copy_(1 + torch.randn_like(parameter) * 0.3)
 model.save_pretrained(out)
 tokens = torch.randint(0, config.vocab_size, (2, 17))
 result = model(input_ids=tokens, labels=tokens)  # the loss excludes the router loss (output_router_logits is off)

@@ -1,5 +1,5 @@
 // GroupedQueryAttention: causal multi-head / grouped-query attention with rotary position embeddings and
-// the options today's MoE models add: QK RMSNorm (Qwen3, OLMoE), projection biases, learned attention
+// the options today's MoE models add: QK RMSNorm (Qwen3, OLMoE), projection biases (GPT-OSS; q/k/v only: GLM-4.5), learned attention
 // sinks and sliding-window layers (GPT-OSS), YaRN-scaled RoPE, an output gate and partial rotary (Qwen3-Next).
 #include <limits>
 #include <tuple>
@@ -26,6 +26,9 @@ class GroupedQueryAttention final : public Attention {
       throw Error(options.where("qk_norm") + ": qk_norm must be \"none\", \"head\" (Qwen3: RMSNorm over each head) or "
                   "\"full\" (OLMoE: RMSNorm over the whole projection), got \"" + qk_norm_ + "\"");
     const bool bias = options.boolean("bias", false);
+    // GLM-4.5 (as Qwen2): biases on the query, key and value projections only, none on o_proj.
+    const bool qkv_bias = options.boolean("qkv_bias", false);
+    options.require("qkv_bias", !(qkv_bias && bias), "false when bias = true (bias already gives q, k and v theirs)");
     const bool sinks = options.boolean("sinks", false);
     const int64_t window = options.integer("sliding_window", 0, Range::at_least(0));  // 0: full attention
     const std::string window_layers = options.text("sliding_window_layers", "all");
@@ -60,10 +63,8 @@ class GroupedQueryAttention final : public Attention {
     o_proj_ = normal_parameter({hidden, dims_.num_heads * head_dim},
                                dims_.init_std / std::sqrt(2.0 * std::max<int64_t>(1, dims_.num_layers)), context);
     auto zeros = [&](int64_t size) { return at::zeros({size}, tensor_options).requires_grad_(true); };
-    if (bias) {
-      q_bias_ = zeros(q_rows), k_bias_ = zeros(dims_.num_kv_heads * head_dim);
-      v_bias_ = zeros(dims_.num_kv_heads * head_dim), o_bias_ = zeros(hidden);
-    }
+    if (bias || qkv_bias) q_bias_ = zeros(q_rows), k_bias_ = zeros(dims_.num_kv_heads * head_dim), v_bias_ = zeros(dims_.num_kv_heads * head_dim);
+    if (bias) o_bias_ = zeros(hidden);
     if (sinks) sinks_ = zeros(dims_.num_heads);
   }
 
@@ -125,8 +126,8 @@ class GroupedQueryAttention final : public Attention {
                                      {"o_proj", o_proj_, true}};
     if (q_norm_.defined()) result.push_back({"q_norm", q_norm_, false}), result.push_back({"k_norm", k_norm_, false});
     if (q_bias_.defined())
-      result.insert(result.end(), {{"q_proj_bias", q_bias_, false}, {"k_proj_bias", k_bias_, false},
-                                   {"v_proj_bias", v_bias_, false}, {"o_proj_bias", o_bias_, false}});
+      result.insert(result.end(), {{"q_proj_bias", q_bias_, false}, {"k_proj_bias", k_bias_, false}, {"v_proj_bias", v_bias_, false}});
+    if (o_bias_.defined()) result.push_back({"o_proj_bias", o_bias_, false});
     if (sinks_.defined()) result.push_back({"sinks", sinks_, false});
     return result;
   }
@@ -206,7 +207,7 @@ class GroupedQueryAttention final : public Attention {
   at::Tensor k_proj_;  // [kv * D, H]
   at::Tensor v_proj_;  // [kv * D, H]
   at::Tensor o_proj_;  // [H, h * D]
-  at::Tensor q_bias_, k_bias_, v_bias_, o_bias_;  // [h * D], [kv * D], [kv * D], [H] with bias = true
+  at::Tensor q_bias_, k_bias_, v_bias_, o_bias_;  // [h * D], [kv * D], [kv * D] with bias or qkv_bias; [H] with bias
   at::Tensor sinks_;                              // [h] with sinks = true
   std::string qk_norm_ = "none";
   double qk_norm_eps_ = 1e-6;

@@ -23,6 +23,7 @@ struct Case {
   bool gate = false;            // output_gate: q_proj rows per head [query D, gate D]
   double rotary_fraction = 1.0;  // partial_rotary_factor
   int64_t head_dim = 4;          // wider for partial rotary, so the rotated part has more than one frequency
+  bool qkv_bias = false;         // biases on q, k, v only (GLM-4.5)
 };
 
 // YaRN's inverse frequency of rotary pair i for head width d, from the paper's formulas one scalar at a time.
@@ -66,11 +67,12 @@ void compare(const Case& c) {
                      "\nsliding_window = " + std::to_string(c.window) + "\nsliding_window_layers = \"" + c.window_layers + "\"\n";
   if (c.yarn) toml += "rope_scaling = \"yarn\"\nrope_factor = 8.0\nrope_original_max_positions = 64\nrope_beta_fast = 4.0\n";
   toml += std::string("output_gate = ") + (c.gate ? "true" : "false") + "\npartial_rotary_factor = " + std::to_string(c.rotary_fraction) + "\n";
+  if (c.qkv_bias) toml += "qkv_bias = true\n";
   Options options = Options::from_string(toml, "test.toml");
   auto attention = pithtrain_plugin()->make_attention(options, context);
   options.check_unknown_keys("attention plugin 'gqa'");
   auto p = attention->parameters();
-  ASSERT_EQ(p.size(), 4u + (c.bias ? 4 : 0) + (c.sinks ? 1 : 0));
+  ASSERT_EQ(p.size(), 4u + (c.bias ? 4 : c.qkv_bias ? 3 : 0) + (c.sinks ? 1 : 0));
   {
     at::NoGradGuard no_grad;  // biases and sinks start at zero; give them values that matter
     for (size_t i = 4; i < p.size(); ++i) p[i].tensor.normal_(0.0, 1.0);
@@ -79,7 +81,9 @@ void compare(const Case& c) {
   at::Tensor out = attention->forward(x, at::arange(seq, at::kLong));
 
   auto weight = [&](size_t i) { return p[i].tensor.detach(); };
-  auto bias = [&](size_t i) { return c.bias ? weight(4 + i) : at::zeros({weight(i).size(0)}, at::kDouble); };
+  auto bias = [&](size_t i) {  // of q, k, v, o (i = 0..3); qkv_bias has none for o
+    return c.bias || (c.qkv_bias && i < 3) ? weight(4 + i) : at::zeros({weight(i).size(0)}, at::kDouble);
+  };
   const int64_t rotary = static_cast<int64_t>(d * c.rotary_fraction);  // rotated dimensions per head
   std::function<double(int64_t)> inverse_frequency = [&](int64_t i) { return std::pow(100.0, -2.0 * i / rotary); };
   double scale = 1.0;
@@ -136,6 +140,24 @@ TEST(GroupedQueryAttention, OutputGateMatchesNaive) { compare({.heads = 4, .kv_h
 TEST(GroupedQueryAttention, OutputGateWithBiasesMatchesNaive) { compare({.heads = 4, .kv_heads = 2, .bias = true, .gate = true}); }
 TEST(GroupedQueryAttention, PartialRotaryMatchesNaive) {
   compare({.heads = 4, .kv_heads = 2, .rotary_fraction = 0.5, .head_dim = 8});  // 4 of 8 dimensions rotate
+}
+TEST(GroupedQueryAttention, Glm4MoeQkvBiasesAndPartialRotaryMatchNaive) {  // q/k/v biases, none on o_proj; half rotated
+  compare({.heads = 4, .kv_heads = 2, .rotary_fraction = 0.5, .head_dim = 8, .qkv_bias = true});
+}
+TEST(GroupedQueryAttention, QkvBiasNamesItsTensorsAndIsRefusedWithBias) {
+  PluginContext context;
+  context.dims = {.hidden_size = 12, .num_layers = 1, .num_heads = 4, .num_kv_heads = 2, .head_dim = 4};
+  Options options = Options::from_string("qkv_bias = true\n", "test.toml");
+  std::vector<std::string> names;
+  for (const auto& parameter : pithtrain_plugin()->make_attention(options, context)->parameters()) names.push_back(parameter.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"q_proj", "k_proj", "v_proj", "o_proj", "q_proj_bias", "k_proj_bias", "v_proj_bias"}));
+  Options both = Options::from_string("bias = true\nqkv_bias = true\n", "test.toml");
+  try {
+    pithtrain_plugin()->make_attention(both, context);
+    FAIL() << "expected an error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("test.toml:2: qkv_bias = "), std::string::npos) << error.what();
+  }
 }
 TEST(GroupedQueryAttention, Qwen3NextFullAttentionMatchesNaive) {  // gate, partial rotary (0.25 as Qwen3-Next) and YaRN
   compare({.heads = 4, .kv_heads = 2, .yarn = true, .gate = true, .rotary_fraction = 0.25, .head_dim = 16});
