@@ -59,6 +59,7 @@ const std::vector<Architecture> kArchitectures = {
 // The layout facts the tensor names depend on.
 struct Layout {
   int64_t layers = 0, first_dense = 0, experts = 0;
+  int64_t mtp_layers = 0;  // DeepSeek-V3: multi-token prediction depths, Hugging Face layers num_hidden_layers + d
   bool shared_experts = false, q_lora = false, attention_bias = false;
   std::vector<bool> linear;  // hybrid: per layer, Gated DeltaNet (true) or full attention
   int64_t key_heads = 0, value_heads = 0, key_dim = 0, value_dim = 0;  // hybrid: the Gated DeltaNet sizes
@@ -141,13 +142,22 @@ void write_text_file(const fs::path& path, const std::string& text) {
 
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
+// PithTrain's prefix of Hugging Face layer `layer`: a main layer, or past them an MTP depth (core/src/mtp.cpp).
+std::string our_layer_prefix(int64_t layer, const Layout& layout) {
+  return layer < layout.layers ? "layers." + std::to_string(layer) + "." : "mtp_layers." + std::to_string(layer - layout.layers) + ".";
+}
+
 // (PithTrain name, Hugging Face name) of every tensor but the routed experts'.
 std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layout, const Architecture& arch) {
   std::vector<std::pair<std::string, std::string>> names = {{"embedding.weight", "model.embed_tokens.weight"},
                                                             {"final_norm.weight", "model.norm.weight"},
                                                             {"lm_head.weight", "lm_head.weight"}};
-  for (int64_t layer = 0; layer < layout.layers; ++layer) {
-    const std::string ours = "layers." + std::to_string(layer) + ".", theirs = layer_prefix(layer);
+  for (int64_t layer = 0; layer < layout.layers + layout.mtp_layers; ++layer) {
+    const std::string ours = our_layer_prefix(layer, layout), theirs = layer_prefix(layer);
+    if (layer >= layout.layers)  // an MTP depth's own tensors; its copies of the embedding and head are shared (see below)
+      for (auto [our_name, their_name] : {std::pair{"enorm.weight", "enorm.weight"}, {"hnorm.weight", "hnorm.weight"},
+                                          {"eh_proj.weight", "eh_proj.weight"}, {"final_norm.weight", "shared_head.norm.weight"}})
+        names.push_back({ours + our_name, theirs + their_name});
     names.push_back({ours + "attention_norm.weight", theirs + "input_layernorm.weight"});
     names.push_back({ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight"});
     std::vector<std::pair<std::string, std::string>> attention;
@@ -350,8 +360,9 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
   const bool v3 = arch.model_type == "deepseek_v3";
   if (v3) {
     groups = integer("n_group", 1.0), topk_groups = integer("topk_group", 1.0);
-    if (const JsonValue* mtp = config.find("num_nextn_predict_layers"); mtp && mtp->type == JsonValue::Type::Number)
-      unsupported(mtp->number > 0, "multi-token prediction (num_nextn_predict_layers > 0)");
+    // Multi-token prediction (core/src/mtp.cpp); transformers v5 also spells the key num_mtp_layers.
+    layout.mtp_layers = config.find("num_nextn_predict_layers") ? integer("num_nextn_predict_layers") : integer("num_mtp_layers", 0.0);
+    unsupported(layout.mtp_layers < 0, "num_nextn_predict_layers < 0");
     if (const JsonValue* interleave = config.find("rope_interleave"); interleave && interleave->type == JsonValue::Type::Bool)
       unsupported(!interleave->boolean, "rope_interleave = false");
   } else if (deepseek) {
@@ -411,6 +422,7 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
        << "\ninit_std = " << toml_number(number(config, "initializer_range", config_file, 0.02)) << hybrid_model_toml;
   if (deepseek)
     toml << "\nfirst_dense_layers = " << layout.first_dense << "\ndense_hidden_size = " << integer("intermediate_size");
+  if (layout.mtp_layers > 0) toml << "\nmtp_layers = " << layout.mtp_layers;
   toml << "\n\n[model.attention]\nplugin = \"" << arch.attention << "\"\n" << rope_toml.str() << window_toml;
   if (gpt_oss) toml << "bias = " << (layout.attention_bias ? "true" : "false") << "\nsinks = true\n";
   if (deepseek)
@@ -511,11 +523,11 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     tensors.push_back({ours + "in_proj_ba", group_ba(fetch(base + "in_proj_b.weight", {layout.value_heads, hidden}),
                                                      fetch(base + "in_proj_a.weight", {layout.value_heads, hidden}), layout)});
   }
-  for (int64_t layer = layout.first_dense; layer < layout.layers; ++layer) {
+  for (int64_t layer = layout.first_dense; layer < layout.layers + layout.mtp_layers; ++layer) {
     if (!fused_experts(arch)) {
       const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
       for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
-        const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
+        const std::string our_name = our_layer_prefix(layer, layout) + "experts." + ours;
         std::vector<int64_t> shape(shape_of.at(our_name).begin() + 1, shape_of.at(our_name).end());
         std::vector<at::Tensor> per_expert;
         for (int64_t expert = 0; expert < layout.experts; ++expert)
@@ -536,6 +548,19 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
     tensors.push_back({ours + "up_bias", gate_up_bias.slice(1, 1, 2 * inner, 2).contiguous()});
     tensors.push_back({ours + "down_bias", fetch(base + "down_proj_bias", {experts, width})});
   }
+  // An MTP depth's embed_tokens and shared_head.head are copies of the shared embedding and LM head: read if
+  // present (so the file round-trips), trained as the one shared tensor.
+  for (int64_t depth = 0; depth < layout.mtp_layers; ++depth)
+    for (auto [copy, shared_name] : {std::pair{"embed_tokens.weight", "embedding.weight"}, {"shared_head.head.weight", "lm_head.weight"}}) {
+      const std::string name = layer_prefix(layout.layers + depth) + copy;
+      if (!file_of.count(name)) continue;
+      const at::Tensor* shared_tensor = nullptr;
+      for (const auto& tensor : tensors)
+        if (tensor.name == shared_name) shared_tensor = &tensor.tensor;
+      if (!at::equal(fetch(name, shape_of.at(shared_name)), *shared_tensor))
+        logger().warn("{}: '{}' differs from the main model's copy; multi-token prediction shares the main one ({})", hf_dir,
+                      name, shared_name);
+    }
   int64_t skipped_mtp = 0;
   for (const auto& [name, file] : file_of) {
     if (arch.hybrid && name.rfind("mtp.", 0) == 0) {  // multi-token prediction: not part of the model (warned above)
@@ -566,6 +591,10 @@ void export_hf(const std::string& config_path, const std::string& weights, const
   layout.first_dense = model.integer("first_dense_layers", 0, Range::closed(0, static_cast<double>(layout.layers)));
   layout.shared_experts = moe.integer("shared_experts", 0, Range::at_least(0)) > 0;
   layout.q_lora = attention.integer("q_lora_rank", 0, Range::at_least(0)) > 0;
+  layout.mtp_layers = model.integer("mtp_layers", 0, Range::at_least(0));
+  if (layout.mtp_layers > 0 && arch.model_type != "deepseek_v3")
+    throw Error(config_path + ": model.mtp_layers = " + std::to_string(layout.mtp_layers) + ": multi-token prediction exports as "
+                "deepseek_v3 only (num_nextn_predict_layers); set model.mtp_layers = 0 to export the main model");
   const bool gpt_oss = arch.model_type == "gpt_oss";
   layout.attention_bias = gpt_oss && attention.boolean("bias", false);
   const int64_t layers = layout.layers, experts = layout.experts;
@@ -649,8 +678,12 @@ void export_hf(const std::string& config_path, const std::string& weights, const
     tensors.insert(tensors.end(), {{base + "in_proj_qkv.weight", qkv}, {base + "in_proj_z.weight", z},
                                    {base + "in_proj_b.weight", b}, {base + "in_proj_a.weight", a}});
   }
-  for (int64_t layer = layout.first_dense; layer < layers; ++layer) {
-    const std::string ours = "layers." + std::to_string(layer) + ".experts.";
+  for (int64_t depth = 0; depth < layout.mtp_layers; ++depth) {  // the Hugging Face layout keeps copies of the shared tensors
+    tensors.push_back({layer_prefix(layers + depth) + "embed_tokens.weight", get("embedding.weight")});
+    tensors.push_back({layer_prefix(layers + depth) + "shared_head.head.weight", get("lm_head.weight")});
+  }
+  for (int64_t layer = layout.first_dense; layer < layers + layout.mtp_layers; ++layer) {
+    const std::string ours = our_layer_prefix(layer, layout) + "experts.";
     if (!fused_experts(arch)) {  // one tensor per expert and projection
       for (auto [our_name, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
         at::Tensor stacked = get(ours + our_name);
@@ -710,7 +743,7 @@ void export_hf(const std::string& config_path, const std::string& weights, const
          << ",\n  \"routed_scaling_factor\": "
          << toml_number(router.number(v3 ? "routed_scaling_factor" : "scaling_factor", 1.0, Range::above(0)))
          << ",\n  \"topk_method\": \"" << (v3 ? "noaux_tc" : topk_groups < groups ? "group_limited_greedy" : "greedy") << "\""
-         << (v3 ? ",\n  \"rope_interleave\": true,\n  \"num_nextn_predict_layers\": 0" : "")
+         << (v3 ? ",\n  \"rope_interleave\": true,\n  \"num_nextn_predict_layers\": " + std::to_string(layout.mtp_layers) : "")
          << ",\n  \"n_group\": " << groups << ",\n  \"topk_group\": " << topk_groups;
   }
   if (gpt_oss) {
