@@ -1,4 +1,5 @@
-// The decoder options Qwen3-Next and Qwen3.5 need ([model] norm_zero_centered, [model.moe] shared_expert_gate),
+// The decoder options Qwen3-Next and Qwen3.5 need ([model] norm_zero_centered, [model.moe] shared_expert_gate) and
+// DeepSeek-V3's multi-token prediction ([model] mtp_layers),
 // each against the plain model it must equal once its parameters are mapped, in double, forward and backward.
 #include <gtest/gtest.h>
 
@@ -109,4 +110,66 @@ TEST(ModelOptions, AGateWithoutSharedExpertsIsRefusedByName) {
     EXPECT_NE(std::string(error.what()).find("model.moe.shared_expert_gate = true is out of range: it must be false without shared experts"),
               std::string::npos) << error.what();
   }
+}
+
+// Multi-token prediction ([model] mtp_layers, core/src/mtp.cpp) in double against a naive reference written here.
+// With the MTP layer made the identity (its attention output and FFN down projections zero), depth 1 is
+//   logits_i = W_head rms(eh_proj [rms(Emb(t_{i+1})) enorm; rms(h_i) hnorm]) final_norm,  target t_{i+2};
+// rms(h_i) comes from the main logits (W_head rms(h_i) w_final, W_head of full column rank): the same
+// normalisation hnorm applies. Then: mtp_coeff 0 leaves the loss and every main gradient as without MTP, and
+// the coefficient scales the MTP cross-entropy into the loss and trains the shared embedding.
+TEST(ModelOptions, MultiTokenPredictionMatchesANaiveReferenceAndOnlyAddsItsLoss) {
+  auto build = [](const std::string& extra) {
+    at::manual_seed(11);
+    return std::make_unique<Built>(config(extra, ""));
+  };
+  auto plain = build(""), off = build("mtp_layers = 1\nmtp_loss_coeff = 0.0"), on = build("mtp_layers = 1\nmtp_loss_coeff = 0.7");
+  for (auto* built : {plain.get(), off.get(), on.get()}) {  // a main final norm other than 1: h is taken before it
+    at::NoGradGuard no_grad;
+    at::manual_seed(5);
+    built->parameters().at("final_norm.weight").uniform_(0.5, 1.5);
+  }
+  for (auto* built : {off.get(), on.get()}) {
+    at::NoGradGuard no_grad;
+    auto parameters = built->parameters();
+    for (const char* name : {"mtp_layers.0.attention.o_proj", "mtp_layers.0.experts.down_proj", "mtp_layers.0.shared_experts.down_proj"})
+      parameters.at(name).zero_();
+    for (const char* name : {"mtp_layers.0.enorm.weight", "mtp_layers.0.hnorm.weight", "mtp_layers.0.final_norm.weight"})
+      parameters.at(name).uniform_(0.5, 1.5);
+  }
+  at::manual_seed(3);
+  const at::Tensor tokens = at::randint(0, 32, {2, 9}, at::kLong);  // [B, S + 1], S = 8
+  ModelOutput out_plain = plain->model->forward(tokens), out_off = off->model->forward(tokens), out_on = on->model->forward(tokens);
+
+  // The naive depth 1 from the same weights.
+  auto p = on->parameters();
+  const double eps = 1e-5;  // [model] norm_eps default
+  auto rms = [&](const at::Tensor& x) { return x * at::rsqrt(x.pow(2).mean(-1, true) + eps); };
+  const at::Tensor head = p.at("lm_head.weight").detach();                                     // [V, H]
+  const at::Tensor logits = out_on.logits.detach();                                            // [B, S, V]
+  const at::Tensor normed_h = std::get<0>(at::linalg_lstsq(head, logits.reshape({-1, 32}).t())).t() / p.at("final_norm.weight").detach();  // [B S, H]
+  const int64_t S = 8;
+  at::Tensor hidden_part = (normed_h.reshape({2, S, 16}).narrow(1, 0, S - 1)) * p.at("mtp_layers.0.hnorm.weight").detach();
+  at::Tensor embedded = at::embedding(p.at("embedding.weight").detach(), tokens.narrow(1, 1, S - 1));
+  at::Tensor merged = at::cat({rms(embedded) * p.at("mtp_layers.0.enorm.weight").detach(), hidden_part}, -1);  // [B, S - 1, 2H]
+  at::Tensor x = at::matmul(merged, p.at("mtp_layers.0.eh_proj.weight").detach().t());
+  at::Tensor mtp_logits = at::matmul(rms(x) * p.at("mtp_layers.0.final_norm.weight").detach(), head.t());  // [B, S - 1, V]
+  const double expected = at::cross_entropy_loss(mtp_logits.reshape({-1, 32}), tokens.narrow(1, 2, S - 1).reshape(-1)).item<double>();
+  // The core's cross-entropies are float32 (as the main one), the rest double: float32 rounding is the floor.
+  ASSERT_TRUE(out_on.mtp_cross_entropy.defined());
+  EXPECT_NEAR(out_on.mtp_cross_entropy.item<double>(), expected, 1e-6 * expected);
+  EXPECT_NEAR(out_on.mtp_loss.item<double>(), 0.7 * expected, 1e-6 * expected);
+  EXPECT_NEAR(out_on.loss.item<double>(), out_plain.loss.item<double>() + 0.7 * expected, 1e-6 * expected);
+  EXPECT_NEAR(out_on.aux_loss.item<double>(), out_plain.aux_loss.item<double>(), 1e-12) << "aux_loss stays the routers' losses";
+
+  // Coefficient 0: the loss and every main parameter's gradient are those of the model without MTP.
+  EXPECT_EQ(out_off.loss.item<double>(), out_plain.loss.item<double>());
+  for (auto* out : {&out_plain, &out_off, &out_on}) out->loss.backward();
+  auto plain_parameters = plain->parameters(), off_parameters = off->parameters();
+  for (const auto& [name, tensor] : plain_parameters)
+    EXPECT_TRUE(at::allclose(off_parameters.at(name).grad(), tensor.grad(), 0, 1e-15)) << name;
+  // With a coefficient the MTP loss trains the shared embedding and head, and its own eh_proj.
+  EXPECT_GT((p.at("embedding.weight").grad() - plain_parameters.at("embedding.weight").grad()).abs().max().item<double>(), 1e-6);
+  EXPECT_GT((p.at("lm_head.weight").grad() - plain_parameters.at("lm_head.weight").grad()).abs().max().item<double>(), 1e-6);
+  EXPECT_GT(p.at("mtp_layers.0.eh_proj.weight").grad().abs().max().item<double>(), 1e-6);
 }

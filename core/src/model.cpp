@@ -115,7 +115,8 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
                 "layer type for its decoder layers; add one to model.layer_types or set model.mtp_layers = 0");
   for (int64_t depth = 0; depth < mtp_layers; ++depth) {
     PluginContext layer_context = context_;
-    // Depth d (from 1) predicts d + 1 tokens ahead, so it sees the seq_len - d positions that have that target.
+    // Depth k = depth + 1 predicts k + 1 tokens ahead, so its router sees the seq_len - k positions that have that
+    // target (a sequence-wise balance loss splits its tokens by seq_len).
     if (layer_context.dims.seq_len > 0) layer_context.dims.seq_len = std::max<int64_t>(1, layer_context.dims.seq_len - depth - 1);
     MtpDepth mtp;
     mtp.enorm = ones(dims.hidden_size);
