@@ -105,8 +105,10 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
   final_norm_ = ones(dims.hidden_size);
   lm_head_ = normal_parameter({dims.vocab_size, dims.hidden_size}, std, context_);
   // Multi-token prediction (mtp.cpp): after the main model's weights, so mtp_layers = 0 draws the same ones.
-  const int64_t mtp_layers = options.integer("mtp_layers", 0, Range::at_least(0));
-  mtp_loss_coeff_ = options.number("mtp_loss_coeff", 0.3, Range::at_least(0));
+  // Read only when written (or needed), so a model without them resolves to the same [model] TOML as before
+  // the keys existed and its older checkpoints still resume (RunState::check_same_model compares that TOML).
+  const int64_t mtp_layers = options.has("mtp_layers") ? options.integer("mtp_layers", 0, Range::at_least(0)) : 0;
+  if (options.has("mtp_loss_coeff") || mtp_layers > 0) mtp_loss_coeff_ = options.number("mtp_loss_coeff", 0.3, Range::at_least(0));
   AttentionType* mtp_attention = nullptr;  // an MTP layer is of [model.attention]
   for (AttentionType& type : attention_types.types)
     if (type.table == "attention") mtp_attention = &type;
