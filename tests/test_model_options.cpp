@@ -113,59 +113,74 @@ TEST(ModelOptions, AGateWithoutSharedExpertsIsRefusedByName) {
 }
 
 // Multi-token prediction ([model] mtp_layers, core/src/mtp.cpp) in double against a naive reference written here.
-// With the MTP layer made the identity (its attention output and FFN down projections zero), depth 1 is
-//   logits_i = W_head rms(eh_proj [rms(Emb(t_{i+1})) enorm; rms(h_i) hnorm]) final_norm,  target t_{i+2};
-// rms(h_i) comes from the main logits (W_head rms(h_i) w_final, W_head of full column rank): the same
-// normalisation hnorm applies. Then: mtp_coeff 0 leaves the loss and every main gradient as without MTP, and
-// the coefficient scales the MTP cross-entropy into the loss and trains the shared embedding.
+// With each MTP layer made the identity (its attention output and FFN down projections zero), depth k is
+//   x^k_i = eh_proj_k [rms(Emb(t_{i+k})) enorm_k; rms(x^{k-1}_i) hnorm_k],  logits = W_head rms(x^k_i) final_norm_k,
+// target t_{i+k+1}, x^0 = h the main model's last hidden state; rms(h_i) comes from the main logits
+// (W_head rms(h_i) w_final, W_head of full column rank): the same normalisation hnorm applies. Then:
+// mtp_coeff 0 leaves the loss and every main gradient as without MTP, and the coefficient scales the mean
+// of the depths' cross-entropies into the loss and trains the shared embedding.
 TEST(ModelOptions, MultiTokenPredictionMatchesANaiveReferenceAndOnlyAddsItsLoss) {
   auto build = [](const std::string& extra) {
     at::manual_seed(11);
     return std::make_unique<Built>(config(extra, ""));
   };
   auto plain = build(""), off = build("mtp_layers = 1\nmtp_loss_coeff = 0.0"), on = build("mtp_layers = 1\nmtp_loss_coeff = 0.7");
-  for (auto* built : {plain.get(), off.get(), on.get()}) {  // a main final norm other than 1: h is taken before it
+  auto deep = build("mtp_layers = 2\nmtp_loss_coeff = 0.7");
+  for (auto* built : {plain.get(), off.get(), on.get(), deep.get()}) {  // a main final norm other than 1: h is taken before it
     at::NoGradGuard no_grad;
     at::manual_seed(5);
     built->parameters().at("final_norm.weight").uniform_(0.5, 1.5);
   }
-  for (auto* built : {off.get(), on.get()}) {
+  for (auto* built : {off.get(), on.get(), deep.get()}) {
     at::NoGradGuard no_grad;
     auto parameters = built->parameters();
-    for (const char* name : {"mtp_layers.0.attention.o_proj", "mtp_layers.0.experts.down_proj", "mtp_layers.0.shared_experts.down_proj"})
-      parameters.at(name).zero_();
-    for (const char* name : {"mtp_layers.0.enorm.weight", "mtp_layers.0.hnorm.weight", "mtp_layers.0.final_norm.weight"})
-      parameters.at(name).uniform_(0.5, 1.5);
+    for (int64_t depth = 0; depth < built->model->mtp_layers(); ++depth) {
+      const std::string prefix = "mtp_layers." + std::to_string(depth) + ".";
+      for (const char* name : {"attention.o_proj", "experts.down_proj", "shared_experts.down_proj"}) parameters.at(prefix + name).zero_();
+      for (const char* name : {"enorm.weight", "hnorm.weight", "final_norm.weight"}) parameters.at(prefix + name).uniform_(0.5, 1.5);
+    }
   }
   at::manual_seed(3);
-  const at::Tensor tokens = at::randint(0, 32, {2, 9}, at::kLong);  // [B, S + 1], S = 8
-  ModelOutput out_plain = plain->model->forward(tokens), out_off = off->model->forward(tokens), out_on = on->model->forward(tokens);
-
-  // The naive depth 1 from the same weights.
-  auto p = on->parameters();
-  const double eps = 1e-5;  // [model] norm_eps default
-  auto rms = [&](const at::Tensor& x) { return x * at::rsqrt(x.pow(2).mean(-1, true) + eps); };
-  const at::Tensor head = p.at("lm_head.weight").detach();                                     // [V, H]
-  const at::Tensor logits = out_on.logits.detach();                                            // [B, S, V]
-  const at::Tensor normed_h = std::get<0>(at::linalg_lstsq(head, logits.reshape({-1, 32}).t())).t() / p.at("final_norm.weight").detach();  // [B S, H]
   const int64_t S = 8;
-  at::Tensor hidden_part = (normed_h.reshape({2, S, 16}).narrow(1, 0, S - 1)) * p.at("mtp_layers.0.hnorm.weight").detach();
-  at::Tensor embedded = at::embedding(p.at("embedding.weight").detach(), tokens.narrow(1, 1, S - 1));
-  at::Tensor merged = at::cat({rms(embedded) * p.at("mtp_layers.0.enorm.weight").detach(), hidden_part}, -1);  // [B, S - 1, 2H]
-  at::Tensor x = at::matmul(merged, p.at("mtp_layers.0.eh_proj.weight").detach().t());
-  at::Tensor mtp_logits = at::matmul(rms(x) * p.at("mtp_layers.0.final_norm.weight").detach(), head.t());  // [B, S - 1, V]
-  const double expected = at::cross_entropy_loss(mtp_logits.reshape({-1, 32}), tokens.narrow(1, 2, S - 1).reshape(-1)).item<double>();
+  const at::Tensor tokens = at::randint(0, 32, {2, S + 1}, at::kLong);  // [B, S + 1]
+  ModelOutput out_plain = plain->model->forward(tokens), out_off = off->model->forward(tokens), out_on = on->model->forward(tokens);
+  ModelOutput out_deep = deep->model->forward(tokens);
+
+  auto naive_mean_cross_entropy = [&](Built& built, const ModelOutput& output) {
+    auto p = built.parameters();
+    auto weight = [&](const std::string& name) { return p.at(name).detach(); };
+    auto rms = [](const at::Tensor& x) { return x * at::rsqrt(x.pow(2).mean(-1, true) + 1e-5); };  // norm_eps default
+    const at::Tensor head = weight("lm_head.weight");  // [V, H]
+    const at::Tensor normed_h = std::get<0>(at::linalg_lstsq(head, output.logits.detach().reshape({-1, 32}).t())).t()
+                                    .reshape({2, S, 16}) / weight("final_norm.weight");  // rms(h) [B, S, H]
+    at::Tensor previous;  // x^{k-1} [B, S - k + 1, H]
+    double sum = 0;
+    for (int64_t k = 1; k <= built.model->mtp_layers(); ++k) {
+      const std::string prefix = "mtp_layers." + std::to_string(k - 1) + ".";
+      const int64_t n = S - k;
+      at::Tensor hidden = (k == 1 ? normed_h.narrow(1, 0, n) : rms(previous.narrow(1, 0, n))) * weight(prefix + "hnorm.weight");
+      at::Tensor embedded = rms(at::embedding(weight("embedding.weight"), tokens.narrow(1, k, n))) * weight(prefix + "enorm.weight");
+      at::Tensor x = at::matmul(at::cat({embedded, hidden}, -1), weight(prefix + "eh_proj.weight").t());  // [B, n, H]
+      at::Tensor logits = at::matmul(rms(x) * weight(prefix + "final_norm.weight"), head.t());        // [B, n, V]
+      sum += at::cross_entropy_loss(logits.reshape({-1, 32}), tokens.narrow(1, k + 1, n).reshape(-1)).item<double>();
+      previous = x;
+    }
+    return sum / static_cast<double>(built.model->mtp_layers());
+  };
   // The core's cross-entropies are float32 (as the main one), the rest double: float32 rounding is the floor.
-  ASSERT_TRUE(out_on.mtp_cross_entropy.defined());
-  EXPECT_NEAR(out_on.mtp_cross_entropy.item<double>(), expected, 1e-6 * expected);
-  EXPECT_NEAR(out_on.mtp_loss.item<double>(), 0.7 * expected, 1e-6 * expected);
-  EXPECT_NEAR(out_on.loss.item<double>(), out_plain.loss.item<double>() + 0.7 * expected, 1e-6 * expected);
-  EXPECT_NEAR(out_on.aux_loss.item<double>(), out_plain.aux_loss.item<double>(), 1e-12) << "aux_loss stays the routers' losses";
+  for (auto [built, output] : {std::pair{on.get(), &out_on}, {deep.get(), &out_deep}}) {
+    const double expected = naive_mean_cross_entropy(*built, *output);
+    ASSERT_TRUE(output->mtp_cross_entropy.defined());
+    EXPECT_NEAR(output->mtp_cross_entropy.item<double>(), expected, 1e-6 * expected) << built->model->mtp_layers() << " depths";
+    EXPECT_NEAR(output->mtp_loss.item<double>(), 0.7 * expected, 1e-6 * expected);
+    EXPECT_NEAR(output->loss.item<double>(), out_plain.loss.item<double>() + 0.7 * expected, 1e-6 * expected);
+    EXPECT_NEAR(output->aux_loss.item<double>(), out_plain.aux_loss.item<double>(), 1e-12) << "aux_loss stays the routers' losses";
+  }
 
   // Coefficient 0: the loss and every main parameter's gradient are those of the model without MTP.
   EXPECT_EQ(out_off.loss.item<double>(), out_plain.loss.item<double>());
   for (auto* out : {&out_plain, &out_off, &out_on}) out->loss.backward();
-  auto plain_parameters = plain->parameters(), off_parameters = off->parameters();
+  auto plain_parameters = plain->parameters(), off_parameters = off->parameters(), p = on->parameters();
   for (const auto& [name, tensor] : plain_parameters)
     EXPECT_TRUE(at::allclose(off_parameters.at(name).grad(), tensor.grad(), 0, 1e-15)) << name;
   // With a coefficient the MTP loss trains the shared embedding and head, and its own eh_proj.
