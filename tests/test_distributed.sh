@@ -83,6 +83,32 @@ for a, b in zip(*rows):
     assert abs(a["router_losses"]["global"] - a["aux_loss"]) < 1e-6
 print(f"global-batch balance loss: 2 processes equal one (aux loss {rows[0][-1]['aux_loss']:.6f} at step 5)")
 PY
+# Multi-token prediction (model.mtp_layers): 2 processes, with either schedule, train what one process trains,
+# its loss (metrics.jsonl mtp_loss, mtp_cross_entropy) and its weights included.
+mtp=(--set model.mtp_layers=1 --set model.mtp_loss_coeff=0.5)
+"$bin" "${common[@]}" "${mtp[@]}" --set train.batch_size=8 --out "$work/mtp_one" > "$work/m1.log" 2>&1 || { cat "$work/m1.log"; exit 1; }
+"$bin" launch --nproc 2 -- "${common[@]}" "${mtp[@]}" --set train.batch_size=4 --out "$work/mtp_two" > "$work/m2.log" 2>&1 \
+  || { cat "$work/m2.log"; exit 1; }
+"$bin" launch --nproc 2 -- "${common[@]}" "${mtp[@]}" --set schedule.plugin=data_parallel --set train.batch_size=2 \
+  --set train.micro_batches=2 --out "$work/mtp_buckets" > "$work/m3.log" 2>&1 || { cat "$work/m3.log"; exit 1; }
+python3 - "$work" "$(dirname "$0")" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[2])
+import run_outputs
+work = sys.argv[1]
+one, reference = run_outputs.metrics(f"{work}/mtp_one"), run_outputs.weights(f"{work}/mtp_one")
+assert any(name.startswith("mtp_layers.0.") for name in reference), sorted(reference)[:5]
+for run in ("mtp_two", "mtp_buckets"):
+    rows = run_outputs.metrics(f"{work}/{run}")
+    assert len(rows) == len(one) == 5, (run, len(rows))
+    for a, b in zip(one, rows):
+        for field in ("cross_entropy", "mtp_loss", "mtp_cross_entropy", "loss", "grad_norm"):
+            assert abs(a[field] - b[field]) <= 1e-5 * abs(a[field]), (run, a["step"], field, a[field], b[field])
+    other = run_outputs.weights(f"{work}/{run}")
+    worst = max(abs(x - y) for name in reference for x, y in zip(reference[name], other[name]))
+    assert worst < 1e-5, (run, worst)
+    print(f"multi-token prediction, {run} (2 processes) vs one: loss, MTP loss, grad norm equal; weights max |diff| {worst:.2e}")
+PY
 if "$bin" launch --nproc 2 -- --config "$work/missing.toml" > "$work/fail.log" 2>&1; then
   echo "a failing job exited 0"; exit 1
 fi

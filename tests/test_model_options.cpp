@@ -1,4 +1,5 @@
-// The decoder options Qwen3-Next and Qwen3.5 need ([model] norm_zero_centered, [model.moe] shared_expert_gate),
+// The decoder options Qwen3-Next and Qwen3.5 need ([model] norm_zero_centered, [model.moe] shared_expert_gate) and
+// DeepSeek-V3's multi-token prediction ([model] mtp_layers),
 // each against the plain model it must equal once its parameters are mapped, in double, forward and backward.
 #include <gtest/gtest.h>
 
@@ -109,4 +110,81 @@ TEST(ModelOptions, AGateWithoutSharedExpertsIsRefusedByName) {
     EXPECT_NE(std::string(error.what()).find("model.moe.shared_expert_gate = true is out of range: it must be false without shared experts"),
               std::string::npos) << error.what();
   }
+}
+
+// Multi-token prediction ([model] mtp_layers, core/src/mtp.cpp) in double against a naive reference written here.
+// With each MTP layer made the identity (its attention output and FFN down projections zero), depth k is
+//   x^k_i = eh_proj_k [rms(Emb(t_{i+k})) enorm_k; rms(x^{k-1}_i) hnorm_k],  logits = W_head rms(x^k_i) final_norm_k,
+// target t_{i+k+1}, x^0 = h the main model's last hidden state; rms(h_i) comes from the main logits
+// (W_head rms(h_i) w_final, W_head of full column rank): the same normalisation hnorm applies. Then:
+// mtp_coeff 0 leaves the loss and every main gradient as without MTP, and the coefficient scales the mean
+// of the depths' cross-entropies into the loss and trains the shared embedding.
+TEST(ModelOptions, MultiTokenPredictionMatchesANaiveReferenceAndOnlyAddsItsLoss) {
+  auto build = [](const std::string& extra) {
+    at::manual_seed(11);
+    return std::make_unique<Built>(config(extra, ""));
+  };
+  auto plain = build(""), off = build("mtp_layers = 1\nmtp_loss_coeff = 0.0"), on = build("mtp_layers = 1\nmtp_loss_coeff = 0.7");
+  auto deep = build("mtp_layers = 2\nmtp_loss_coeff = 0.7");
+  for (auto* built : {plain.get(), off.get(), on.get(), deep.get()}) {  // a main final norm other than 1: h is taken before it
+    at::NoGradGuard no_grad;
+    at::manual_seed(5);
+    built->parameters().at("final_norm.weight").uniform_(0.5, 1.5);
+  }
+  for (auto* built : {off.get(), on.get(), deep.get()}) {
+    at::NoGradGuard no_grad;
+    auto parameters = built->parameters();
+    for (int64_t depth = 0; depth < built->model->mtp_layers(); ++depth) {
+      const std::string prefix = "mtp_layers." + std::to_string(depth) + ".";
+      for (const char* name : {"attention.o_proj", "experts.down_proj", "shared_experts.down_proj"}) parameters.at(prefix + name).zero_();
+      for (const char* name : {"enorm.weight", "hnorm.weight", "final_norm.weight"}) parameters.at(prefix + name).uniform_(0.5, 1.5);
+    }
+  }
+  at::manual_seed(3);
+  const int64_t S = 8;
+  const at::Tensor tokens = at::randint(0, 32, {2, S + 1}, at::kLong);  // [B, S + 1]
+  ModelOutput out_plain = plain->model->forward(tokens), out_off = off->model->forward(tokens), out_on = on->model->forward(tokens);
+  ModelOutput out_deep = deep->model->forward(tokens);
+
+  auto naive_mean_cross_entropy = [&](Built& built, const ModelOutput& output) {
+    auto p = built.parameters();
+    auto weight = [&](const std::string& name) { return p.at(name).detach(); };
+    auto rms = [](const at::Tensor& x) { return x * at::rsqrt(x.pow(2).mean(-1, true) + 1e-5); };  // norm_eps default
+    const at::Tensor head = weight("lm_head.weight");  // [V, H]
+    const at::Tensor normed_h = std::get<0>(at::linalg_lstsq(head, output.logits.detach().reshape({-1, 32}).t())).t()
+                                    .reshape({2, S, 16}) / weight("final_norm.weight");  // rms(h) [B, S, H]
+    at::Tensor previous;  // x^{k-1} [B, S - k + 1, H]
+    double sum = 0;
+    for (int64_t k = 1; k <= built.model->mtp_layers(); ++k) {
+      const std::string prefix = "mtp_layers." + std::to_string(k - 1) + ".";
+      const int64_t n = S - k;
+      at::Tensor hidden = (k == 1 ? normed_h.narrow(1, 0, n) : rms(previous.narrow(1, 0, n))) * weight(prefix + "hnorm.weight");
+      at::Tensor embedded = rms(at::embedding(weight("embedding.weight"), tokens.narrow(1, k, n))) * weight(prefix + "enorm.weight");
+      at::Tensor x = at::matmul(at::cat({embedded, hidden}, -1), weight(prefix + "eh_proj.weight").t());  // [B, n, H]
+      at::Tensor logits = at::matmul(rms(x) * weight(prefix + "final_norm.weight"), head.t());        // [B, n, V]
+      sum += at::cross_entropy_loss(logits.reshape({-1, 32}), tokens.narrow(1, k + 1, n).reshape(-1)).item<double>();
+      previous = x;
+    }
+    return sum / static_cast<double>(built.model->mtp_layers());
+  };
+  // The core's cross-entropies are float32 (as the main one), the rest double: float32 rounding is the floor.
+  for (auto [built, output] : {std::pair{on.get(), &out_on}, {deep.get(), &out_deep}}) {
+    const double expected = naive_mean_cross_entropy(*built, *output);
+    ASSERT_TRUE(output->mtp_cross_entropy.defined());
+    EXPECT_NEAR(output->mtp_cross_entropy.item<double>(), expected, 1e-6 * expected) << built->model->mtp_layers() << " depths";
+    EXPECT_NEAR(output->mtp_loss.item<double>(), 0.7 * expected, 1e-6 * expected);
+    EXPECT_NEAR(output->loss.item<double>(), out_plain.loss.item<double>() + 0.7 * expected, 1e-6 * expected);
+    EXPECT_NEAR(output->aux_loss.item<double>(), out_plain.aux_loss.item<double>(), 1e-12) << "aux_loss stays the routers' losses";
+  }
+
+  // Coefficient 0: the loss and every main parameter's gradient are those of the model without MTP.
+  EXPECT_EQ(out_off.loss.item<double>(), out_plain.loss.item<double>());
+  for (auto* out : {&out_plain, &out_off, &out_on}) out->loss.backward();
+  auto plain_parameters = plain->parameters(), off_parameters = off->parameters(), p = on->parameters();
+  for (const auto& [name, tensor] : plain_parameters)
+    EXPECT_TRUE(at::allclose(off_parameters.at(name).grad(), tensor.grad(), 0, 1e-15)) << name;
+  // With a coefficient the MTP loss trains the shared embedding and head, and its own eh_proj.
+  EXPECT_GT((p.at("embedding.weight").grad() - plain_parameters.at("embedding.weight").grad()).abs().max().item<double>(), 1e-6);
+  EXPECT_GT((p.at("lm_head.weight").grad() - plain_parameters.at("lm_head.weight").grad()).abs().max().item<double>(), 1e-6);
+  EXPECT_GT(p.at("mtp_layers.0.eh_proj.weight").grad().abs().max().item<double>(), 1e-6);
 }

@@ -572,3 +572,53 @@ TEST(Architectures, TinyVariantsTrain) {
                                                                       << summary.final_smoothed_loss;
   }
 }
+
+// Multi-token prediction (model.mtp_layers, core/src/mtp.cpp) on the tiny model: its loss is in metrics.jsonl and
+// the progress line, part of `loss`, falls as it trains; a resumed run repeats the uninterrupted one bit for bit
+// with the MTP weights and its router's buffer in the checkpoint; the untested parallel layouts are refused by name.
+TEST(Training, MultiTokenPredictionTrainsLogsAndResumesBitForBit) {
+  const auto config = with(kSmall, {"model.mtp_layers=1", "model.mtp_loss_coeff=0.5", "train.steps=20", "train.log_every=1",
+                                    "checkpoint.every=10", "train.micro_batches=2"});
+  RunSettings settings = quiet_run("mtp");
+  settings.quiet = false;  // the progress line goes to train.log
+  fs::remove_all(settings.out_dir);
+  TrainSummary full = Trainer(tiny_config(config), settings).run();
+  ASSERT_EQ(full.losses.size(), 20u);
+  std::ifstream metrics(fs::path(settings.out_dir) / "metrics.jsonl");
+  std::vector<double> mtp_cross_entropy;
+  for (std::string line; std::getline(metrics, line);) {
+    auto field = [&](const std::string& key) {
+      const auto at = line.find("\"" + key + "\":");
+      EXPECT_NE(at, std::string::npos) << key << " missing in " << line;
+      return at == std::string::npos ? 0.0 : std::strtod(line.c_str() + at + key.size() + 3, nullptr);
+    };
+    const double loss = field("loss"), cross_entropy = field("cross_entropy"), aux = field("aux_loss");
+    const double mtp_loss = field("mtp_loss"), mtp = field("mtp_cross_entropy");
+    EXPECT_NEAR(mtp_loss, 0.5 * mtp, 1e-5 * mtp) << line;
+    EXPECT_NEAR(loss, cross_entropy + aux + mtp_loss, 1e-4 * loss) << "loss = cross_entropy + aux_loss + mtp_loss: " << line;
+    mtp_cross_entropy.push_back(mtp);
+  }
+  ASSERT_EQ(mtp_cross_entropy.size(), 20u);
+  // Near uniform at first (ln 257 = 5.55), clearly lower after 20 steps.
+  EXPECT_NEAR(mtp_cross_entropy.front(), std::log(257.0), 0.3);
+  EXPECT_LT(mtp_cross_entropy.back(), mtp_cross_entropy.front() - 0.5);
+  EXPECT_NE(read_text(fs::path(settings.out_dir) / "train.log").find(" | mtp "), std::string::npos) << "the progress line shows it";
+  const fs::path checkpoints = fs::path(settings.out_dir) / "checkpoints";
+  SafetensorsFile checkpoint = load_safetensors((checkpoints / "step_000000010.safetensors").string());
+  for (const char* name : {"model/mtp_layers.0.eh_proj.weight", "model/mtp_layers.0.enorm.weight", "model/mtp_layers.0.final_norm.weight",
+                           "model/mtp_layers.0.experts.gate_proj", "model/mtp_layers.0.router.expert_bias"})
+    EXPECT_NE(checkpoint.find(name), nullptr) << name << " is not in the checkpoint";
+  fs::remove(checkpoints / "step_000000020.safetensors");
+  settings.quiet = true;
+  TrainSummary resumed = Trainer(tiny_config(config), settings).run();
+  EXPECT_EQ(resumed.resumed_from, 10);
+  EXPECT_EQ(resumed.losses, after(full.losses, 10));  // exact equality of every double
+
+  for (const auto& [assignment, named] :
+       std::vector<std::pair<std::string, std::string>>{{"schedule.plugin=\"fully_sharded\"", "schedule 'fully_sharded'"},
+                                                        {"train.seq_len=1", "train.seq_len = 1"}}) {
+    const std::string error = error_of(with(kSmall, {"model.mtp_layers=1", assignment}));
+    for (const std::string& part : {std::string("model.mtp_layers = 1 (multi-token prediction) with "), named, std::string("is not supported")})
+      EXPECT_NE(error.find(part), std::string::npos) << error;
+  }
+}

@@ -21,7 +21,7 @@
 
 namespace pithtrain {
 namespace fs = std::filesystem;
-using hf::Layout, hf::layer_prefix, hf::fused_experts, hf::plain_names;
+using hf::Layout, hf::layer_prefix, hf::our_layer_prefix, hf::fused_experts, hf::plain_names;
 
 namespace {
 
@@ -215,11 +215,11 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
       tensors.push_back({ours + "in_proj_ba", group_ba(fetch(base + "in_proj_b.weight", {layout.value_heads, hidden}),
                                                        fetch(base + "in_proj_a.weight", {layout.value_heads, hidden}), layout)});
     }
-    for (int64_t layer = layout.first_dense; layer < layout.layers; ++layer) {
+    for (int64_t layer = layout.first_dense; layer < layout.layers + layout.mtp_layers; ++layer) {
       if (!fused_experts(arch)) {
         const std::string base = layer_prefix(layer) + arch.moe_module + ".experts.";
         for (auto [ours, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
-          const std::string our_name = "layers." + std::to_string(layer) + ".experts." + ours;
+          const std::string our_name = our_layer_prefix(layer, layout) + "experts." + ours;
           std::vector<int64_t> shape(shape_of.at(our_name).begin() + 1, shape_of.at(our_name).end());
           std::vector<std::string> per_expert;
           for (int64_t expert = 0; expert < layout.experts; ++expert)
@@ -240,6 +240,18 @@ void import_hf(const std::string& hf_dir, const std::string& out_dir) {
       tensors.push_back({ours + "up_bias", gate_up_bias.slice(1, 1, 2 * inner, 2).contiguous()});
       tensors.push_back({ours + "down_bias", fetch(base + "down_proj_bias", {experts, width})});
     }
+    // An MTP depth's embed_tokens and shared_head.head are copies of the shared embedding and LM head: read if
+    // present (so the file round-trips), trained as the one shared tensor.
+    for (int64_t depth = 0; depth < layout.mtp_layers; ++depth)
+      for (auto [copy, main_name] : {std::pair{"embed_tokens.weight", "model.embed_tokens.weight"}, {"shared_head.head.weight", "lm_head.weight"}}) {
+        const std::string name = layer_prefix(layout.layers + depth) + copy;
+        if (!file_of.count(name)) continue;
+        const std::string ours = main_name == std::string("lm_head.weight") ? "lm_head.weight" : "embedding.weight";
+        const at::Tensor copied = fetch(name, shape_of.at(ours)), main = fetch(main_name, shape_of.at(ours));
+        if (!planning && !at::equal(copied, main))
+          logger().warn("{}: '{}' differs from the main model's copy; multi-token prediction shares the main one ({})", hf_dir,
+                        name, main_name);
+      }
   };
   convert();  // the plan: every name and shape checked against the headers, no data read
   int64_t skipped_mtp = 0;
@@ -286,8 +298,12 @@ void export_hf(const std::string& config_path, const std::string& weights, const
     tensors.insert(tensors.end(), {{base + "in_proj_qkv.weight", qkv}, {base + "in_proj_z.weight", z},
                                    {base + "in_proj_b.weight", b}, {base + "in_proj_a.weight", a}});
   }
-  for (int64_t layer = layout.first_dense; layer < layers; ++layer) {
-    const std::string ours = "layers." + std::to_string(layer) + ".experts.";
+  for (int64_t depth = 0; depth < layout.mtp_layers; ++depth) {  // the Hugging Face layout keeps copies of the shared tensors
+    tensors.push_back({layer_prefix(layers + depth) + "embed_tokens.weight", get("embedding.weight")});
+    tensors.push_back({layer_prefix(layers + depth) + "shared_head.head.weight", get("lm_head.weight")});
+  }
+  for (int64_t layer = layout.first_dense; layer < layers + layout.mtp_layers; ++layer) {
+    const std::string ours = our_layer_prefix(layer, layout) + "experts.";
     if (!fused_experts(arch)) {  // one tensor per expert and projection
       for (auto [our_name, theirs] : {std::pair{"gate_proj", arch.gate_name}, {"up_proj", arch.up_name}, {"down_proj", arch.down_name}}) {
         at::Tensor stacked = get(ours + our_name);

@@ -104,8 +104,12 @@ std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layou
   std::vector<std::pair<std::string, std::string>> names = {{"embedding.weight", "model.embed_tokens.weight"},
                                                             {"final_norm.weight", "model.norm.weight"},
                                                             {"lm_head.weight", "lm_head.weight"}};
-  for (int64_t layer = 0; layer < layout.layers; ++layer) {
-    const std::string ours = "layers." + std::to_string(layer) + ".", theirs = layer_prefix(layer);
+  for (int64_t layer = 0; layer < layout.layers + layout.mtp_layers; ++layer) {
+    const std::string ours = our_layer_prefix(layer, layout), theirs = layer_prefix(layer);
+    if (layer >= layout.layers)  // an MTP depth's own tensors; its copies of the embedding and head are shared (convert.cpp)
+      for (auto [our_name, their_name] : {std::pair{"enorm.weight", "enorm.weight"}, {"hnorm.weight", "hnorm.weight"},
+                                          {"eh_proj.weight", "eh_proj.weight"}, {"final_norm.weight", "shared_head.norm.weight"}})
+        names.push_back({ours + our_name, theirs + their_name});
     names.push_back({ours + "attention_norm.weight", theirs + "input_layernorm.weight"});
     names.push_back({ours + "ffn_norm.weight", theirs + "post_attention_layernorm.weight"});
     std::vector<std::pair<std::string, std::string>> attention;
@@ -287,8 +291,9 @@ ImportedConfig import_config(const std::string& hf_dir, const std::string& out_d
   const bool v3 = arch.model_type == "deepseek_v3";
   if (v3 || glm) groups = integer("n_group", 1.0), topk_groups = integer("topk_group", 1.0);
   if (v3) {
-    if (const JsonValue* mtp = config.find("num_nextn_predict_layers"); mtp && mtp->type == JsonValue::Type::Number)
-      unsupported(mtp->number > 0, "multi-token prediction (num_nextn_predict_layers > 0)");
+    // Multi-token prediction (core/src/mtp.cpp); transformers v5 also spells the key num_mtp_layers.
+    layout.mtp_layers = config.find("num_nextn_predict_layers") ? integer("num_nextn_predict_layers") : integer("num_mtp_layers", 0.0);
+    unsupported(layout.mtp_layers < 0, "num_nextn_predict_layers < 0");
     if (const JsonValue* interleave = config.find("rope_interleave"); interleave && interleave->type == JsonValue::Type::Bool)
       unsupported(!interleave->boolean, "rope_interleave = false");
   } else if (mla) {
@@ -315,7 +320,7 @@ ImportedConfig import_config(const std::string& hf_dir, const std::string& out_d
       if (const int64_t mtp = integer(key, 0.0); mtp > 0) {
         logger().warn("{}: {} = {}: multi-token prediction is not supported; its layers are skipped and the main model is "
                       "imported (docs/models.md)", config_file, key, mtp);
-        result.mtp_layers = mtp;  // stored as model.layers.L, L + 1, ... after the L main layers
+        result.skipped_mtp_layers = mtp;  // stored as model.layers.L, L + 1, ... after the L main layers
       }
   }
   if (minimax) {
@@ -380,6 +385,7 @@ ImportedConfig import_config(const std::string& hf_dir, const std::string& out_d
        << "\ninit_std = " << toml_number(number(config, "initializer_range", config_file, 0.02)) << hybrid_model_toml;
   if (arch.dense_and_shared)
     toml << "\nfirst_dense_layers = " << layout.first_dense << "\ndense_hidden_size = " << integer("intermediate_size");
+  if (layout.mtp_layers > 0) toml << "\nmtp_layers = " << layout.mtp_layers;
   toml << "\n\n[model.attention]\nplugin = \"" << arch.attention << "\"\n" << rope_toml.str() << window_toml;
   if (gpt_oss) toml << "bias = " << (layout.attention_bias ? "true" : "false") << "\nsinks = true\n";
   if (mla)
@@ -417,7 +423,7 @@ ImportedConfig import_config(const std::string& hf_dir, const std::string& out_d
 
 bool is_mtp_tensor(const ImportedConfig& imported, const std::string& name) {
   if (imported.arch->hybrid) return name.rfind("mtp.", 0) == 0;
-  for (int64_t layer = imported.layout.layers; layer < imported.layout.layers + imported.mtp_layers; ++layer)
+  for (int64_t layer = imported.layout.layers; layer < imported.layout.layers + imported.skipped_mtp_layers; ++layer)
     if (name.rfind(layer_prefix(layer), 0) == 0) return true;
   return false;
 }
@@ -435,6 +441,10 @@ ExportedConfig export_config(const std::string& config_path) {
   layout.first_dense = model.integer("first_dense_layers", 0, Range::closed(0, static_cast<double>(layout.layers)));
   layout.shared_experts = moe.integer("shared_experts", 0, Range::at_least(0)) > 0;
   layout.q_lora = attention.integer("q_lora_rank", 0, Range::at_least(0)) > 0;
+  layout.mtp_layers = model.integer("mtp_layers", 0, Range::at_least(0));
+  if (layout.mtp_layers > 0 && arch.model_type != "deepseek_v3")
+    throw Error(config_path + ": model.mtp_layers = " + std::to_string(layout.mtp_layers) + ": multi-token prediction exports as "
+                "deepseek_v3 only (num_nextn_predict_layers); set model.mtp_layers = 0 to export the main model");
   const bool gpt_oss = arch.model_type == "gpt_oss";
   layout.attention_bias = gpt_oss && attention.boolean("bias", false);
   layout.qkv_bias = attention.boolean("qkv_bias", false);
@@ -568,7 +578,7 @@ ExportedConfig export_config(const std::string& config_path) {
          << ",\n  \"qk_rope_head_dim\": " << attention.integer("qk_rope_head_dim", 64, Range::at_least(2))
          << ",\n  \"v_head_dim\": " << attention.integer("v_head_dim", 128, Range::at_least(1))
          << ",\n  \"topk_method\": \"" << (v3 ? "noaux_tc" : topk_groups < groups ? "group_limited_greedy" : "greedy") << "\""
-         << (v3 ? ",\n  \"rope_interleave\": true,\n  \"num_nextn_predict_layers\": 0" : "");
+         << (v3 ? ",\n  \"rope_interleave\": true,\n  \"num_nextn_predict_layers\": " + std::to_string(layout.mtp_layers) : "");
   }
   if (gpt_oss) {
     const std::string window_layers = attention.text("sliding_window_layers", "all");

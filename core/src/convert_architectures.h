@@ -34,6 +34,7 @@ struct Architecture {
 // The layout facts the tensor names depend on.
 struct Layout {
   int64_t layers = 0, first_dense = 0, experts = 0;
+  int64_t mtp_layers = 0;  // DeepSeek-V3: multi-token prediction depths, trained (core/src/mtp.cpp); HF layers layers + d
   bool shared_experts = false, q_lora = false;
   bool attention_bias = false;  // biases on q, k, v and o (GPT-OSS)
   bool qkv_bias = false;        // biases on q, k and v only (GLM-4.5)
@@ -50,6 +51,11 @@ inline bool fused_experts(const Architecture& arch) { return arch.model_type == 
 
 inline std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
+// PithTrain's prefix of Hugging Face layer `layer`: a main layer, or past them an MTP depth (core/src/mtp.cpp).
+inline std::string our_layer_prefix(int64_t layer, const Layout& layout) {
+  return layer < layout.layers ? "layers." + std::to_string(layer) + "." : "mtp_layers." + std::to_string(layer - layout.layers) + ".";
+}
+
 // (PithTrain name, Hugging Face name) of every tensor but the routed experts'.
 std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layout, const Architecture& arch);
 
@@ -60,7 +66,7 @@ struct ImportedConfig {
   std::string toml;                   // the whole config.toml
   std::string language_model_prefix;  // Qwen3.5's vision-language folder: "model.language_model."; else empty
   int64_t hidden_size = 0;
-  int64_t mtp_layers = 0;             // GLM-4.5, MiniMax-M2: multi-token prediction layers after the main ones
+  int64_t skipped_mtp_layers = 0;     // GLM-4.5, MiniMax-M2: multi-token prediction layers after the main ones, not imported
 };
 ImportedConfig import_config(const std::string& hf_dir, const std::string& out_dir);
 

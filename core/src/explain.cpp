@@ -51,15 +51,19 @@ ModelReport explain_model(Options config, const std::vector<std::string>& plugin
   for (const auto& parameter : model.parameters()) {
     const int64_t count = parameter.tensor.numel();
     report.total_parameters += count;
-    std::string group = parameter.name.rfind("layers.", 0) == 0
-                            ? parameter.name.substr(parameter.name.find('.', 7) + 1)
+    // An MTP depth's parameters (mtp_layers.<d>.x) count apart, as one group; its routed experts are routed ones.
+    const bool mtp = parameter.name.rfind("mtp_layers.", 0) == 0;
+    std::string group = parameter.name.rfind("layers.", 0) == 0 || mtp
+                            ? parameter.name.substr(parameter.name.find('.', mtp ? 11 : 7) + 1)
                             : parameter.name;
     group = group.substr(0, group.find('.'));
     if (group == "experts") report.routed_expert_parameters += count;
     if (group == "embedding") report.embedding_parameters += count;
-    groups[group] += count;
+    if (mtp) report.mtp_parameters += count;
+    groups[mtp ? "mtp_layers" : group] += count;
   }
   for (const auto& entry : groups) report.groups.emplace_back(entry.first, entry.second);
+  report.mtp_layers = model.mtp_layers();
   report.variable_experts = model.variable_experts_per_token();
   report.active_experts_measured = report.variable_experts && measured > 0;
   report.active_experts = report.active_experts_measured ? measured : static_cast<double>(dims.top_k);
@@ -86,8 +90,9 @@ ModelReport explain_model(Options config, const std::vector<std::string>& plugin
   const double attention = 6.0 * dims.hidden_size + 2.0 * dims.num_kv_heads * dims.head_dim;
   const double ffn = (dims.top_k + 1.0) * (dims.hidden_size + 3.0 * dims.expert_hidden_size) + dims.num_experts;
   const double tokens = static_cast<double>(batch) * seq_len;
-  report.memory_activations_gb = (tokens * dims.num_layers * (attention + ffn) * element +
-                                  tokens * dims.vocab_size * 4.0 * 2.0) / gb;  // + float32 logits and their gradient
+  // An MTP depth adds a layer and another float32 logits and gradient.
+  report.memory_activations_gb = (tokens * static_cast<double>(dims.num_layers + report.mtp_layers) * (attention + ffn) * element +
+                                  tokens * dims.vocab_size * 4.0 * 2.0 * (1.0 + report.mtp_layers)) / gb;
   report.memory_total_gb = report.memory_weights_gb + report.memory_gradients_gb + report.memory_optimizer_gb +
                            report.memory_activations_gb;
   return report;
@@ -114,6 +119,9 @@ std::string format_report(const ModelReport& report) {
                   report.active_experts);
     out << line;
   }
+  if (report.mtp_layers > 0)
+    out << "  of which multi-token prediction (" << report.mtp_layers << " depth" << (report.mtp_layers > 1 ? "s" : "")
+        << ", group mtp_layers; its embedding and head are the shared ones): " << billions(report.mtp_parameters) << "\n";
   for (const auto& [group, count] : report.groups) out << "  " << group << ": " << billions(count) << "\n";
   if (!report.layer_types.empty()) out << "attention by layer: " << report.layer_types << "\n";
   std::snprintf(line, sizeof(line), "FLOPs per token: %.3g forward, %.3g training (forward + backward)\n",

@@ -18,6 +18,8 @@ struct ModelReport {
   bool active_experts_measured = false;
   int64_t embedding_parameters = 0;
   int64_t routed_expert_parameters = 0;
+  int64_t mtp_parameters = 0;        // of the multi-token prediction depths ([model] mtp_layers), included in the total
+  int64_t mtp_layers = 0;
   double forward_flops_per_token = 0;
   double training_flops_per_token = 0;
   double memory_weights_gb = 0, memory_gradients_gb = 0, memory_optimizer_gb = 0, memory_activations_gb = 0;

@@ -125,6 +125,10 @@ void StepFigures::record_routing(const ModelOutput& output, size_t first_layer, 
       dropped[layer] = std::max(dropped[layer], 0.0) + output.dropped_fraction[index].item<double>() * share;
   }
   for (const auto& [name, value] : output.router_loss_terms) loss_terms[name] += value.item<double>() * share;
+  if (output.mtp_loss.defined()) {
+    mtp = true;
+    mtp_loss += output.mtp_loss.item<double>() * share, mtp_cross_entropy += output.mtp_cross_entropy.item<double>() * share;
+  }
   for (const auto& [name, values] : output.router_statistics)
     for (const auto& value : values) statistics[name].first += value.item<double>(), statistics[name].second += 1;
 }
@@ -202,6 +206,7 @@ void MetricsLog::write(int64_t step, const StepFigures& figures, double smoothed
   if (c10::Device(config_.device).is_cuda())
     record << ",\"device_memory_peak_mb\":" << device_memory_peak_mb(c10::Device(config_.device));
   if (evaluated) record << ",\"val_loss\":" << validation_loss;
+  if (figures.mtp) record << ",\"mtp_loss\":" << figures.mtp_loss << ",\"mtp_cross_entropy\":" << figures.mtp_cross_entropy;
   if (!figures.loss_terms.empty()) {
     record << ",\"router_losses\":{";
     bool first = true;
@@ -222,10 +227,11 @@ void MetricsLog::write(int64_t step, const StepFigures& figures, double smoothed
   if (!out_) throw Error("writing '" + path_ + "' failed (disk full?); the run's checkpoints are unaffected");
   if (tensorboard_) tensorboard_->write(step, line);
   if (!quiet_)
-    log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}){} | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
+    log.info("step {:>5}/{} | loss {:.4f} (smoothed {:.4f}){}{} | aux {:.4f} | lr {:.2e} | grad norm {:.3f} | "
              "{:.0f} tok/s | MFU {:.1f}% | router max/mean load {:.2f}{}{}{}",
              step, config_.steps, figures.result.cross_entropy, smoothed,
-             evaluated ? fmt::format(" | val {:.4f}", validation_loss) : std::string(), figures.result.aux_loss, lr,
+             evaluated ? fmt::format(" | val {:.4f}", validation_loss) : std::string(),
+             figures.mtp ? fmt::format(" | mtp {:.4f}", figures.mtp_cross_entropy) : std::string(), figures.result.aux_loss, lr,
              figures.result.grad_norm, tokens_per_second, 100 * mfu, imbalance,
              worst_dropped >= 0 ? fmt::format(" | dropped {:.1f}%", 100 * worst_dropped) : std::string(),
              variable_experts ? fmt::format(" | active experts {:.2f}", active_experts) : std::string(),
@@ -265,6 +271,7 @@ bool agree_step_figures(StepFigures& figures, bool stop, bool& save_due, const P
   for (auto& load : figures.load) shared.push_back(load);
   if (!figures.routed_tokens.empty()) shared.push_back(at::tensor(figures.routed_tokens, at::kDouble));
   for (auto& [name, value] : figures.loss_terms) shared.push_back(at::tensor({value}, at::kDouble));
+  if (figures.mtp) shared.push_back(at::tensor({figures.mtp_loss, figures.mtp_cross_entropy}, at::kDouble));
   // Dropped shares travel as share + 1 (0: dropless or another stage's layer) and come back as means.
   for (auto& dropped : figures.dropped) shared.push_back(at::tensor({plan.owns_moe_layer(model, &dropped - figures.dropped.data()) ? dropped + 1.0 : 0.0}, at::kDouble));
   groups.world->all_reduce_sum(shared);
@@ -278,6 +285,10 @@ bool agree_step_figures(StepFigures& figures, bool stop, bool& save_due, const P
     for (size_t layer = 0; layer < figures.routed_tokens.size(); ++layer) figures.routed_tokens[layer] = routed[layer].item<double>();
   }
   for (auto& [name, value] : figures.loss_terms) value = shared[index++].item<double>() / n;
+  if (figures.mtp) {
+    const at::Tensor mtp = shared[index++];
+    figures.mtp_loss = mtp[0].item<double>() / n, figures.mtp_cross_entropy = mtp[1].item<double>() / n;
+  }
   for (auto& dropped : figures.dropped) dropped = shared[index++].item<double>() / n - 1.0;
   return stop;
 }

@@ -36,6 +36,8 @@ struct StepFigures {
   // Routing::statistics by name: the sum and count over layers and micro-batches (this rank's).
   std::map<std::string, std::pair<double, int64_t>> statistics;
   std::map<std::string, double> grad_norms;      // gradient norm by parameter group, before clipping
+  bool mtp = false;                              // the model has multi-token prediction (model.mtp_layers > 0)
+  double mtp_loss = 0, mtp_cross_entropy = 0;    // its weighted loss and cross-entropy, means over the micro-batches
   double seconds = 0;
   double peak_memory_mb = 0;                     // the step's own peak resident memory
   bool peak_memory_known = false;

@@ -71,18 +71,17 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
     return (norm_zero_centered_ ? at::zeros({size}, options) : at::ones({size}, options)).requires_grad_(true);
   };
   embedding_ = normal_parameter({dims.vocab_size, dims.hidden_size}, std, context_);
-  for (int64_t index = 0; index < dims.num_layers; ++index) {
-    PluginContext layer_context = context_;
+  // Layer `index` of attention type `attention_type`: dense below first_dense_layers, else MoE (an MTP layer,
+  // index >= num_layers, is MoE unless every main layer is dense).
+  auto make_layer = [&](int64_t index, AttentionType& attention_type, PluginContext layer_context) {
     layer_context.layer_index = index;
     DecoderLayer layer;
     layer.attention_norm = ones(dims.hidden_size);
     layer.ffn_norm = ones(dims.hidden_size);
-    AttentionType& attention_type = attention_types.types[attention_types.of_layer[index]];
     layer.attention = make_attention(*attention_type.plugin, attention_type.options, layer_context);
     layer.attention_table = attention_type.table;
-    full_attention_layers_ += attention_type.table == "attention";
     int64_t ffn_inner = 0;
-    if (index < first_dense_layers) {
+    if (index < first_dense_layers || router_plugin == nullptr) {
       ffn_inner = dense_hidden_size;
     } else {
       layer.router = make_router(*router_plugin, router_options, layer_context);
@@ -96,10 +95,40 @@ Model::Model(Options options, PluginRegistry& registry, PluginContext context) :
       layer.ffn_down_proj = normal_parameter({dims.hidden_size, ffn_inner}, std / std::sqrt(2.0 * dims.num_layers), context_);
       if (shared_expert_gate && layer.router) layer.shared_expert_gate = normal_parameter({1, dims.hidden_size}, std, context_);
     }
-    layers_.push_back(std::move(layer));
+    return layer;
+  };
+  for (int64_t index = 0; index < dims.num_layers; ++index) {
+    AttentionType& attention_type = attention_types.types[attention_types.of_layer[index]];
+    layers_.push_back(make_layer(index, attention_type, context_));
+    full_attention_layers_ += attention_type.table == "attention";
   }
   final_norm_ = ones(dims.hidden_size);
   lm_head_ = normal_parameter({dims.vocab_size, dims.hidden_size}, std, context_);
+  // Multi-token prediction (mtp.cpp): after the main model's weights, so mtp_layers = 0 draws the same ones.
+  // Read only when written (or needed), so a model without them resolves to the same [model] TOML as before
+  // the keys existed and its older checkpoints still resume (RunState::check_same_model compares that TOML).
+  const int64_t mtp_layers = options.has("mtp_layers") ? options.integer("mtp_layers", 0, Range::at_least(0)) : 0;
+  if (options.has("mtp_loss_coeff") || mtp_layers > 0) mtp_loss_coeff_ = options.number("mtp_loss_coeff", 0.3, Range::at_least(0));
+  AttentionType* mtp_attention = nullptr;  // an MTP layer is of [model.attention]
+  for (AttentionType& type : attention_types.types)
+    if (type.table == "attention") mtp_attention = &type;
+  if (mtp_layers > 0 && mtp_attention == nullptr)
+    throw Error(options.where("mtp_layers") + ": model.mtp_layers = " + std::to_string(mtp_layers) + " needs a [model.attention] "
+                "layer type for its decoder layers; add one to model.layer_types or set model.mtp_layers = 0");
+  for (int64_t depth = 0; depth < mtp_layers; ++depth) {
+    PluginContext layer_context = context_;
+    // Depth k = depth + 1 predicts k + 1 tokens ahead, so its router sees the seq_len - k positions that have that
+    // target (a sequence-wise balance loss splits its tokens by seq_len).
+    if (layer_context.dims.seq_len > 0) layer_context.dims.seq_len = std::max<int64_t>(1, layer_context.dims.seq_len - depth - 1);
+    MtpDepth mtp;
+    mtp.enorm = ones(dims.hidden_size);
+    mtp.hnorm = ones(dims.hidden_size);
+    mtp.eh_proj = normal_parameter({dims.hidden_size, 2 * dims.hidden_size}, std, context_);
+    mtp.layer = make_layer(dims.num_layers + depth, *mtp_attention, layer_context);
+    mtp.final_norm = ones(dims.hidden_size);
+    mtp_.push_back(std::move(mtp));
+    full_attention_layers_ += 1;
+  }
 }
 
 int64_t Model::num_moe_layers() const {
@@ -121,6 +150,7 @@ ModelOutput Model::forward(const at::Tensor& tokens, const std::function<void(in
     if (result.aux_loss.defined()) output.aux_loss = output.aux_loss + result.aux_loss;
   }
   output.loss = output.cross_entropy + output.aux_loss;
+  if (output.mtp_loss.defined()) output.aux_loss = output.aux_loss - output.mtp_loss.detach();  // logged apart: the routers' losses
   return output;
 }
 
@@ -152,18 +182,26 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
       output.logits = pithtrain::linear(norm(input, final_norm_), lm_head_);  // [B, S, V]
       output.cross_entropy = at::cross_entropy_loss(output.logits.reshape({batch * seq, -1}).to(at::kFloat), targets.reshape(-1));
     }
+    // Multi-token prediction trains only (the validation loss is the main cross-entropy's); its loss travels as
+    // the last unit's aux_loss, so a schedule's micro-batch loss includes it (mtp.cpp).
+    at::Tensor mtp_loss = !mtp_.empty() && at::GradMode::is_enabled() ? forward_mtp(input, tokens, output) : at::Tensor();
     if (at::GradMode::is_enabled()) router_checked_ = true;
-    return {output.cross_entropy, at::Tensor()};
+    return {output.cross_entropy, mtp_loss};
   }
-  DecoderLayer& layer = layers_[unit - 1];
+  at::Tensor aux_loss;
   at::Tensor positions = local.to(context_.device);  // [S]
+  return {forward_layer(layers_[unit - 1], unit - 1, input, positions, output, aux_loss, true), aux_loss};
+}
+
+at::Tensor Model::forward_layer(DecoderLayer& layer, int64_t index, const at::Tensor& input, const at::Tensor& positions,
+                                ModelOutput& output, at::Tensor& aux_loss, bool record_routing) {
+  const int64_t batch = input.size(0), seq = input.size(1), hidden = context_.dims.hidden_size;
   at::Tensor x = input + layer.attention->forward(norm(input, layer.attention_norm), positions);
   at::Tensor normed = norm(x, layer.ffn_norm).reshape({batch * seq, hidden});  // [T, H]
   at::Tensor ffn_out;                                                                          // [T, H]
-  at::Tensor aux_loss;
   if (layer.router) {
     Routing routing = layer.router->route(normed);
-    if (!router_checked_) check_router_loss(routing, unit - 1);
+    if (!router_checked_) check_router_loss(routing, index);
     for (const auto& term : routing.loss_terms) {
       at::Tensor value = term.tensor.detach().to(at::kFloat);
       auto [entry, added] = output.router_loss_terms.emplace(term.name, value);
@@ -171,13 +209,15 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
     }
     ffn_out = layer.experts->forward(normed, routing);
     aux_loss = routing.aux_loss.to(at::kFloat);
-    output.tokens_per_expert.push_back(routing.tokens_per_expert.detach());
-    output.dropped_fraction.push_back(routing.dropped_fraction.defined() ? routing.dropped_fraction.detach() : at::Tensor());
-    output.routed_tokens.push_back(normed.size(0));
-    for (const auto& statistic : routing.statistics) output.router_statistics[statistic.name].push_back(statistic.tensor.detach());
+    if (record_routing) {
+      output.tokens_per_expert.push_back(routing.tokens_per_expert.detach());
+      output.dropped_fraction.push_back(routing.dropped_fraction.defined() ? routing.dropped_fraction.detach() : at::Tensor());
+      output.routed_tokens.push_back(normed.size(0));
+      for (const auto& statistic : routing.statistics) output.router_statistics[statistic.name].push_back(statistic.tensor.detach());
+    }
   }
   if (at::Tensor dense = dense_ffn(layer, normed); dense.defined()) ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
-  return {x + ffn_out.view({batch, seq, hidden}), aux_loss};
+  return x + ffn_out.view({batch, seq, hidden});
 }
 
 at::Tensor Model::dense_ffn(const DecoderLayer& layer, const at::Tensor& normed) const {
@@ -253,32 +293,34 @@ void Model::check_router_loss(const Routing& routing, int64_t layer) const {
                 " (every configured loss must be reported as a term)");
 }
 
+void append_layer_parameters(const DecoderLayer& layer, const std::string& prefix, std::vector<Parameter>& result) {
+  result.push_back({prefix + "attention_norm.weight", layer.attention_norm, false});
+  for (auto& parameter : layer.attention->parameters())
+    result.push_back({prefix + layer.attention_table + "." + parameter.name, parameter.tensor, parameter.weight_decay});
+  result.push_back({prefix + "ffn_norm.weight", layer.ffn_norm, false});
+  if (layer.router) {
+    for (auto& parameter : layer.router->parameters())
+      result.push_back({prefix + "router." + parameter.name, parameter.tensor, parameter.weight_decay});
+    for (auto& parameter : layer.experts->parameters())
+      result.push_back({prefix + "experts." + parameter.name, parameter.tensor, parameter.weight_decay, parameter.expert_sharded});
+  }
+  if (layer.ffn_gate_proj.defined()) {
+    const std::string ffn = prefix + (layer.router ? "shared_experts." : "mlp.");
+    result.push_back({ffn + "gate_proj", layer.ffn_gate_proj, true});
+    result.push_back({ffn + "up_proj", layer.ffn_up_proj, true});
+    result.push_back({ffn + "down_proj", layer.ffn_down_proj, true});
+    if (layer.shared_expert_gate.defined()) result.push_back({ffn + "gate", layer.shared_expert_gate, true});
+  }
+}
+
 std::vector<Parameter> Model::parameters() const {
   std::vector<Parameter> result;
   result.push_back({"embedding.weight", embedding_, true});
-  for (size_t index = 0; index < layers_.size(); ++index) {
-    const DecoderLayer& layer = layers_[index];
-    const std::string prefix = "layers." + std::to_string(index) + ".";
-    result.push_back({prefix + "attention_norm.weight", layer.attention_norm, false});
-    for (auto& parameter : layer.attention->parameters())
-      result.push_back({prefix + layer.attention_table + "." + parameter.name, parameter.tensor, parameter.weight_decay});
-    result.push_back({prefix + "ffn_norm.weight", layer.ffn_norm, false});
-    if (layer.router) {
-      for (auto& parameter : layer.router->parameters())
-        result.push_back({prefix + "router." + parameter.name, parameter.tensor, parameter.weight_decay});
-      for (auto& parameter : layer.experts->parameters())
-        result.push_back({prefix + "experts." + parameter.name, parameter.tensor, parameter.weight_decay, parameter.expert_sharded});
-    }
-    if (layer.ffn_gate_proj.defined()) {
-      const std::string ffn = prefix + (layer.router ? "shared_experts." : "mlp.");
-      result.push_back({ffn + "gate_proj", layer.ffn_gate_proj, true});
-      result.push_back({ffn + "up_proj", layer.ffn_up_proj, true});
-      result.push_back({ffn + "down_proj", layer.ffn_down_proj, true});
-      if (layer.shared_expert_gate.defined()) result.push_back({ffn + "gate", layer.shared_expert_gate, true});
-    }
-  }
+  for (size_t index = 0; index < layers_.size(); ++index)
+    append_layer_parameters(layers_[index], "layers." + std::to_string(index) + ".", result);
   result.push_back({"final_norm.weight", final_norm_, false});
   result.push_back({"lm_head.weight", lm_head_, true});
+  append_mtp_parameters(result);
   return result;
 }
 
@@ -289,6 +331,10 @@ std::vector<NamedTensor> Model::state() const {
     if (layers_[index].router)
       for (auto& buffer : layers_[index].router->buffers())
         result.push_back({"layers." + std::to_string(index) + ".router." + buffer.name, buffer.tensor});
+  for (size_t depth = 0; depth < mtp_.size(); ++depth)
+    if (mtp_[depth].layer.router)
+      for (auto& buffer : mtp_[depth].layer.router->buffers())
+        result.push_back({"mtp_layers." + std::to_string(depth) + ".router." + buffer.name, buffer.tensor});
   return result;
 }
 
@@ -302,6 +348,7 @@ double Model::flops_per_token(int64_t seq_len) const {
     const double count = static_cast<double>(parameter.tensor.numel());
     parameters += parameter.name.find(".experts.") != std::string::npos ? count * d.top_k / d.num_experts : count;
   }
+  parameters += static_cast<double>(mtp_.size() * lm_head_.numel());  // each MTP depth uses the shared LM head again
   return 6.0 * parameters + 6.0 * full_attention_layers_ * seq_len * d.num_heads * d.head_dim;
 }
 
@@ -315,6 +362,8 @@ std::vector<std::vector<NamedTensor>> Model::router_buffers() const {
 void Model::after_optimizer_step() {
   for (auto& layer : layers_)
     if (layer.router) layer.router->after_optimizer_step();
+  for (auto& depth : mtp_)
+    if (depth.layer.router) depth.layer.router->after_optimizer_step();
 }
 
 }  // namespace pithtrain

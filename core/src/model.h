@@ -33,6 +33,10 @@ struct ModelOutput {
   std::vector<at::Tensor> dropped_fraction;  // per MoE layer, [] (undefined when that router is dropless)
   std::vector<int64_t> routed_tokens;        // per MoE layer, the tokens it routed
   std::map<std::string, std::vector<at::Tensor>> router_statistics;  // Routing::statistics by name, one [] per layer
+  // With [model] mtp_layers > 0 (mtp.cpp), in training forwards only: mtp_loss_coeff x the mean over depths of
+  // mtp_cross_entropy, with its graph; `loss` includes it and `aux_loss` does not.
+  at::Tensor mtp_loss;             // []
+  at::Tensor mtp_cross_entropy;    // [] detached, the mean over depths of each depth's cross-entropy
 };
 
 struct DecoderLayer {
@@ -45,6 +49,18 @@ struct DecoderLayer {
   // The dense FFN on dense layers; the shared experts (fused into one SwiGLU) on MoE layers; else undefined.
   at::Tensor ffn_gate_proj, ffn_up_proj, ffn_down_proj;  // [inner, H], [inner, H], [H, inner]
   at::Tensor shared_expert_gate;  // [1, H] with [model.moe] shared_expert_gate: sigmoid(x g^T) scales the shared experts
+};
+
+// A decoder layer's parameters, named `prefix` + attention_norm.weight, attention.q_proj, router.gate.weight, ...
+void append_layer_parameters(const DecoderLayer& layer, const std::string& prefix, std::vector<Parameter>& result);
+
+// One multi-token prediction depth (DeepSeek-V3 report, section 2.2; mtp.cpp): its own norms, projection and
+// decoder layer; the embedding and the LM head are the main model's.
+struct MtpDepth {
+  at::Tensor enorm, hnorm;  // [H] RMSNorm of the next token's embedding, of the previous depth's hidden state
+  at::Tensor eh_proj;       // [H, 2H] over [enorm(embedding); hnorm(hidden)]
+  DecoderLayer layer;
+  at::Tensor final_norm;    // [H] before the shared LM head (Hugging Face: shared_head.norm)
 };
 
 class Model {
@@ -105,8 +121,21 @@ class Model {
   const ModelDims& dims() const { return context_.dims; }
   const std::vector<ManifestEntry>& manifest() const { return manifest_; }
   int64_t num_moe_layers() const;
+  // [model] mtp_layers: the multi-token prediction depths, which run in the last unit (mtp.cpp).
+  int64_t mtp_layers() const { return static_cast<int64_t>(mtp_.size()); }
 
  private:
+  // One decoder layer on `input` [B, S, H] at `positions` [S]; the router's figures go to `output` when
+  // `record_routing` (the main layers; an MTP layer adds only its loss terms). Returns the new hidden state.
+  at::Tensor forward_layer(DecoderLayer& layer, int64_t index, const at::Tensor& input, const at::Tensor& positions,
+                           ModelOutput& output, at::Tensor& aux_loss, bool record_routing);
+  // mtp.cpp: the depths' loss from the main model's last hidden state `hidden` [B, S, H] (before the final norm)
+  // and tokens [B, S + 1]; sets output.mtp_loss and output.mtp_cross_entropy and returns mtp_loss plus the MTP
+  // layers' router losses [].
+  at::Tensor forward_mtp(const at::Tensor& hidden, const at::Tensor& tokens, ModelOutput& output);
+  // mtp.cpp: the depths' parameters, named mtp_layers.<depth>.<name>.
+  void append_mtp_parameters(std::vector<Parameter>& result) const;
+
   void check_router_loss(const Routing& routing, int64_t layer) const;
   // The layer and final RMSNorm: x_hat * weight, or x_hat * (1 + weight) with norm_zero_centered.
   at::Tensor norm(const at::Tensor& x, const at::Tensor& weight) const;
@@ -126,6 +155,8 @@ class Model {
   std::vector<DecoderLayer> layers_;
   at::Tensor final_norm_;  // [H]
   at::Tensor lm_head_;     // [V, H]
+  std::vector<MtpDepth> mtp_;  // [model] mtp_layers depths (empty: no multi-token prediction)
+  double mtp_loss_coeff_ = 0.3;
   std::vector<ManifestEntry> manifest_;
 };
 

@@ -108,6 +108,27 @@ Trainer::Trainer(Options config, RunSettings settings) : options_(std::move(conf
                 ": the global-batch balance loss over several micro-batches needs every layer's routing before the step, "
                 "which a pipeline stage does not have; under parallel.pipeline use aux_loss_coeff or seq_aux_loss_coeff, "
                 "or the aux_free router");
+  if (model_->mtp_layers() > 0) {
+    // Multi-token prediction runs with the head but needs the embedding of the next tokens (the first unit) and
+    // every position of a sequence: refused, by name, where a unit-by-unit, sharded or split model is untested.
+    const std::string where = options_.table("model").where("mtp_layers");
+    auto refuse = [&](bool refused, const std::string& what, const std::string& fix) {
+      if (refused)
+        throw Error(where + ": model.mtp_layers = " + std::to_string(model_->mtp_layers()) + " (multi-token prediction) with " + what +
+                    " is not supported: its layers sit with the LM head but read the embedding; " + fix);
+    };
+    refuse(config_.pipeline_parallel > 1, "parallel.pipeline = " + std::to_string(config_.pipeline_parallel),
+           "use parallel.pipeline = 1 or model.mtp_layers = 0");
+    refuse(config_.context_parallel > 1, "parallel.context = " + std::to_string(config_.context_parallel),
+           "use parallel.context = 1 or model.mtp_layers = 0");
+    refuse(config_.expert_parallel > 1, "parallel.expert = " + std::to_string(config_.expert_parallel),
+           "use parallel.expert = 1 or model.mtp_layers = 0");
+    refuse(schedule_plugin.name() != "single" && schedule_plugin.name() != "data_parallel",
+           "schedule '" + schedule_plugin.name() + "' (" + schedule_options.where("plugin") + ")",
+           "use schedule.plugin = \"single\" or \"data_parallel\", or model.mtp_layers = 0");
+    refuse(config_.seq_len <= model_->mtp_layers(), "train.seq_len = " + std::to_string(config_.seq_len),
+           "depth k needs positions with a token k + 1 ahead: raise train.seq_len");
+  }
   stages_ = plan_stages(parallel, *model_, weights_.model, config_, schedule_->chunks_per_stage(),
                         groups_.pipeline ? groups_.pipeline->rank() : 0, settings_.quiet);
   parameter_groups_ = count_parameter_groups(weights_.model, frozen_);

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Builds a tiny randomly initialised transformers model of ARCH, saves it as a Hugging Face folder, and
 saves what the parity test compares against: tokens, logits, loss and named gradients (under PithTrain's
-parameter names). Usage: make_reference.py ARCH OUT_DIR"""
+parameter names). Usage: make_reference.py ARCH OUT_DIR
+
+deepseek_v3_mtp: DeepSeek-V3 with one multi-token prediction depth (the report's section 2.2). transformers builds
+no MTP layer, so this script writes its tensors (Hugging Face layer num_hidden_layers) into the file and computes
+its loss itself: the decoder layer is transformers' own (a one-layer DeepseekV3 model run on inputs_embeds), the
+norms, projection and cross-entropy are written out below."""
 import sys
 
 import torch
@@ -34,14 +39,15 @@ elif arch in ("deepseek_v2_lite", "deepseek_v2"):
                                            topk_method="greedy" if arch == "deepseek_v2_lite" else "group_limited_greedy",
                                            n_group=4, topk_group=2)
     model_class = transformers.DeepseekV2ForCausalLM
-elif arch == "deepseek_v3":
+elif arch in ("deepseek_v3", "deepseek_v3_mtp"):
     config = transformers.DeepseekV3Config(**{**common, "num_key_value_heads": 4, "max_position_embeddings": 1280},
                                            intermediate_size=64,
                                            moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                                            n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=24, q_lora_rank=16,
                                            qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_group=4,
                                            topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
-                                           rope_interleave=True, num_nextn_predict_layers=0,
+                                           rope_interleave=True,
+                                           num_nextn_predict_layers=1 if arch == "deepseek_v3_mtp" else 0,
                                            # YaRN as the published checkpoints (factor 40, mscale 1), on a short
                                            # original context so the blend range covers these rotary dims
                                            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
@@ -107,12 +113,74 @@ with torch.no_grad():  # a non-zero aux-free bias, so the test covers how it ste
             parameter.copy_(1 + torch.randn_like(parameter) * 0.3)
 model.save_pretrained(out)
 tokens = torch.randint(0, config.vocab_size, (2, 17))
+mtp_parameters = []  # (Hugging Face name, parameter) of the MTP depth
+if arch == "deepseek_v3_mtp":
+    import copy, json, os
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    L, H, mtp_coeff = config.num_hidden_layers, config.hidden_size, 0.25
+    # The MTP decoder layer: layer 0 of a one-layer model (MoE, as the published layer 61), its final norm the
+    # depth's shared_head.norm, its head the main model's (shared).
+    helper_config = copy.deepcopy(config)
+    helper_config.num_hidden_layers, helper_config.first_k_dense_replace = 1, 0
+    helper = model_class(helper_config).float()
+    helper.lm_head.weight = model.lm_head.weight
+    with torch.no_grad():
+        helper.model.layers[0].mlp.gate.e_score_correction_bias.copy_(torch.randn(config.n_routed_experts) * 0.2)
+        helper.model.norm.weight.copy_(1 + 0.3 * torch.randn(H))
+    enorm = torch.nn.Parameter(1 + 0.3 * torch.randn(H))
+    hnorm = torch.nn.Parameter(1 + 0.3 * torch.randn(H))
+    eh_proj = torch.nn.Parameter(torch.randn(H, 2 * H) * 0.1)
+    prefix = f"model.layers.{L}."
+    mtp_parameters = [(prefix + "enorm.weight", enorm), (prefix + "hnorm.weight", hnorm), (prefix + "eh_proj.weight", eh_proj),
+                      (prefix + "shared_head.norm.weight", helper.model.norm.weight)]
+    mtp_parameters += [(prefix + name, p) for name, p in helper.model.layers[0].named_parameters()]
+    # The file gets the depth's tensors in the on-disk layout (the helper's own save, layer 0 renamed to layer L),
+    # with copies of the embedding and the head as the published checkpoint has.
+    helper.save_pretrained(f"{out}/mtp_helper")
+    weights = load_file(f"{out}/model.safetensors")
+    for name, tensor in load_file(f"{out}/mtp_helper/model.safetensors").items():
+        if name.startswith("model.layers.0."):
+            weights[prefix + name[len("model.layers.0."):]] = tensor
+    for name, p in mtp_parameters[:4]:
+        weights[name] = p.detach().clone()
+    weights[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.detach().clone()
+    weights[prefix + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    save_file(weights, f"{out}/model.safetensors", metadata={"format": "pt"})
+    with open(f"{out}/config.json") as f:
+        config_json = json.load(f)
+    config_json.pop("num_mtp_layers", None)
+    config_json["num_nextn_predict_layers"] = 1  # the published key, whatever transformers' default leaves out
+    with open(f"{out}/config.json", "w") as f:
+        json.dump(config_json, f, indent=2)
+    captured = {}
+    model.model.norm.register_forward_pre_hook(lambda module, args: captured.update(hidden=args[0]))
 result = model(input_ids=tokens, labels=tokens)  # the loss excludes the router loss (output_router_logits is off)
-result.loss.backward()
+loss = result.loss
+if arch == "deepseek_v3_mtp":
+    # Position i < S - 1 (S = 16 inputs): [enorm(Emb(t_{i+1})); hnorm(h_i)] -> eh_proj -> the decoder layer ->
+    # shared_head.norm -> the shared head, predicting t_{i+2}; h is the main model's state before its final norm.
+    def rms_norm(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * weight
+    S = tokens.shape[1] - 1
+    embedded = model.model.embed_tokens(tokens[:, 1:S])
+    merged = torch.cat([rms_norm(embedded, enorm), rms_norm(captured["hidden"][:, : S - 1], hnorm)], -1)
+    mtp_logits = helper(inputs_embeds=F.linear(merged, eh_proj)).logits  # [2, S - 1, V]
+    mtp_cross_entropy = F.cross_entropy(mtp_logits.reshape(-1, config.vocab_size), tokens[:, 2:].reshape(-1))
+    loss = loss + mtp_coeff * mtp_cross_entropy
+loss.backward()
 
 split_projections = {}  # Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b, in_proj_a gradients, by PithTrain-style name
-reference = {"tokens": tokens, "logits": result.logits[:, :-1].detach().contiguous(), "loss": result.loss.detach().reshape(1)}
-for name, parameter in model.named_parameters():
+reference = {"tokens": tokens, "logits": result.logits[:, :-1].detach().contiguous(), "loss": loss.detach().reshape(1)}
+if arch == "deepseek_v3_mtp":
+    reference["mtp_loss"] = (mtp_coeff * mtp_cross_entropy).detach().reshape(1)
+    reference["mtp_loss_coeff"] = torch.tensor([mtp_coeff])
+mtp_names = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+             "shared_head.norm.weight": "final_norm.weight"}
+for name, parameter in list(model.named_parameters()) + mtp_parameters:
+    if arch == "deepseek_v3_mtp" and name.startswith(prefix) and name[len(prefix):] in mtp_names:
+        reference["grad/mtp_layers.0." + mtp_names[name[len(prefix):]]] = parameter.grad.detach().contiguous()
+        continue
     ours = (name.replace("model.embed_tokens.weight", "embedding.weight").replace("model.norm.weight", "final_norm.weight")
             .replace("model.layers.", "layers.").replace("self_attn.", "attention.").replace("input_layernorm", "attention_norm")
             .replace("post_attention_layernorm", "ffn_norm").replace("block_sparse_moe.", "mlp.").replace("mlp.gate.", "router.gate.").replace("mlp.router.", "router.gate.")
@@ -126,6 +194,8 @@ for name, parameter in model.named_parameters():
         ours = ours[: -len(".weight")]
     if ".attention." in ours and ours.endswith(".bias"):  # PithTrain: attention.q_proj_bias
         ours = ours[: -len(".bias")] + "_bias"
+    if arch == "deepseek_v3_mtp" and ours.startswith(f"layers.{L}."):  # the MTP depth's decoder layer
+        ours = "mtp_layers.0." + ours[len(f"layers.{L}."):]
     grad = parameter.grad.detach()
     if arch == "gpt_oss" and ours.endswith("experts.gate_up_proj"):  # [E, H, 2F], gate and up interleaved
         reference["grad/" + ours.replace("gate_up_proj", "gate_proj")] = grad[:, :, 0::2].transpose(1, 2).contiguous()
