@@ -69,6 +69,11 @@ TEST_P(EveryArchitecture, CachedGenerationEqualsRecomputingThePrefix) {
   Model& model = *built.model;
   // A plugin without a cache path generates by recomputing: both runs below then take that path.
   const bool has_cache = model.attention_supports_cache();
+  // A hybrid names its layers' plugin without a cache (gated_deltanet), not its first one (gqa).
+  for (const auto& entry : model.manifest())
+    if (entry.config_key.ends_with("attention.plugin") && entry.plugin->name() == "gated_deltanet")
+      EXPECT_EQ(model.attention_without_cache(), "gated_deltanet") << GetParam();
+  EXPECT_EQ(model.attention_without_cache().empty(), has_cache);
   const std::vector<int64_t> prompt = random_prompt(20, model.dims().vocab_size, 11);
   SamplingSettings greedy;
   greedy.temperature = 0, greedy.max_tokens = 24, greedy.keep_logits = true;
@@ -138,6 +143,7 @@ TEST(Generate, APluginWithoutACachePathRecomputesThePrefix) {
   Built built = build("tiny.toml", {"model.num_layers=2", "model.attention.plugin=\"uncached\""},
                       {std::string(PITHTRAIN_BROKEN_PLUGIN_DIR) + "/attention_uncached.so"});
   EXPECT_FALSE(built.model->attention_supports_cache());
+  EXPECT_EQ(built.model->attention_without_cache(), "uncached");
   SamplingSettings settings;
   settings.temperature = 0, settings.max_tokens = 12, settings.keep_logits = true;
   const Generation generation = generate_tokens(*built.model, random_prompt(6, 257, 4), settings);

@@ -55,10 +55,14 @@ at::Tensor Model::next_token_logits(const at::Tensor& tokens, std::vector<Attent
   return pithtrain::linear(norm(x.select(1, seq - 1), final_norm_), lm_head_);  // [B, V]
 }
 
-bool Model::attention_supports_cache() const {
+bool Model::attention_supports_cache() const { return attention_without_cache().empty(); }
+
+std::string Model::attention_without_cache() const {
   for (const auto& layer : layers_)
-    if (!layer.attention->supports_cache()) return false;
-  return true;
+    if (!layer.attention->supports_cache())
+      for (const auto& entry : manifest_)
+        if (entry.config_key == "model." + layer.attention_table + ".plugin") return entry.plugin->name();
+  return {};
 }
 
 // ---- sampling ----------------------------------------------------------------------------------------
@@ -317,7 +321,8 @@ GenerateReport generate_text(const GenerateRequest& request, const std::function
   context.logger = &logger();
   at::manual_seed(train.seed);  // the initial values, overwritten by the weights
   Model model(options.table("model"), registry, context);
-  report.attention = model.manifest().front().plugin->name();
+  // The plugin the note below names: the one without a cache path, else the first (per-layer attention).
+  report.attention = model.attention_supports_cache() ? model.manifest().front().plugin->name() : model.attention_without_cache();
   load_weights(model, weights, config_path);
   report.weights = weights;
   report.step = saved_step(weights);

@@ -110,6 +110,8 @@ class Model {
   at::Tensor next_token_logits(const at::Tensor& tokens, std::vector<AttentionCache>* caches);
   // Whether every layer's attention has a cache path (Attention::supports_cache).
   bool attention_supports_cache() const;
+  // The plugin name of the first attention table whose plugin has no cache path ("" when every one has).
+  std::string attention_without_cache() const;
 
   // Training FLOPs per token (forward + backward) for MFU: 6 x the matmul parameters a token uses
   // (top_k of the routed experts) + 6 x layers x seq x heads x head_dim for causal attention, counted on the
