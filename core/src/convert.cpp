@@ -7,7 +7,6 @@
 #include <fstream>
 #include <optional>
 #include <set>
-#include <sstream>
 
 #include <ATen/ATen.h>
 
@@ -21,7 +20,7 @@
 
 namespace pithtrain {
 namespace fs = std::filesystem;
-using hf::Layout, hf::layer_prefix, hf::our_layer_prefix, hf::fused_experts, hf::plain_names;
+using hf::Layout, hf::read_file, hf::layer_prefix, hf::our_layer_prefix, hf::fused_experts, hf::plain_names;
 
 namespace {
 
@@ -52,14 +51,6 @@ std::pair<at::Tensor, at::Tensor> ungroup_ba(const at::Tensor& ba, const Layout&
   const int64_t nk = layout.key_heads, r = layout.value_heads / nk, width = ba.size(1);
   std::vector<at::Tensor> parts = ba.view({nk, 2 * r, width}).split(r, 1);
   return {parts[0].reshape({-1, width}), parts[1].reshape({-1, width})};
-}
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) throw Error("cannot read '" + path.string() + "'");
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
 }
 
 void create_output_folder(const std::string& out_dir) {

@@ -43,14 +43,6 @@ const std::vector<Architecture> kArchitectures = {
      true, "gqa", false, false, false, "aux_free", "block_sparse_moe.e_score_correction_bias"},
 };
 
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path);
-  if (!in) throw Error("cannot read '" + path.string() + "'");
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  return buffer.str();
-}
-
 double number(const JsonValue& config, const std::string& key, const std::string& file, std::optional<double> fallback = {}) {
   const JsonValue* value = config.find(key);
   if (value == nullptr || value->type == JsonValue::Type::Null) {
@@ -99,6 +91,14 @@ std::string rope_json(Options& attention, double theta, std::optional<double> pa
 }
 
 }  // namespace
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path);
+  if (!in) throw Error("cannot read '" + path.string() + "'");
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
 
 std::vector<std::pair<std::string, std::string>> plain_names(const Layout& layout, const Architecture& arch) {
   std::vector<std::pair<std::string, std::string>> names = {{"embedding.weight", "model.embed_tokens.weight"},

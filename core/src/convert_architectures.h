@@ -3,6 +3,7 @@
 // the tensors; this file decides their names and what the configs say.
 #pragma once
 #include <cstdint>
+#include <filesystem>
 #include <string>
 #include <utility>
 #include <vector>
@@ -44,6 +45,9 @@ struct Layout {
 };
 
 const Architecture& architecture(const std::string& model_type, const std::string& where);
+
+// A whole text file (config.json, the shard index); an error names the file.
+std::string read_file(const std::filesystem::path& path);
 
 // GPT-OSS stores each layer's experts fused: gate_up_proj [E, H, 2F] with gate and up interleaved
 // along the last dimension (gate = 0::2, up = 1::2), down_proj [E, F, H], and their biases.

@@ -33,22 +33,17 @@ namespace fs = std::filesystem;
 
 at::Tensor Model::next_token_logits(const at::Tensor& tokens, std::vector<AttentionCache>* caches) {
   at::NoGradGuard no_grad;
-  const int64_t batch = tokens.size(0), seq = tokens.size(1), hidden = context_.dims.hidden_size;
+  const int64_t seq = tokens.size(1);
   if (caches && caches->size() != layers_.size())
     throw Error("next_token_logits: " + std::to_string(caches->size()) + " caches for " + std::to_string(layers_.size()) + " layers");
   const int64_t start = caches ? caches->front().length : 0;
   const at::Tensor positions = at::arange(start, start + seq, at::TensorOptions().dtype(at::kLong).device(context_.device));  // [S]
   at::Tensor x = at::embedding(embedding_, tokens.to(context_.device));  // [B, S, H]
+  ModelOutput unused;  // the training figures forward_layer would record (not recorded: record_routing false)
   for (size_t index = 0; index < layers_.size(); ++index) {
-    DecoderLayer& layer = layers_[index];
-    const at::Tensor normed = norm(x, layer.attention_norm);
-    x = x + (caches ? layer.attention->forward_cached(normed, positions, (*caches)[index]) : layer.attention->forward(normed, positions));
-    // The FFN half of forward_unit's decoder layer, without the training statistics.
-    const at::Tensor flat = norm(x, layer.ffn_norm).reshape({batch * seq, hidden});  // [T, H]
-    at::Tensor ffn_out;                                                              // [T, H]
-    if (layer.router) ffn_out = layer.experts->forward(flat, layer.router->route(flat));
-    if (at::Tensor dense = dense_ffn(layer, flat); dense.defined()) ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
-    x = x + ffn_out.view({batch, seq, hidden});
+    at::Tensor aux_loss;  // the router's loss: nothing to train here
+    x = forward_layer(layers_[index], static_cast<int64_t>(index), x, positions, unused, aux_loss, /*record_routing=*/false,
+                      caches ? &(*caches)[index] : nullptr);
   }
   if (caches)
     for (auto& cache : *caches) cache.length += seq;
@@ -322,7 +317,8 @@ GenerateReport generate_text(const GenerateRequest& request, const std::function
   at::manual_seed(train.seed);  // the initial values, overwritten by the weights
   Model model(options.table("model"), registry, context);
   // The plugin the note below names: the one without a cache path, else the first (per-layer attention).
-  report.attention = model.attention_supports_cache() ? model.manifest().front().plugin->name() : model.attention_without_cache();
+  report.attention = model.attention_without_cache();
+  if (report.attention.empty()) report.attention = model.manifest().front().plugin->name();
   load_weights(model, weights, config_path);
   report.weights = weights;
   report.step = saved_step(weights);

@@ -194,9 +194,11 @@ UnitOutput Model::forward_unit(int64_t unit, const at::Tensor& input, const at::
 }
 
 at::Tensor Model::forward_layer(DecoderLayer& layer, int64_t index, const at::Tensor& input, const at::Tensor& positions,
-                                ModelOutput& output, at::Tensor& aux_loss, bool record_routing) {
+                                ModelOutput& output, at::Tensor& aux_loss, bool record_routing, AttentionCache* cache) {
   const int64_t batch = input.size(0), seq = input.size(1), hidden = context_.dims.hidden_size;
-  at::Tensor x = input + layer.attention->forward(norm(input, layer.attention_norm), positions);
+  const at::Tensor attention_input = norm(input, layer.attention_norm);
+  at::Tensor x = input + (cache ? layer.attention->forward_cached(attention_input, positions, *cache)
+                                : layer.attention->forward(attention_input, positions));
   at::Tensor normed = norm(x, layer.ffn_norm).reshape({batch * seq, hidden});  // [T, H]
   at::Tensor ffn_out;                                                                          // [T, H]
   if (layer.router) {
@@ -216,15 +218,12 @@ at::Tensor Model::forward_layer(DecoderLayer& layer, int64_t index, const at::Te
       for (const auto& statistic : routing.statistics) output.router_statistics[statistic.name].push_back(statistic.tensor.detach());
     }
   }
-  if (at::Tensor dense = dense_ffn(layer, normed); dense.defined()) ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
+  if (layer.ffn_gate_proj.defined()) {
+    at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);
+    if (layer.shared_expert_gate.defined()) dense = dense * at::sigmoid(pithtrain::linear(normed, layer.shared_expert_gate));  // [T, 1]
+    ffn_out = ffn_out.defined() ? ffn_out + dense : dense;
+  }
   return x + ffn_out.view({batch, seq, hidden});
-}
-
-at::Tensor Model::dense_ffn(const DecoderLayer& layer, const at::Tensor& normed) const {
-  if (!layer.ffn_gate_proj.defined()) return {};
-  at::Tensor dense = swiglu(normed, layer.ffn_gate_proj, layer.ffn_up_proj, layer.ffn_down_proj);  // [T, H]
-  if (layer.shared_expert_gate.defined()) dense = dense * at::sigmoid(pithtrain::linear(normed, layer.shared_expert_gate));  // [T, 1]
-  return dense;
 }
 
 at::Tensor Model::norm(const at::Tensor& x, const at::Tensor& weight) const {

@@ -128,9 +128,10 @@ class Model {
 
  private:
   // One decoder layer on `input` [B, S, H] at `positions` [S]; the router's figures go to `output` when
-  // `record_routing` (the main layers; an MTP layer adds only its loss terms). Returns the new hidden state.
+  // `record_routing` (the main layers; an MTP layer adds only its loss terms). With `cache` the attention
+  // runs its cache path (generation, generate.cpp). Returns the new hidden state.
   at::Tensor forward_layer(DecoderLayer& layer, int64_t index, const at::Tensor& input, const at::Tensor& positions,
-                           ModelOutput& output, at::Tensor& aux_loss, bool record_routing);
+                           ModelOutput& output, at::Tensor& aux_loss, bool record_routing, AttentionCache* cache = nullptr);
   // mtp.cpp: the depths' loss from the main model's last hidden state `hidden` [B, S, H] (before the final norm)
   // and tokens [B, S + 1]; sets output.mtp_loss and output.mtp_cross_entropy and returns mtp_loss plus the MTP
   // layers' router losses [].
@@ -141,9 +142,6 @@ class Model {
   void check_router_loss(const Routing& routing, int64_t layer) const;
   // The layer and final RMSNorm: x_hat * weight, or x_hat * (1 + weight) with norm_zero_centered.
   at::Tensor norm(const at::Tensor& x, const at::Tensor& weight) const;
-  // A layer's dense FFN (dense layers, shared experts; with shared_expert_gate scaled by its sigmoid gate)
-  // on normed [T, H], or undefined when the layer has none. Training and generation both call it.
-  at::Tensor dense_ffn(const DecoderLayer& layer, const at::Tensor& normed) const;
 
   PluginContext context_;
   bool router_checked_ = false;
